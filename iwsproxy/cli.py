@@ -1,0 +1,138 @@
+"""Command line: ``iwsproxy serve | demo | backends | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from .exceptions import ConfigError
+from .settings import Settings, describe
+
+__all__ = ["main"]
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Settings):
+        flag = f.metadata.get("flag")
+        if not flag:
+            continue
+        help_text = f"{f.metadata['help']} (env {f.metadata['env']})"
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    cli = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
+    return Settings.load(env=os.environ, cli=cli)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    if args.print_config:
+        for name, env, value, help_text in describe(settings):
+            print(f"{name:24} {value!r:40} {env}")
+        return 0
+    from .app import create_app
+    from .io.server import serve_forever
+
+    def ready(port: int) -> None:
+        print(f"LISTENING {port}", flush=True)
+
+    serve_forever(create_app(settings), settings.bind_address, ready=ready)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(messages=args.messages)
+
+
+def _admin_call(args: argparse.Namespace, method: str, body: dict | None = None) -> dict:
+    url = args.admin.rstrip("/") + "/backends"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {args.token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()
+        raise SystemExit(f"iwsproxy: admin API answered {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"iwsproxy: cannot reach the admin API at {url}: {exc.reason}") from None
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        result = _admin_call(args, "GET")
+        for b in result.get("backends", []):
+            print(f"{b['url']}\t{b['state']}\tclients={b['clients']}\tfailures={b['total_failures']}")
+        return 0
+    if not args.url:
+        raise SystemExit(f"iwsproxy: backends {args.action} needs a URL")
+    body = {"url": args.url}
+    result = _admin_call(args, "POST" if args.action == "add" else "DELETE", body)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iwsproxy", description="An interruptible WebSocket proxy.")
+    parser.add_argument("--log-level", default=os.environ.get("IWSPROXY_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_setting_flags(serve)
+    serve.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="two echo backends, the proxy, a stream, a backend kill")
+    demo.add_argument("--messages", type=int, default=200)
+    demo.set_defaults(func=cmd_demo)
+
+    backends = sub.add_parser("backends", help="list, add or remove backends of a running proxy")
+    backends.add_argument("action", choices=["list", "add", "remove"])
+    backends.add_argument("url", nargs="?")
+    backends.add_argument("--admin", default=os.environ.get("IWSPROXY_ADMIN_URL", "http://127.0.0.1:8080/admin"),
+                          help="admin API base URL")
+    backends.add_argument("--token", default=os.environ.get("IWSPROXY_ADMIN_TOKEN", ""), help="admin bearer token")
+    backends.set_defaults(func=cmd_backends)
+
+    bench = sub.add_parser("bench", help="benchmark direct vs. through the proxy")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("serve", "demo"):
+        from gevent import monkey
+        monkey.patch_all()
+    _configure_logging(args.log_level)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"iwsproxy: invalid setting {exc}", file=sys.stderr)
+        return 2

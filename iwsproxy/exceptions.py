@@ -1,0 +1,117 @@
+"""The one exception hierarchy of iwsproxy.
+
+::
+
+    IwsProxyError
+    ├── ConfigError              a setting has an invalid value (names key, value, source)
+    ├── BufferOverflow           a client's buffered bytes passed its cap (-> close 1013)
+    ├── DuplicateClient          a live pipe already has this client id (-> HTTP 409)
+    ├── ProtocolError            a peer broke RFC 6455; carries the close code to answer with
+    │   └── MessageTooBig        a message passed the size limit (close code 1009)
+    ├── NoBackendAvailable       every backend was tried or none is usable (-> HTTP 503)
+    └── BackendError             something went wrong with one backend
+        ├── BackendConnectError  TCP/TLS/handshake failed or timed out
+        ├── BackendRejected      the backend answered the handshake with an HTTP error status
+        └── BackendClosed        an established backend connection ended
+
+Third-party errors (socket, websocket-client) are translated into these once,
+in :mod:`iwsproxy.io`, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IwsProxyError",
+    "ConfigError",
+    "BufferOverflow",
+    "DuplicateClient",
+    "ProtocolError",
+    "MessageTooBig",
+    "NoBackendAvailable",
+    "BackendError",
+    "BackendConnectError",
+    "BackendRejected",
+    "BackendClosed",
+]
+
+
+class IwsProxyError(Exception):
+    """Root of every error raised by iwsproxy."""
+
+
+class ConfigError(IwsProxyError, ValueError):
+    """A setting has an invalid value."""
+
+    def __init__(self, key: str, value: object, source: str, problem: str):
+        self.key, self.value, self.source, self.problem = key, value, source, problem
+        super().__init__(f"{key}={value!r} (from {source}): {problem}")
+
+
+class BufferOverflow(IwsProxyError):
+    """A client's buffered bytes would pass its cap."""
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(f"buffer would hold {size} bytes, limit is {limit}")
+
+
+class DuplicateClient(IwsProxyError):
+    """A live pipe already serves this client id."""
+
+
+class ProtocolError(IwsProxyError):
+    """A peer broke the WebSocket protocol; ``close_code`` is the code to answer with."""
+
+    close_code = 1002
+
+    def __init__(self, reason: str, close_code: int | None = None):
+        if close_code is not None:
+            self.close_code = close_code
+        self.reason = reason
+        super().__init__(f"{self.close_code}: {reason}")
+
+
+class MessageTooBig(ProtocolError):
+    """A message (or a frame's declared length) passed the size limit."""
+
+    close_code = 1009
+
+
+class NoBackendAvailable(IwsProxyError):
+    """No backend could be used; ``tried`` lists each URL tried with its error."""
+
+    def __init__(self, tried: list[tuple[str, BaseException]] | None = None, detail: str = ""):
+        self.tried = list(tried or [])
+        parts = [f"{url}: {exc}" for url, exc in self.tried]
+        msg = detail or ("no backend available" if not parts else "all backends failed")
+        if parts:
+            msg += " (" + "; ".join(parts) + ")"
+        super().__init__(msg)
+
+
+class BackendError(IwsProxyError):
+    """Something went wrong with one backend (``url``)."""
+
+    def __init__(self, url: str, detail: str):
+        self.url, self.detail = url, detail
+        super().__init__(f"{url}: {detail}")
+
+
+class BackendConnectError(BackendError):
+    """Connecting to the backend failed (TCP, TLS, or the WebSocket handshake)."""
+
+
+class BackendRejected(BackendError):
+    """The backend answered the handshake with an HTTP error status."""
+
+    def __init__(self, url: str, status: int, detail: str = ""):
+        self.status = status
+        super().__init__(url, detail or f"handshake refused with HTTP {status}")
+
+
+class BackendClosed(BackendError):
+    """An established backend connection ended (``code`` is its close code, if any)."""
+
+    def __init__(self, url: str, detail: str, code: int | None = None):
+        self.code = code
+        super().__init__(url, detail)

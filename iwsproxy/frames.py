@@ -1,0 +1,365 @@
+"""A sans-I/O RFC 6455 frame codec: bytes in, ``(opcode, payload)`` events out.  [pure]
+
+Both sides of the proxy use it: the client side parses MASKED frames, the backend side
+parses UNMASKED frames and writes masked ones. It never touches a socket and imports
+neither gevent nor socket (a test checks that), so the same code serves the proxy,
+the echo backend and the tests.
+
+Performance is the point of most of the choices below: there is no per-byte Python
+loop anywhere. Masking XORs two big integers (C speed), headers are read with
+``struct``, unconsumed bytes live in one ``bytearray`` trimmed once per ``feed`` call,
+and the common case (one small complete unfragmented frame per chunk) takes a
+short path that allocates nothing but the payload.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from iwsproxy.exceptions import MessageTooBig, ProtocolError
+
+__all__ = [
+    "OP_CONT",
+    "OP_TEXT",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "apply_mask",
+    "MaskSource",
+    "encode_frame",
+    "encode_close_payload",
+    "parse_close_payload",
+    "FrameParser",
+]
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+_DATA_OPCODES = frozenset((OP_TEXT, OP_BINARY))
+_CONTROL_OPCODES = frozenset((OP_CLOSE, OP_PING, OP_PONG))
+_KNOWN_OPCODES = _DATA_OPCODES | _CONTROL_OPCODES | {OP_CONT}
+
+_MAX_CONTROL_PAYLOAD = 125
+_MAX_CLOSE_REASON_BYTES = _MAX_CONTROL_PAYLOAD - 2
+
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+_HEAD_2 = struct.Struct("!BB")
+_HEAD_4 = struct.Struct("!BBH")
+_HEAD_10 = struct.Struct("!BBQ")
+
+_MASK_POOL_BYTES = 4096
+
+
+def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``key`` (masking and unmasking are the same)."""
+    n = len(data)
+    if not n:
+        return b""
+    stream = key * (n >> 2) + key[: n & 3]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+class MaskSource:
+    """Strong, cheap mask keys: one ``os.urandom`` call per 1024 keys."""
+
+    __slots__ = ("_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def next_key(self) -> bytes:
+        pos = self._pos
+        if pos + 4 > len(self._pool):
+            self._pool = os.urandom(_MASK_POOL_BYTES)
+            pos = 0
+        self._pos = pos + 4
+        return self._pool[pos : pos + 4]
+
+
+def encode_frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    mask_source: MaskSource | None = None,
+    fin: bool = True,
+) -> bytes:
+    """One frame as ONE bytes object; masked with a fresh key when ``mask_source`` is given.
+
+    ``mask_source=None`` is the server role (frames to a client are never masked).
+    Raises ``ValueError`` for an unknown opcode or a control frame that breaks the
+    control-frame rules: those are bugs in the caller, not in a peer.
+    """
+    if opcode not in _KNOWN_OPCODES:
+        raise ValueError(f"unknown opcode {opcode:#x}")
+    n = len(payload)
+    if opcode in _CONTROL_OPCODES and (n > _MAX_CONTROL_PAYLOAD or not fin):
+        raise ValueError("control frames carry at most 125 bytes and are never fragmented")
+    b0 = (0x80 | opcode) if fin else opcode
+    mask_bit = 0x80 if mask_source is not None else 0
+    if n < 126:
+        header = _HEAD_2.pack(b0, mask_bit | n)
+    elif n < 0x10000:
+        header = _HEAD_4.pack(b0, mask_bit | 126, n)
+    else:
+        header = _HEAD_10.pack(b0, mask_bit | 127, n)
+    if mask_source is None:
+        return header + payload
+    key = mask_source.next_key()
+    return header + key + apply_mask(payload, key)
+
+
+def encode_close_payload(code: int | None, reason: str = "") -> bytes:
+    """A CLOSE payload: the 2-byte code then the UTF-8 reason cut to fit 125 bytes.
+
+    ``code=None`` gives the empty payload (a close without a status). The reason is cut
+    at a character boundary. Raises ``ValueError`` for a code that may not be sent
+    (RFC 6455 section 7.4: 1005, 1006, 1015, unassigned and out-of-range codes).
+    """
+    if code is None:
+        return b""
+    if not _is_sendable_close_code(code):
+        raise ValueError(f"close code {code} may not be sent on the wire")
+    encoded = reason.encode("utf-8")
+    if len(encoded) > _MAX_CLOSE_REASON_BYTES:
+        # "ignore" drops only the character that the cut split in two.
+        encoded = encoded[:_MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    return _U16.pack(code) + encoded
+
+
+def parse_close_payload(payload: bytes) -> tuple[int | None, str]:
+    """``(code, reason)`` from a CLOSE payload; ``(None, "")`` for an empty one.
+
+    Raises ``ProtocolError`` 1002 for a 1-byte payload or a code that may not appear on
+    the wire, and 1007 for a reason that is not valid UTF-8.
+    """
+    if not payload:
+        return None, ""
+    if len(payload) < 2:
+        raise ProtocolError("close payload of 1 byte", 1002)
+    (code,) = _U16.unpack_from(payload)
+    if not _is_sendable_close_code(code):
+        raise ProtocolError(f"invalid close code {code}", 1002)
+    try:
+        reason = bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("close reason is not valid UTF-8", 1007) from exc
+    return code, reason
+
+
+def _is_sendable_close_code(code: int) -> bool:
+    # 1000-1003 and 1007-1014 are registered; 1004 is reserved; 1005, 1006 and 1015
+    # must never be sent; 1016-2999 are unassigned; 3000-4999 are for libraries/apps.
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class FrameParser:
+    """Incremental frame parser for one direction of one connection.
+
+    ``feed(chunk)`` returns the complete events in order: data messages reassembled
+    (opcode of the first frame), control frames as they arrive, even between the
+    fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``
+    (``MessageTooBig`` for the size limit, decided from the header before the payload
+    is buffered); the parser is then dead and every later ``feed`` raises the same error.
+    Events completed earlier in the chunk that raised are dropped with it.
+    CLOSE payloads are passed through as they are: check them with ``parse_close_payload``.
+    """
+
+    __slots__ = (
+        "_expect_masked",
+        "_mask_bit",
+        "_max_message_size",
+        "_max_fragments",
+        "_buf",
+        "_need",
+        "_msg_opcode",
+        "_msg_parts",
+        "_msg_size",
+        "_error",
+    )
+
+    def __init__(
+        self,
+        *,
+        expect_masked: bool,
+        max_message_size: int = 64 * 1024 * 1024,
+        max_fragments: int = 1024,
+    ):
+        if max_message_size < 0 or max_fragments < 1:
+            raise ValueError("max_message_size must be >= 0 and max_fragments >= 1")
+        self._expect_masked = expect_masked
+        self._mask_bit = 0x80 if expect_masked else 0
+        self._max_message_size = max_message_size
+        self._max_fragments = max_fragments
+        self._buf = bytearray()  # bytes received but not yet consumed
+        self._need = 0  # len(_buf) needed before parsing is worth another try
+        self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
+        self._msg_parts: list[bytes] = []
+        self._msg_size = 0
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+        """Take any chunk of bytes; return the events it completes, in order."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if not buf:
+            if type(data) is bytes:
+                events = self._fast_path(data)
+                if events is not None:
+                    return events
+                return self._parse(data)
+            buf += data
+            return self._parse(buf)
+        buf += data
+        if len(buf) < self._need:
+            return []
+        return self._parse(buf)
+
+    def _fast_path(self, data: bytes) -> list[tuple[int, bytes]] | None:
+        """One whole, small, unfragmented TEXT/BINARY frame, exactly: the usual chunk.
+
+        Returns None to fall back to the general path (which handles every error).
+        """
+        n = len(data)
+        if n < 2 or self._msg_opcode:
+            return None
+        b0, b1 = data[0], data[1]
+        if (b0 != 0x81 and b0 != 0x82) or (b1 & 0x80) != self._mask_bit:
+            return None
+        length = b1 & 0x7F
+        if length > 125 or length > self._max_message_size:
+            return None
+        if self._mask_bit:
+            if n != 6 + length:
+                return None
+            payload = apply_mask(data[6:], data[2:6])
+        else:
+            if n != 2 + length:
+                return None
+            payload = data[2:]
+        if b0 == 0x81:
+            try:
+                self._check_text(payload)
+            except ProtocolError as exc:
+                self._error = exc
+                raise
+        return [(b0 & 0x0F, payload)]
+
+    def _parse(self, src: bytes | bytearray) -> list[tuple[int, bytes]]:
+        """Consume every complete frame of ``src`` (``self._buf`` or a fresh bytes chunk)."""
+        events: list[tuple[int, bytes]] = []
+        end = len(src)
+        pos = 0
+        need = 0
+        try:
+            with memoryview(src) as view:
+                while end - pos >= 2:
+                    b0 = src[pos]
+                    b1 = src[pos + 1]
+                    opcode = b0 & 0x0F
+                    fin = b0 & 0x80
+                    self._check_header(b0, b1, opcode, fin)
+                    length = b1 & 0x7F
+                    start = pos + 2
+                    if length == 126:
+                        if end - pos < 4:
+                            break
+                        (length,) = _U16.unpack_from(src, start)
+                        start += 2
+                    elif length == 127:
+                        if end - pos < 10:
+                            break
+                        (length,) = _U64.unpack_from(src, start)
+                        if length >> 63:
+                            raise ProtocolError("64-bit payload length has its top bit set", 1002)
+                        start += 8
+                    if opcode == OP_CONT:
+                        if self._msg_size + length > self._max_message_size:
+                            raise MessageTooBig(
+                                f"fragmented message passes {self._max_message_size} bytes", 1009
+                            )
+                    elif opcode < 8 and length > self._max_message_size:
+                        raise MessageTooBig(
+                            f"frame declares {length} bytes, limit is {self._max_message_size}",
+                            1009,
+                        )
+                    if self._mask_bit:
+                        start += 4
+                    stop = start + length
+                    if stop > end:
+                        need = stop - pos
+                        break
+                    if self._mask_bit:
+                        payload = apply_mask(view[start:stop], src[start - 4 : start])
+                    else:
+                        payload = bytes(view[start:stop])
+                    pos = stop
+                    if opcode >= 8:
+                        events.append((opcode, payload))
+                    elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
+                        if fin:
+                            if opcode == OP_TEXT:
+                                self._check_text(payload)
+                            events.append((opcode, payload))
+                        else:
+                            self._msg_opcode = opcode
+                            self._msg_parts = [payload]
+                            self._msg_size = length
+                    else:  # CONT
+                        self._msg_parts.append(payload)
+                        self._msg_size += length
+                        if fin:
+                            message = b"".join(self._msg_parts)
+                            opcode = self._msg_opcode
+                            self._msg_opcode = 0
+                            self._msg_parts = []
+                            self._msg_size = 0
+                            if opcode == OP_TEXT:
+                                self._check_text(message)
+                            events.append((opcode, message))
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf = bytearray()
+            raise
+        buf = self._buf
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += src[pos:] if pos else src
+        self._need = need
+        return events
+
+    def _check_header(self, b0: int, b1: int, opcode: int, fin: int) -> None:
+        """Every rule that the first two header bytes (and the message state) decide."""
+        if b0 & 0x70:
+            raise ProtocolError("reserved bits RSV1-3 set without a negotiated extension", 1002)
+        if opcode not in _KNOWN_OPCODES:
+            raise ProtocolError(f"unknown opcode {opcode:#x}", 1002)
+        if opcode >= 8:
+            if not fin:
+                raise ProtocolError("fragmented control frame", 1002)
+            if (b1 & 0x7F) > _MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("control frame payload over 125 bytes", 1002)
+        if (b1 & 0x80) != self._mask_bit:
+            raise ProtocolError(
+                "unmasked frame from a client" if self._expect_masked else "masked frame from a server",
+                1002,
+            )
+        if opcode == OP_CONT:
+            if not self._msg_opcode:
+                raise ProtocolError("continuation frame without a message in progress", 1002)
+            if len(self._msg_parts) >= self._max_fragments:
+                raise MessageTooBig(f"message of more than {self._max_fragments} fragments", 1009)
+        elif opcode < 8 and self._msg_opcode:
+            raise ProtocolError("new data frame while a fragmented message is open", 1002)
+
+    @staticmethod
+    def _check_text(payload: bytes) -> None:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("text message is not valid UTF-8", 1007) from exc

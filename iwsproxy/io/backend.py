@@ -1,0 +1,118 @@
+"""The backend edge: websocket-client opens the connection, our codec carries the data.
+
+websocket-client does what it is good at (URL parsing, TCP and TLS, proxies,
+the HTTP handshake); once the handshake is done the raw socket is framed by
+:class:`~iwsproxy.io.connection.Connection`, which reads whole chunks and
+writes batches in one call instead of websocket-client's several reads per
+frame. Its errors are translated into the :mod:`iwsproxy.exceptions` tree here.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import gevent
+import websocket
+
+from ..exceptions import BackendConnectError, BackendRejected
+from .connection import Connection
+
+__all__ = ["ClientOffer", "BackendConnection", "connect_backend", "check_backend_url"]
+
+CLIENT_ID_HEADER = "X-Iwsproxy-Client-Id"
+RECONNECTS_HEADER = "X-Iwsproxy-Reconnects"
+
+
+def check_backend_url(url: str) -> str:
+    """Return ``url`` if it is a ws:// or wss:// URL with a host, else raise ValueError."""
+    if not isinstance(url, str):
+        raise ValueError("a backend URL must be a string")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{url!r} is not a ws:// or wss:// URL with a host")
+    del port
+    return url
+
+
+@dataclass(frozen=True)
+class ClientOffer:
+    """What a client's handshake asks of every backend its pipe will use."""
+    client_id: str
+    query: str = ""
+    subprotocols: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    origin: str | None = None
+    remote_addr: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+class BackendConnection(Connection):
+    __slots__ = ("url", "subprotocol")
+
+    def __init__(self, url: str, sock: socket.socket, subprotocol: str | None, *, max_message_size: int):
+        super().__init__(sock, server_side=False, max_message_size=max_message_size)
+        self.url = url
+        self.subprotocol = subprotocol
+
+
+def _target(url: str, query: str) -> str:
+    if not query:
+        return url
+    parts = urlsplit(url)
+    merged = f"{parts.query}&{query}" if parts.query else query
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", merged, parts.fragment))
+
+
+def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s: float,
+                    max_message_size: int, require_subprotocol: str | None = None,
+                    sslopt: dict | None = None) -> BackendConnection:
+    """Open a backend connection for one pipe.
+
+    The client's subprotocol offer is passed on (or only ``require_subprotocol``
+    after the first backend chose one); the backend's choice must be one of the
+    offer. Raises :class:`BackendRejected` for an HTTP error status and
+    :class:`BackendConnectError` for everything else.
+    """
+    offered = [require_subprotocol] if require_subprotocol else list(offer.subprotocols)
+    headers = [f"{name}: {value}" for name, value in offer.headers]
+    headers.append(f"{CLIENT_ID_HEADER}: {offer.client_id}")
+    headers.append(f"{RECONNECTS_HEADER}: {reconnects}")
+    if offer.remote_addr:
+        headers.append(f"X-Forwarded-For: {offer.remote_addr}")
+    if offered:
+        # passed as a plain header so that a backend choosing none is not an error
+        headers.append("Sec-WebSocket-Protocol: " + ", ".join(offered))
+    options = dict(header=headers, skip_utf8_validation=True, enable_multithread=False,
+                   sockopt=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),), sslopt=sslopt or {})
+    if offer.origin:
+        options["origin"] = offer.origin
+    else:
+        options["suppress_origin"] = True
+    try:
+        with gevent.Timeout(timeout_s, BackendConnectError(url, f"handshake not done within {timeout_s:g} s")):
+            ws = websocket.create_connection(_target(url, offer.query), timeout=timeout_s, **options)
+    except websocket.WebSocketBadStatusException as exc:
+        raise BackendRejected(url, exc.status_code) from exc
+    except (OSError, ssl.SSLError, websocket.WebSocketException, ValueError) as exc:
+        raise BackendConnectError(url, str(exc) or type(exc).__name__) from exc
+    chosen = (ws.getheaders() or {}).get("sec-websocket-protocol")
+    sock = ws.sock
+    if chosen is not None:
+        chosen = chosen.strip()
+        match = [p for p in offered if p == chosen] or [p for p in offered if p.lower() == chosen.lower()]
+        if not match:
+            sock.close()
+            raise BackendConnectError(url, f"backend chose subprotocol {chosen!r}, not one offered {offered}")
+        chosen = match[0]
+    if require_subprotocol and chosen != require_subprotocol:
+        sock.close()
+        raise BackendConnectError(url, f"backend did not accept subprotocol {require_subprotocol!r}")
+    sock.settimeout(None)  # create_connection leaves its timeout on the socket; reads must block
+    return BackendConnection(url, sock, chosen, max_message_size=max_message_size)

@@ -1,0 +1,156 @@
+"""The client edge: a gevent-websocket handler that lets the app decide before upgrading.
+
+geventwebsocket's stock ``WebSocketHandler`` answers ``101 Switching Protocols``
+before it calls the WSGI app, so the app can no longer refuse a client with an
+HTTP status. :class:`ProxyHandler` validates the handshake, then calls the app
+with a :class:`ClientUpgrade` in the environ (key :data:`UPGRADE_KEY`). The app
+either returns an ordinary response (400, 409, 503... reach the client as HTTP)
+or calls :meth:`ClientUpgrade.accept`, which sends the 101 and returns the
+client :class:`~iwsproxy.io.connection.Connection`; whatever the app returns
+after that is discarded.
+
+The data phase does not go through gevent-websocket's ``WebSocket`` class
+(which unmasks byte by byte in Python): frames are parsed by
+:mod:`iwsproxy.frames` straight from the socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.handler import WebSocketHandler
+
+from .connection import Connection
+
+__all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request", "install_gunicorn_handler"]
+
+UPGRADE_KEY = "iwsproxy.upgrade"
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def is_upgrade_request(environ: dict) -> bool:
+    return (environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+            and "upgrade" in environ.get("HTTP_CONNECTION", "").lower())
+
+
+def _handshake_problem(environ: dict, http_version: str) -> tuple[str, str, list] | None:
+    """RFC 6455 4.2.1 checks; returns (status, reason, headers) for a bad request."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        return "405 Method Not Allowed", "a WebSocket upgrade must use GET", [("Allow", "GET")]
+    if http_version != "HTTP/1.1":
+        return "400 Bad Request", "a WebSocket upgrade needs HTTP/1.1", []
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        return "426 Upgrade Required", "unsupported Sec-WebSocket-Version (13 is supported)", [
+            ("Sec-WebSocket-Version", "13")]
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        return "400 Bad Request", "missing or invalid Sec-WebSocket-Key", []
+    return None
+
+
+class ClientUpgrade:
+    """A validated upgrade request, not yet answered."""
+
+    def __init__(self, handler: "ProxyHandler"):
+        self._handler = handler
+        environ = handler.environ
+        self.environ = environ
+        self.key = environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
+        self.subprotocols = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
+        address = handler.client_address
+        self.remote_addr = address[0] if isinstance(address, tuple) else str(address or "")
+        self.connection: Connection | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.connection is not None
+
+    def accept(self, subprotocol: str | None = None, *, max_message_size: int) -> Connection:
+        """Answer 101 (with the chosen subprotocol) and return the client connection."""
+        if self.connection is not None:
+            raise RuntimeError("upgrade already accepted")
+        if subprotocol is not None and subprotocol not in self.subprotocols:
+            raise ValueError(f"subprotocol {subprotocol!r} was not offered by the client")
+        accept = base64.b64encode(hashlib.sha1((self.key + _GUID).encode("ascii")).digest()).decode("ascii")
+        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Accept: {accept}"]
+        if subprotocol:
+            lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+        handler = self._handler
+        handler.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        handler.mark_upgraded()
+        # read1 first returns whatever the HTTP parser buffered past the request, then one recv per call
+        self.connection = Connection(handler.socket, server_side=True, max_message_size=max_message_size,
+                                     recv=handler.rfile.read1)
+        return self.connection
+
+
+class ProxyHandler(WebSocketHandler):
+    """A ``WebSocketHandler`` that asks the app before switching protocols."""
+
+    def mark_upgraded(self) -> None:
+        self.status = b"101 Switching Protocols"
+        self._orig_status = "101 Switching Protocols"
+        self.code = 101
+        self.headers_sent = True
+        self.close_connection = True
+
+    def run_application(self):
+        environ = self.environ
+        if not is_upgrade_request(environ):
+            return WSGIHandler.run_application(self)
+        problem = _handshake_problem(environ, self.request_version)
+        if problem is not None:
+            status, reason, headers = problem
+            body = (reason + "\n").encode()
+            self.start_response(status, headers + [("Content-Type", "text/plain; charset=utf-8"),
+                                                   ("Content-Length", str(len(body)))])
+            self.result = [body]
+            self.close_connection = True
+            self.process_result()
+            return None
+        upgrade = ClientUpgrade(self)
+        environ[UPGRADE_KEY] = upgrade
+
+        def start_response(status, headers, exc_info=None):
+            if upgrade.accepted:
+                return lambda data: None  # the HTTP exchange is over; the app's response is moot
+            return self.start_response(status, headers, exc_info)
+
+        result = None
+        try:
+            result = self.application(environ, start_response)
+            if not upgrade.accepted:
+                self.result = result
+                self.process_result()
+        finally:
+            self.result = None
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+            if upgrade.connection is not None:
+                upgrade.connection.abort()
+        return None
+
+    def log_request(self):
+        WSGIHandler.log_request(self)
+
+
+def install_gunicorn_handler() -> None:
+    """Make ``geventwebsocket.gunicorn.workers.GeventWebSocketWorker`` use :class:`ProxyHandler`.
+
+    The documented command ``gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker wsgi:app``
+    loads the app before the worker reads ``wsgi_handler``, so calling this from the app module
+    gives gunicorn the same pre-upgrade behaviour as ``iwsproxy serve``.
+    """
+    try:
+        from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+    except ImportError:  # gunicorn is not installed: nothing to configure
+        return
+    GeventWebSocketWorker.wsgi_handler = ProxyHandler

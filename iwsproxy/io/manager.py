@@ -1,0 +1,174 @@
+"""PipeManager: the pipes of one process by client id, and the backend pool they share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import gevent
+
+from ..exceptions import DuplicateClient
+from ..pool import BackendPool
+from ..session import FailoverReport
+from ..settings import Settings
+from .backend import ClientOffer, check_backend_url
+from .client import ClientUpgrade
+from .connection import Connection
+from .pipe import PersistentPipe, short_id
+
+__all__ = ["PipeManager"]
+
+log = logging.getLogger(__name__)
+
+
+class PipeManager:
+    """Owns the live :class:`PersistentPipe` objects and the :class:`BackendPool`.
+
+    All methods are called from greenlets of one process and never yield while
+    they change shared state, so no locks are needed.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = ()):
+        self.settings = settings or Settings()
+        s = self.settings
+        self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
+                                eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
+        self._pipes: dict[str, PersistentPipe] = {}
+        self._waiting: set[PersistentPipe] = set()
+        self.counters: Counter = Counter()
+        self.closed_by_code: Counter = Counter()
+        for url in tuple(s.backends) + tuple(backends):
+            self.add_backend(url)
+
+    # ---- backends ----
+    def add_backend(self, url: str) -> bool:
+        """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
+        check_backend_url(url)
+        added = self.pool.add(url)
+        if added:
+            log.info("backend %s added", url)
+            self._wake_waiting()
+        return added
+
+    def remove_backend(self, url: str) -> bool:
+        """Unregister a backend; pipes on it keep their connection until it drops."""
+        removed = self.pool.remove(url)
+        if removed:
+            log.info("backend %s removed", url)
+        return removed
+
+    def backends(self) -> list[dict]:
+        now = time.monotonic()
+        snapshot = self.pool.snapshot(now)
+        for entry in snapshot:
+            entry["pipes"] = sum(1 for p in self._pipes.values() if p.backend_url == entry["url"])
+        return snapshot
+
+    def pool_size(self) -> int:
+        return len(self.pool)
+
+    def acquire_backend(self, exclude: set[str]) -> str | None:
+        backend = self.pool.acquire(time.monotonic(), exclude=exclude)
+        return backend.url if backend is not None else None
+
+    def release_backend(self, url: str, *, failed: bool, cause: str = "") -> None:
+        now = time.monotonic()
+        self.pool.release(url)
+        if failed:
+            self.pool.record_failure(url, now, cause)
+            self.counters["backend_errors"] += 1
+        self._wake_waiting()
+
+    def backend_succeeded(self, url: str) -> None:
+        self.pool.record_success(url, time.monotonic())
+
+    def wait_for_backend(self, pipe: PersistentPipe) -> None:
+        self._waiting.add(pipe)
+
+    def stop_waiting(self, pipe: PersistentPipe) -> None:
+        self._waiting.discard(pipe)
+
+    def _wake_waiting(self) -> None:
+        for pipe in list(self._waiting):
+            pipe.wake()
+
+    # ---- pipes ----
+    def pipes(self) -> list[dict]:
+        return [pipe.info() for pipe in self._pipes.values()]
+
+    def __len__(self) -> int:
+        return len(self._pipes)
+
+    def open_pipe(self, client_id: str, offer: ClientOffer) -> PersistentPipe:
+        """Register a pipe and connect its first backend, before the client is answered.
+
+        Raises :class:`DuplicateClient` (409), :class:`BackendRejected` (that
+        status) or :class:`NoBackendAvailable` (503).
+        """
+        if client_id in self._pipes:
+            raise DuplicateClient(f"client {short_id(client_id)} already has a live session")
+        pipe = PersistentPipe(self, client_id, offer)
+        self._pipes[client_id] = pipe
+        try:
+            allow_waiting = self.settings.wait_for_backend and self.settings.pool_policy == "exclusive"
+            pipe.connect_first(allow_waiting=allow_waiting)
+        except BaseException:
+            self._forget(pipe)
+            raise
+        return pipe
+
+    def run_pipe(self, pipe: PersistentPipe, client: Connection) -> None:
+        try:
+            self.counters["pipes_opened"] += 1
+            pipe.run(client)
+        finally:
+            self._forget(pipe)
+
+    def abandon_pipe(self, pipe: PersistentPipe) -> None:
+        """A pipe opened by :meth:`open_pipe` whose client will never be attached."""
+        if pipe.backend is not None:
+            pipe.backend.abort()
+            self.release_backend(pipe.backend.url, failed=False)
+            pipe.backend = None
+        self._forget(pipe)
+
+    def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None) -> None:
+        """Open a pipe for a client upgrade, answer the upgrade, and serve until the pipe ends.
+
+        Blocks for the pipe's life. Refusals raise before the client is
+        answered (see :meth:`open_pipe`).
+        """
+        offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
+                                     remote_addr=upgrade.remote_addr)
+        pipe = self.open_pipe(client_id, offer)
+        try:
+            client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes)
+        except BaseException:
+            self.abandon_pipe(pipe)
+            raise
+        self.run_pipe(pipe, client)
+
+    def _forget(self, pipe: PersistentPipe) -> None:
+        if self._pipes.get(pipe.client_id) is pipe:
+            del self._pipes[pipe.client_id]
+        self._waiting.discard(pipe)
+
+    # ---- bookkeeping ----
+    def record_failover(self, report: FailoverReport) -> None:
+        self.counters["failovers"] += 1
+        self.counters["replayed"] += report.replayed
+
+    def record_client_closed(self, code: int, reason: str) -> None:
+        self.closed_by_code[code] += 1
+
+    def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
+        """Close every client with ``code``; True if all pipes ended within ``timeout``."""
+        pipes = list(self._pipes.values())
+        for pipe in pipes:
+            pipe.stop(code, reason)
+        with gevent.Timeout(timeout, False):
+            for pipe in pipes:
+                pipe.wait_closed()
+            return True
+        return False

@@ -1,0 +1,44 @@
+"""Serving the app with gevent's WSGIServer and the proxy's handler, with a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import gevent
+from gevent.event import Event
+from gevent.pywsgi import WSGIServer
+
+from .client import ProxyHandler
+
+__all__ = ["make_server", "serve_forever"]
+
+log = logging.getLogger(__name__)
+
+
+def make_server(app, bind: tuple[str, int]) -> WSGIServer:
+    return WSGIServer(bind, app, handler_class=ProxyHandler, log=None, error_log=logging.getLogger("iwsproxy.http"))
+
+
+def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float = 10.0) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit.
+
+    ``ready(port)`` is called once the socket listens (the demo and tests use it).
+    """
+    from ..app import IWSProxy  # late: the app module imports the I/O layer
+
+    server = make_server(app, bind)
+    server.start()
+    stopping = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stopping.set)
+    log.info("iwsproxy listening on %s:%d", *server.address[:2])
+    if ready is not None:
+        ready(server.address[1])
+    stopping.wait()
+    log.info("shutting down: closing clients with 1012")
+    server.close()  # stop accepting
+    manager = IWSProxy.manager(app)
+    if not manager.close_all(1012, "proxy restarting", timeout=shutdown_timeout_s):
+        log.warning("some pipes did not close within %.1f s", shutdown_timeout_s)
+    server.stop(timeout=1)

@@ -1,0 +1,200 @@
+"""Settings: one frozen object, each field declared once.  [pure]
+
+Every field carries its default, its parser, its environment variable (which is
+also its Flask config key) and its help text. Values are resolved in layers:
+defaults < Flask config < environment < command-line flags. An invalid value
+raises :class:`~iwsproxy.exceptions.ConfigError` naming the key, the value and
+where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import ConfigError
+
+__all__ = ["Settings", "parse_size", "describe"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+               "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """``"64KiB"`` -> 65536, ``"5MiB"`` -> 5242880, ``"10kB"`` -> 10000, ``123`` -> 123."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        unit = (match.group(2) or "").lower() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError("expected a size such as 65536, 64KiB or 5MiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _parse_seconds(value: Any) -> float:
+    seconds = float(value)
+    if seconds < 0 or seconds != seconds:
+        raise ValueError("must be a number of seconds >= 0")
+    return seconds
+
+
+def _parse_positive_int(value: Any) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def _parse_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = list(value)
+    return tuple(item.strip() for item in items if item and item.strip())
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower().replace("_", "-")
+        for choice in choices:
+            if text == choice.replace("_", "-"):
+                return choice
+        raise ValueError("expected one of " + ", ".join(choices))
+    return parse
+
+
+def _parse_prefix(value: Any) -> str:
+    text = str(value).strip()
+    if text and not text.startswith("/"):
+        raise ValueError("a URL prefix starts with /")
+    return text.rstrip("/")
+
+
+def _parse_optional_str(value: Any) -> str | None:
+    text = str(value) if value is not None else ""
+    return text or None
+
+
+def setting(default: Any, env: str, parse: Callable[[Any], Any], help: str, flag: str | None = None):
+    """Declare one setting: default, environment name (= Flask config key), parser, help, CLI flag."""
+    return field(default=default, metadata={"env": env, "parse": parse, "help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- service ---
+    bind: str = setting("127.0.0.1:8080", "IWSPROXY_BIND", str, "HOST:PORT the server listens on", "--bind")
+    backends: tuple[str, ...] = setting((), "IWSPROXY_BACKENDS", _parse_list,
+                                        "backend WebSocket URLs registered at start (comma separated)", "--backend")
+    admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,
+                                      "bearer token for the admin routes; unset turns them off", "--admin-token")
+    proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,
+                                "URL prefix of the proxy route (clients connect to PREFIX/<client-id>)")
+    admin_prefix: str = setting("/admin", "IWSPROXY_ADMIN_PREFIX", _parse_prefix, "URL prefix of the admin routes")
+    # --- sessions ---
+    buffer_limit_bytes: int = setting(5 * 1024 * 1024, "IWSPROXY_BUFFER_LIMIT", parse_size,
+                                      "per-client cap on bytes held for the backend (buffered + unacknowledged)",
+                                      "--buffer-limit")
+    delivery: str = setting("at-least-once", "IWSPROXY_DELIVERY", _choice("at-least-once", "at-most-once"),
+                            "at-least-once replays what a lost backend may not have read; at-most-once does not",
+                            "--delivery")
+    reconnect_deadline_s: float = setting(0.0, "IWSPROXY_RECONNECT_DEADLINE", _parse_seconds,
+                                          "close a client with 1013 if no backend is found within this many "
+                                          "seconds of losing one (0 = wait as long as the buffer allows)",
+                                          "--reconnect-deadline")
+    wait_for_backend: bool = setting(False, "IWSPROXY_WAIT_FOR_BACKEND", _parse_bool,
+                                     "accept a client with no backend free and buffer until one is "
+                                     "(otherwise answer 503)", "--wait-for-backend")
+    max_message_size_bytes: int = setting(16 * 1024 * 1024, "IWSPROXY_MAX_MESSAGE_SIZE", parse_size,
+                                          "largest message accepted from either side (larger: close 1009)",
+                                          "--max-message-size")
+    pong_timeout_s: float = setting(10.0, "IWSPROXY_PONG_TIMEOUT", _parse_seconds,
+                                    "a backend that does not answer a ping within this time is treated as failed",
+                                    "--pong-timeout")
+    # --- backends ---
+    pool_policy: str = setting("round_robin", "IWSPROXY_POOL_POLICY",
+                               _choice("round_robin", "least_connections", "exclusive"),
+                               "how a pipe picks its backend", "--pool-policy")
+    max_failures: int = setting(3, "IWSPROXY_MAX_FAILURES", _parse_positive_int,
+                                "consecutive failures after which a backend is ejected", "--max-failures")
+    eject_base_s: float = setting(1.0, "IWSPROXY_EJECT_BASE", _parse_seconds,
+                                  "first ejection time; doubles with each ejection", "--eject-base")
+    eject_max_s: float = setting(60.0, "IWSPROXY_EJECT_MAX", _parse_seconds, "longest ejection time", "--eject-max")
+    connect_timeout_s: float = setting(5.0, "IWSPROXY_CONNECT_TIMEOUT", _parse_seconds,
+                                       "TCP + TLS + WebSocket handshake timeout for one backend", "--connect-timeout")
+    backoff_initial_s: float = setting(0.05, "IWSPROXY_BACKOFF_INITIAL", _parse_seconds,
+                                       "first wait between rounds of reconnect attempts")
+    backoff_max_s: float = setting(5.0, "IWSPROXY_BACKOFF_MAX", _parse_seconds,
+                                   "longest wait between rounds of reconnect attempts")
+    forward_headers: tuple[str, ...] = setting(("Cookie", "Authorization"), "IWSPROXY_FORWARD_HEADERS",
+                                               _parse_list, "client request headers passed on to backends")
+
+    @classmethod
+    def load(cls, *, config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+             cli: Mapping[str, Any] | None = None, **overrides: Any) -> "Settings":
+        """Resolve defaults < Flask ``config`` < ``env`` < ``cli`` (by field name) < ``overrides``."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key, parse = f.metadata["env"], f.metadata["parse"]
+            layers = [("Flask config", config or {}, key), ("environment", env or {}, key),
+                      ("command line", cli or {}, f.name), ("arguments", overrides, f.name)]
+            for source, mapping, name in layers:
+                raw = mapping.get(name)
+                if raw is None:
+                    continue
+                try:
+                    values[f.name] = parse(raw)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(key, raw, source, str(exc)) from exc
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], overrides[sorted(unknown)[0]], "arguments", "unknown setting")
+        settings = cls(**values)
+        settings._validate()
+        return settings
+
+    def _validate(self) -> None:
+        host, _, port = self.bind.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError("IWSPROXY_BIND", self.bind, "settings", "expected HOST:PORT")
+        if self.eject_max_s < self.eject_base_s:
+            raise ConfigError("IWSPROXY_EJECT_MAX", self.eject_max_s, "settings", "must be >= IWSPROXY_EJECT_BASE")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings.load(**{**dataclasses.asdict(self), **changes})
+
+    @property
+    def bind_address(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def describe(settings: Settings) -> list[tuple[str, str, Any, str]]:
+    """(field name, environment name, value, help) for each setting; the admin token is masked."""
+    rows = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "admin_token" and value:
+            value = "***"
+        rows.append((f.name, f.metadata["env"], value, f.metadata["help"]))
+    return rows

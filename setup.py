@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="iwsproxy",
+    version="0.1.0",
+    description="An interruptible WebSocket proxy: clients stay connected while backends fail over",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["iwsproxy", "iwsproxy.*"]),
+    python_requires=">=3.11",
+    install_requires=[line.strip() for line in open("requirements.txt", encoding="utf-8")
+                      if line.strip() and not line.startswith("#")],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["iwsproxy = iwsproxy.cli:main"]},
+)

@@ -1,0 +1,280 @@
+"""The core promise, end to end: real echo backends in child processes, the proxy, real clients."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import websocket
+
+from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
+
+
+def roundtrip(ws, payload):
+    if isinstance(payload, bytes):
+        ws.send_binary(payload)
+    else:
+        ws.send(payload)
+    opcode, data = ws.recv_data()
+    return opcode, data
+
+
+def test_framing_is_preserved(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    ws = proxy.connect()
+    assert roundtrip(ws, "héllo") == (websocket.ABNF.OPCODE_TEXT, "héllo".encode())
+    assert roundtrip(ws, b"\x00\xff" * 10) == (websocket.ABNF.OPCODE_BINARY, b"\x00\xff" * 10)
+    big = bytes(range(256)) * 4096  # 1 MiB binary
+    assert roundtrip(ws, big) == (websocket.ABNF.OPCODE_BINARY, big)
+    # a fragmented message arrives as one message
+    ws.send_frame(websocket.ABNF.create_frame("part1-", websocket.ABNF.OPCODE_TEXT, fin=0))
+    ws.send_frame(websocket.ABNF.create_frame("part2", websocket.ABNF.OPCODE_CONT, fin=1))
+    assert ws.recv_data() == (websocket.ABNF.OPCODE_TEXT, b"part1-part2")
+    # ping from the client is answered by the proxy with the same payload
+    ws.ping(b"are-you-there")
+    assert ws.recv_data(control_frame=True) == (websocket.ABNF.OPCODE_PONG, b"are-you-there")
+    ws.close()
+
+
+def test_client_survives_backend_kill_in_order_without_loss_or_duplicates(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    proxy = processes.proxy("--backend", a.url, "--backend", b.url)
+    ws = proxy.connect()
+    first = proxy.pipes()[0]["backend"]
+    victim, survivor = (a, b) if first == a.url else (b, a)
+    received = []
+    for i in range(50):
+        ws.send(f"m{i}")
+        received.append(ws.recv())
+    victim.kill()
+    for i in range(50, 100):
+        ws.send(f"m{i}")
+        received.append(ws.recv())
+    assert received == [f"m{i}" for i in range(100)]
+    assert proxy.pipes()[0]["backend"] == survivor.url
+    assert proxy.pipes()[0]["failovers"] == 1
+    assert stats(survivor)["connections_total"] == 1
+    ws.close()
+
+
+def test_messages_sent_while_no_backend_are_flushed_first_in_order(processes):
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url)
+    ws = proxy.connect()
+    assert roundtrip(ws, "before")[1] == b"before"
+    a.kill()
+    wait_for(lambda: proxy.pipes()[0]["state"] == "failing_over", what="the proxy to notice the kill")
+    for i in range(10):
+        ws.send(f"buffered-{i}")
+    assert proxy.pipes()[0]["buffered_bytes"] > 0
+    b = processes.echo(name="b")
+    assert proxy.admin("POST", {"url": b.url})[0] == 201
+    for i in range(10):
+        ws.send(f"live-{i}")
+    got = [ws.recv() for _ in range(20)]
+    assert got == [f"buffered-{i}" for i in range(10)] + [f"live-{i}" for i in range(10)]
+    headers = stats(b)["last_headers"]
+    assert headers["x-iwsproxy-client-id"] == ws.client_id
+    assert headers["x-iwsproxy-reconnects"] == "1"
+    ws.close()
+
+
+def test_buffer_overflow_closes_client_with_1013(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--buffer-limit", "64KiB")
+    other = proxy.connect()
+    ws = proxy.connect()
+    a.kill()
+    wait_for(lambda: all(p["state"] == "failing_over" for p in proxy.pipes()), what="failover state")
+    chunk = b"x" * 16 * 1024
+    with pytest.raises(websocket.WebSocketException):
+        for _ in range(8):  # 128 KiB > 64 KiB
+            ws.send_binary(chunk)
+        code, reason = recv_close(ws)
+        assert code == 1013 and "buffer limit" in reason
+        raise websocket.WebSocketException("closed as expected")
+    # the other client is untouched and recovers when a backend comes back
+    b = processes.echo(name="b")
+    proxy.admin("POST", {"url": b.url})
+    assert roundtrip(other, "still here")[1] == b"still here"
+    assert len(proxy.pipes()) == 1
+
+
+def test_overflow_close_code(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--buffer-limit", "10KiB")
+    ws = proxy.connect()
+    a.kill()
+    wait_for(lambda: proxy.pipes()[0]["state"] == "failing_over", what="failover state")
+    ws.send_binary(b"y" * 6000)
+    ws.send_binary(b"y" * 6000)
+    assert recv_close(ws) == (1013, "buffer limit of 10240 bytes exceeded")
+    wait_for(lambda: proxy.pipes() == [], what="the pipe to be gone")
+
+
+def test_refusals_before_upgrade(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    with pytest.raises(websocket.WebSocketBadStatusException) as bad:
+        websocket.create_connection(proxy.url_for("not-a-uuid"), timeout=5)
+    assert bad.value.status_code == 400
+    with pytest.raises(websocket.WebSocketBadStatusException) as v1:
+        websocket.create_connection(proxy.url_for(str(uuid.uuid1())), timeout=5)
+    assert v1.value.status_code == 400
+    ws = proxy.connect()
+    with pytest.raises(websocket.WebSocketBadStatusException) as dup:
+        proxy.connect(ws.client_id)
+    assert dup.value.status_code == 409
+    assert roundtrip(ws, "first still works")[1] == b"first still works"
+    with pytest.raises(urllib.error.HTTPError) as plain:
+        urllib.request.urlopen(proxy.http_url + "/" + str(uuid.uuid4()), timeout=5)
+    assert plain.value.code == 426
+    assert b"WebSocket" in plain.value.read()
+
+
+def test_no_backend_gives_503_and_backend_refusal_passes_through(processes):
+    proxy = processes.proxy()
+    with pytest.raises(websocket.WebSocketBadStatusException) as none:
+        proxy.connect()
+    assert none.value.status_code == 503
+    refusing = processes.echo("--reject-status", "403")
+    proxy.admin("POST", {"url": refusing.url})
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        proxy.connect()
+    assert refused.value.status_code == 403
+
+
+def test_subprotocol_headers_and_query_are_forwarded(processes):
+    a = processes.echo("--subprotocol", "chat.v2", name="a")
+    b = processes.echo("--subprotocol", "chat.v2", name="b")
+    proxy = processes.proxy("--backend", a.url, "--backend", b.url)
+    ws = websocket.create_connection(proxy.url_for(str(uuid.uuid4()) + "?room=7"), timeout=5,
+                                     subprotocols=["chat.v1", "chat.v2"],
+                                     header=["Authorization: Bearer user-token"], cookie="session=abc")
+    assert ws.getsubprotocol() == "chat.v2"
+    first = proxy.pipes()[0]["backend"]
+    served = a if first == a.url else b
+    seen = stats(served)
+    assert seen["last_path"].endswith("?room=7")
+    assert seen["last_headers"]["authorization"] == "Bearer user-token"
+    assert seen["last_headers"]["cookie"] == "session=abc"
+    assert seen["last_headers"]["x-iwsproxy-reconnects"] == "0"
+    ws.close()
+
+
+def test_later_backend_must_accept_the_same_subprotocol(processes):
+    a = processes.echo("--subprotocol", "chat.v2", name="a")
+    proxy = processes.proxy("--backend", a.url, "--max-failures", "1")
+    ws = websocket.create_connection(proxy.url_for(str(uuid.uuid4())), timeout=5, subprotocols=["chat.v2"])
+    wrong = processes.echo("--subprotocol", "other", name="wrong")
+    proxy.admin("POST", {"url": wrong.url})
+    a.kill()
+    wait_for(lambda: proxy.backends()[wrong.url]["total_failures"] >= 1, what="the mismatch to be refused")
+    right = processes.echo("--subprotocol", "chat.v2", name="right")
+    proxy.admin("POST", {"url": right.url})
+    assert roundtrip(ws, "hello")[1] == b"hello"
+    assert proxy.pipes()[0]["backend"] == right.url
+
+
+def test_exclusive_policy_one_client_per_backend(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--pool-policy", "exclusive")
+    first = proxy.connect()
+    with pytest.raises(websocket.WebSocketBadStatusException) as busy:
+        proxy.connect()
+    assert busy.value.status_code == 503
+    first.close()
+    wait_for(lambda: proxy.backends()[a.url]["clients"] == 0, what="the backend to be free")
+    second = proxy.connect()
+    assert roundtrip(second, "mine now")[1] == b"mine now"
+
+
+def test_exclusive_policy_waits_buffering_when_asked(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--pool-policy", "exclusive", "--wait-for-backend")
+    first = proxy.connect()
+    waiting = proxy.connect()
+    for i in range(5):
+        waiting.send(f"queued-{i}")
+    assert roundtrip(first, "first")[1] == b"first"
+    first.close()
+    assert [waiting.recv() for _ in range(5)] == [f"queued-{i}" for i in range(5)]
+
+
+def test_failing_backend_is_ejected_after_repeated_failures(processes):
+    good = processes.echo()
+    dead_port = ChildPortHolder.free_port()
+    dead = f"ws://127.0.0.1:{dead_port}"
+    proxy = processes.proxy("--backend", dead, "--backend", good.url, "--max-failures", "2", "--eject-base", "30",
+                            "--eject-max", "60")
+    clients = [proxy.connect() for _ in range(4)]
+    for ws in clients:
+        assert roundtrip(ws, "ok")[1] == b"ok"
+    state = proxy.backends()
+    assert state[dead]["state"] == "ejected"
+    assert state[dead]["total_failures"] == 2
+    assert state[good.url]["clients"] == 4
+
+
+class ChildPortHolder:
+    @staticmethod
+    def free_port() -> int:
+        """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+
+def test_backend_close_1000_ends_the_session_other_codes_fail_over(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    proxy = processes.proxy("--backend", a.url, "--backend", b.url)
+    ws = proxy.connect()
+    first = proxy.pipes()[0]["backend"]
+    victim = a if first == a.url else b
+    victim.terminate()  # SIGTERM: the echo server closes its connections with 1001 (going away)
+    assert roundtrip(ws, "after graceful close")[1] == b"after graceful close"
+    assert proxy.pipes()[0]["failovers"] == 1
+
+
+def test_client_close_closes_backend_and_frees_everything(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url)
+    clients = [proxy.connect() for _ in range(5)]
+    assert stats(a)["connections_open"] == 5
+    for ws in clients:
+        ws.close(status=1000)
+    wait_for(lambda: stats(a)["connections_open"] == 0, what="backend connections to close")
+    wait_for(lambda: proxy.pipes() == [], what="pipes to end")
+    assert proxy.backends()[a.url]["clients"] == 0
+
+
+def test_admin_api_auth_and_validation(processes):
+    a = processes.echo()
+    proxy = processes.proxy()
+    assert proxy.admin("GET", token=None)[0] == 401
+    assert proxy.admin("GET", token="wrong")[0] == 401
+    assert proxy.admin("POST", {"url": "http://example.test/"})[0] == 400
+    assert proxy.admin("POST", {"url": "ws://"})[0] == 400
+    assert proxy.admin("POST", {"nope": 1})[0] == 400
+    assert proxy.admin("POST", {"url": a.url}) == (201, {"url": a.url, "added": True})
+    assert proxy.admin("POST", {"url": a.url}) == (200, {"url": a.url, "added": False})
+    assert list(proxy.backends()) == [a.url]
+    ws = proxy.connect()
+    assert roundtrip(ws, "x")[1] == b"x"
+    assert proxy.admin("DELETE", {"url": a.url})[0] == 200
+    assert proxy.admin("DELETE", {"url": a.url})[0] == 404
+    assert proxy.backends() == {}
+    assert roundtrip(ws, "existing pipe keeps its backend")[1] == b"existing pipe keeps its backend"
+    with urllib.request.urlopen(proxy.http_url + "/healthz", timeout=5) as resp:
+        assert resp.status == 200
+
+
+def test_admin_routes_off_without_token(processes):
+    proxy = processes.proxy(admin_token=None)
+    assert proxy.admin("GET")[0] == 404

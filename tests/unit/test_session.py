@@ -1,0 +1,174 @@
+"""The failover core without sockets: inputs in, actions out, a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from iwsproxy.buffer import MessageBuffer
+from iwsproxy.exceptions import BufferOverflow
+from iwsproxy.session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
+                              encode_fence)
+
+
+def msgs(*names: str) -> list[tuple[int, bytes]]:
+    return [(1, n.encode()) for n in names]
+
+
+def connected(replay: bool = True, limit: int = 1000, **kw) -> Session:
+    s = Session(buffer_limit_bytes=limit, replay=replay, now=0.0, **kw)
+    assert s.backend_connected(0.0) == (1, [])
+    return s
+
+
+def sent(actions) -> list[bytes]:
+    return [p for a in actions if isinstance(a, SendToBackend) for _, p in a.messages]
+
+
+# ---- buffer ----
+def test_buffer_counts_both_halves_against_one_cap():
+    buf = MessageBuffer(10)
+    buf.add_window(msgs("aaaa"))
+    buf.add_pending(msgs("bbbb"))
+    with pytest.raises(BufferOverflow):
+        buf.add_pending(msgs("ccc"))
+    assert (buf.window_bytes, buf.pending_bytes, len(buf)) == (4, 4, 2)  # all or nothing
+
+
+def test_buffer_rewind_puts_window_before_pending():
+    buf = MessageBuffer(100)
+    buf.add_window(msgs("w1", "w2"))
+    buf.add_pending(msgs("p1"))
+    assert buf.ack(1) == 2
+    assert buf.rewind() == 1
+    assert buf.take_pending(keep=False) == msgs("w2", "p1")
+    assert buf.total_bytes == 0
+
+
+# ---- session ----
+def test_live_messages_go_straight_to_the_backend_with_one_fence_in_flight():
+    s = connected()
+    first = s.client_messages(msgs("a", "b"), 1.0)
+    assert first == [SendToBackend(msgs("a", "b"), fence=1)]
+    assert s.client_messages(msgs("c"), 1.1) == [SendToBackend(msgs("c"), fence=None)]
+    assert s.buffer.window_count == 3
+
+
+def test_pong_acknowledges_what_was_written_before_its_fence():
+    s = connected()
+    s.client_messages(msgs("a", "b"), 1.0)
+    s.client_messages(msgs("c"), 1.1)
+    assert s.backend_pong(1, encode_fence(1), 1.2) is True  # "c" still unfenced: a fence is due
+    assert s.buffer.window_count == 1
+    assert s.poll(1.2) == [SendToBackend([], fence=2)]
+    assert s.backend_pong(1, encode_fence(2), 1.3) is False
+    assert s.buffer.window_count == 0
+
+
+def test_unknown_or_stale_pongs_are_ignored():
+    s = connected()
+    s.client_messages(msgs("a"), 1.0)
+    assert s.backend_pong(1, b"other", 1.1) is False
+    assert s.backend_pong(0, encode_fence(1), 1.1) is False
+    assert s.buffer.window_count == 1
+
+
+@pytest.mark.parametrize("acked", [0, 1, 2])
+def test_loss_replays_unacknowledged_then_buffered_then_live(acked):
+    s = connected()
+    s.client_messages(msgs("m1"), 1.0)                 # fence 1 covers m1
+    s.client_messages(msgs("m2"), 1.1)
+    if acked >= 1:
+        s.backend_pong(1, encode_fence(1), 1.2)
+        if acked >= 2:
+            s.poll(1.2)                                # fence 2 covers m2
+            s.backend_pong(1, encode_fence(2), 1.3)
+    assert s.backend_lost(1, 2.0) == []
+    assert s.state is State.FAILING_OVER
+    assert s.client_messages(msgs("b1", "b2"), 2.1) == []
+    generation, actions = s.backend_connected(3.0)
+    expected = ["m1", "m2"][acked:] + ["b1", "b2"]
+    assert generation == 2
+    assert sent(actions) == [e.encode() for e in expected]
+    assert actions[0].fence is not None
+    assert sent(s.client_messages(msgs("live"), 3.1)) == [b"live"]
+    assert s.failovers == 1
+    report = s.last_failover
+    assert (report.replayed, report.flushed_messages, report.duration_s) == (2 - acked, 4 - acked, 1.0)
+
+
+def test_at_most_once_keeps_no_window_and_replays_nothing():
+    s = connected(replay=False)
+    assert s.client_messages(msgs("a"), 1.0) == [SendToBackend(msgs("a"))]
+    assert s.buffer.total_bytes == 0
+    s.backend_lost(1, 2.0)
+    s.client_messages(msgs("b"), 2.1)
+    assert sent(s.backend_connected(3.0)[1]) == [b"b"]
+
+
+def test_stale_loss_reports_are_ignored():
+    s = connected()
+    s.backend_lost(1, 1.0)
+    s.backend_connected(2.0)
+    assert s.backend_lost(1, 2.5) == []
+    assert s.state is State.CONNECTED and s.generation == 2
+
+
+def test_overflow_while_failing_over_closes_with_1013():
+    s = connected(limit=10)
+    s.backend_lost(1, 1.0)
+    assert s.client_messages(msgs("12345"), 1.1) == []
+    actions = s.client_messages(msgs("678901"), 1.2)
+    assert actions == [CloseClient(1013, "buffer limit of 10 bytes exceeded")]
+    assert s.closed and s.buffer.total_bytes == 0
+
+
+def test_overflow_of_the_window_while_connected_closes_client_and_backend():
+    s = connected(limit=4)
+    s.client_messages(msgs("abc"), 1.0)
+    assert s.client_messages(msgs("de"), 1.1) == [CloseClient(1013, "buffer limit of 4 bytes exceeded"),
+                                                  CloseBackend(1, 1000, "client session closed")]
+
+
+def test_reconnect_deadline():
+    s = connected(reconnect_deadline_s=5.0)
+    s.backend_lost(1, 10.0)
+    assert s.next_deadline() == 15.0
+    assert s.poll(14.9) == []
+    assert s.poll(15.0) == [CloseClient(1013, "no backend within 5 s")]
+
+
+def test_pong_timeout_abandons_the_backend_and_rewinds():
+    s = connected(pong_timeout_s=2.0)
+    s.client_messages(msgs("a"), 1.0)
+    assert s.next_deadline() == 3.0
+    assert s.poll(2.9) == []
+    assert s.poll(3.0) == [AbandonBackend(1, "no pong within 2 s")]
+    assert s.state is State.FAILING_OVER
+    assert sent(s.backend_connected(4.0)[1]) == [b"a"]
+
+
+def test_keepalive_fence_when_idle():
+    s = connected(keepalive_s=20.0)
+    assert s.next_deadline() == 20.0
+    assert s.poll(19.0) == []
+    assert s.poll(20.0) == [SendToBackend([], fence=1)]
+
+
+def test_client_close_closes_backend_once():
+    s = connected()
+    assert s.client_closed() == [CloseBackend(1, 1000, "client closed")]
+    assert s.client_closed() == []
+    assert s.client_messages(msgs("late"), 1.0) == []
+
+
+def test_backend_ending_the_session_is_forwarded_to_the_client():
+    s = connected()
+    assert s.backend_ended_session(1000, "bye") == [CloseClient(1000, "bye")]
+    assert s.closed
+
+
+def test_backend_connected_in_wrong_state_raises_and_changes_nothing():
+    s = connected()
+    with pytest.raises(RuntimeError):
+        s.backend_connected(1.0)
+    assert s.state is State.CONNECTED and s.generation == 1
