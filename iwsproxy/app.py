@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import os
@@ -9,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 
 from .exceptions import BackendRejected, DuplicateClient, NoBackendAvailable
@@ -127,6 +129,15 @@ def _url_from_body() -> str:
 def list_backends():
     manager = _state().manager
     return jsonify(backends=manager.backends(), pipes=manager.pipes())
+
+
+@admin_bp.get("/status")
+def status():
+    """Process-level numbers for operators and leak checks."""
+    manager = _state().manager
+    live_greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and obj and not obj.dead)
+    return jsonify(pipes=len(manager), greenlets=live_greenlets, counters=dict(manager.counters),
+                   clients_closed_by_code={str(k): v for k, v in manager.closed_by_code.items()})
 
 
 @admin_bp.post("/backends")

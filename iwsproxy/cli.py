@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     _add_setting_flags(serve)
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, help="debug, info, warning or error")
     serve.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     serve.set_defaults(func=cmd_serve)
 
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("serve", "demo"):
+    if args.command == "serve":
         from gevent import monkey
         monkey.patch_all()
     _configure_logging(args.log_level)

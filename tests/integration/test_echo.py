@@ -11,7 +11,7 @@ import pytest
 import websocket
 
 from iwsproxy.echo import EchoProcess, accept_key
-from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser, MaskSource, encode_frame, parse_close_payload
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser, MaskSource, encode_frame
 
 TIMEOUT_S = 5
 

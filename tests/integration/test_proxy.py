@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -278,3 +280,36 @@ def test_admin_api_auth_and_validation(processes):
 def test_admin_routes_off_without_token(processes):
     proxy = processes.proxy(admin_token=None)
     assert proxy.admin("GET")[0] == 404
+
+
+def test_no_greenlet_or_socket_outlives_its_pipe_on_any_exit_path(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    proxy = processes.proxy("--backend", a.url, "--backend", b.url, "--buffer-limit", "8KiB")
+    fds = lambda: len(os.listdir(f"/proc/{proxy.proc.pid}/fd"))  # noqa: E731
+    warm = proxy.connect()
+    assert roundtrip(warm, "warm up")[1] == b"warm up"
+    warm.close()
+    wait_for(lambda: proxy.pipes() == [], what="warm-up pipe to end")
+    base_fds, base_greenlets = fds(), proxy.admin("GET", path="/admin/status")[1]["greenlets"]
+
+    normal = proxy.connect()                       # 1: normal close
+    abrupt = proxy.connect()                       # 2: client TCP drop without a Close frame
+    refused = None
+    overflow = proxy.connect()                     # 3: buffer overflow after its backend dies
+    for ws in (normal, abrupt, overflow):
+        assert roundtrip(ws, "hi")[1] == b"hi"
+    normal.close()
+    abrupt.sock.shutdown(socket.SHUT_RDWR)
+    abrupt.sock.close()
+    a.kill()
+    b.kill()
+    wait_for(lambda: all(p["state"] == "failing_over" for p in proxy.pipes()), what="failover state")
+    overflow.send_binary(b"z" * 9000)
+    assert recv_close(overflow)[0] == 1013
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        proxy.connect()                            # 4: refused before the upgrade (no backend)
+    assert refused.value.status_code == 503
+    wait_for(lambda: proxy.pipes() == [], what="all pipes to end")
+    assert proxy.admin("GET", path="/admin/status")[1]["greenlets"] == base_greenlets
+    assert wait_for(lambda: fds() <= base_fds, what="sockets to be closed")

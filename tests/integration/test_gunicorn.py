@@ -1,0 +1,46 @@
+"""The documented gunicorn command gets the same behaviour as ``iwsproxy serve``."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import websocket
+
+from conftest import ADMIN_TOKEN, ROOT, Proxy, stats, wait_for
+from iwsproxy.process import ChildProcess
+
+
+class Gunicorn(Proxy):
+    def __init__(self, *backends: str, workers: int = 2):
+        ChildProcess.__init__(
+            self, "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", str(workers),
+            "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", "wsgi:app",
+            env={"PYTHONPATH": ROOT, "IWSPROXY_BACKENDS": ",".join(backends),
+                 "IWSPROXY_ADMIN_TOKEN": ADMIN_TOKEN}, name="gunicorn")
+
+
+def test_gunicorn_worker_command(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    server = processes.add(Gunicorn(a.url, b.url))
+    # refusals are real HTTP statuses, so the worker runs the proxy's own handler
+    with pytest.raises(websocket.WebSocketBadStatusException) as bad:
+        websocket.create_connection(server.url_for("not-a-uuid"), timeout=5)
+    assert bad.value.status_code == 400
+    with pytest.raises(urllib.error.HTTPError) as plain:
+        urllib.request.urlopen(server.http_url + "/" + str(uuid.uuid4()), timeout=5)
+    assert plain.value.code == 426
+    ws = server.connect()
+    for i in range(20):
+        ws.send(f"m{i}")
+        assert ws.recv() == f"m{i}"
+    wait_for(lambda: stats(a)["connections_open"] + stats(b)["connections_open"] >= 1, what="a backend connection")
+    victim = a if stats(a)["connections_open"] else b
+    victim.kill()
+    for i in range(20, 40):
+        ws.send(f"m{i}")
+        assert ws.recv() == f"m{i}"
+    ws.close()
