@@ -26,15 +26,9 @@ import hashlib
 import http
 import json
 import logging
-import os
-import selectors
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import gevent
 import gevent.event
@@ -43,6 +37,7 @@ import gevent.pool
 import gevent.server
 
 from iwsproxy.exceptions import ProtocolError
+from iwsproxy.process import ChildProcess
 from iwsproxy.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -418,131 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class EchoProcess:
-    """Runs `python -m iwsproxy.echo` as a child process (subprocess.Popen, sys.executable);
-    start() waits (with a timeout, reading stdout) for the LISTENING line."""
+class EchoProcess(ChildProcess):
+    """``python -m iwsproxy.echo --port 0 ...`` as a child process (see :class:`ChildProcess`)."""
 
     def __init__(self, *args: str, name: str = "echo"):
-        self.args = args
-        self.name = name
-        self.port = 0
-        self.url = ""
-        self.proc: subprocess.Popen | None = None
-        self._stderr = None
-
-    def start(self, timeout: float = 10.0) -> EchoProcess:
-        if self.proc is not None:
-            raise RuntimeError(f"{self.name} already started")
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "iwsproxy.echo", "--port", "0", "--name", self.name, *self.args]
-        # stderr goes to a file: a pipe nobody reads would block a chatty child.
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        try:
-            line = self._read_line(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        word, _, port = line.partition(" ")
-        if word != _LISTENING or not port.isdigit():
-            message = f"{self.name}: unexpected first line {line!r}; stderr:\n{self._stderr_text()}"
-            self.kill()
-            raise RuntimeError(message)
-        self.port = int(port)
-        self.url = f"ws://127.0.0.1:{self.port}"
-        return self
-
-    def _read_line(self, timeout: float) -> str:
-        """The child's first stdout line; RuntimeError if it dies or is silent for ``timeout``."""
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        data = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in data:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RuntimeError(f"{self.name}: no {_LISTENING} line within {timeout} s; stderr:\n{self._stderr_text()}")
-                if not selector.select(remaining):
-                    continue
-                try:
-                    chunk = os.read(fd, 4096)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    try:
-                        code = self.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        code = None
-                    raise RuntimeError(f"{self.name} exited (code {code}) before listening; stderr:\n{self._stderr_text()}")
-                data += chunk
-        return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
-
-    def _stderr_text(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        return self._stderr.read().decode("utf-8", "replace")
-
-    def url_for(self, path: str = "/") -> str:
-        return self.url + (path if path.startswith("/") else "/" + path)
+        super().__init__("iwsproxy.echo", "--port", "0", "--name", name, *args, name=name)
 
     def stats(self) -> dict:
-        import urllib.request  # here, not at the top: it imports ssl before main() can patch
-
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{self.port}/stats", timeout=5) as response:
-            return json.loads(response.read())
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL and reap: the way a backend dies in a failover test."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._release()
-
-    def terminate(self, timeout: float = 5.0) -> None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL if it is still alive."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM for %s s; killing it", self.name, timeout)
-                self.proc.kill()
-                self.proc.wait()
-        self._release()
-
-    def _release(self) -> None:
-        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
-            self.proc.stdout.close()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.returncode
-
-    def __enter__(self) -> EchoProcess:
-        return self if self.proc is not None else self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.terminate()
-
-    def __repr__(self) -> str:
-        return f"EchoProcess({self.name!r}, port={self.port}, running={self.running})"
+        return self.get_json("/stats")
 
 
 if __name__ == "__main__":

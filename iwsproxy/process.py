@@ -1,19 +1,26 @@
 """Child processes that announce their port: the echo backends and proxies of the demo, tests and bench.
 
 A child prints ``LISTENING <port>`` on stdout once its socket is bound; the
-parent waits for that line (with a timeout) instead of sleeping or polling.
+parent waits for that line (with a timeout, on a selector) instead of sleeping
+or polling.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
+import time
+from pathlib import Path
 
-__all__ = ["ChildProcess"]
+__all__ = ["ChildProcess", "LISTENING"]
+
+LISTENING = "LISTENING"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class ChildProcess:
@@ -22,13 +29,13 @@ class ChildProcess:
     def __init__(self, module: str, *args: str, env: dict | None = None, name: str | None = None):
         self.module = module
         self.args = list(args)
-        self.env = {**os.environ, **(env or {})}
+        base = dict(os.environ)
+        base["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, base.get("PYTHONPATH")) if p)
+        self.env = {**base, **(env or {})}
         self.name = name or module
-        self.port: int | None = None
+        self.port = 0
         self.proc: subprocess.Popen | None = None
-        self._stderr = tempfile.TemporaryFile()
-        self._listening = threading.Event()
-        self._stdout_lines: list[str] = []
+        self._stderr = None
 
     @property
     def url(self) -> str:
@@ -42,41 +49,82 @@ class ChildProcess:
         return self.url + (path if path.startswith("/") else "/" + path)
 
     def start(self, timeout: float = 15.0) -> "ChildProcess":
+        if self.proc is not None:
+            raise RuntimeError(f"{self.name} already started")
+        # stderr goes to a file: a pipe nobody reads would block a chatty child
+        self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     text=True, bufsize=1)
-        threading.Thread(target=self._read_stdout, name=f"{self.name}-stdout", daemon=True).start()
-        if not self._listening.wait(timeout) or self.port is None:
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr)
+        try:
+            line = self._first_line(timeout)
+        except BaseException:
             self.kill()
-            raise RuntimeError(f"{self.name} did not start within {timeout} s:\n{self.stderr_text()}")
+            raise
+        word, _, port = line.partition(" ")
+        if word != LISTENING or not port.isdigit():
+            message = f"{self.name}: unexpected first line {line!r}; stderr:\n{self.stderr_text()}"
+            self.kill()
+            raise RuntimeError(message)
+        self.port = int(port)
         return self
 
-    def _read_stdout(self) -> None:
+    def _first_line(self, timeout: float) -> str:
+        """The child's first stdout line; RuntimeError if it dies or stays silent for ``timeout``."""
         assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._stdout_lines.append(line)
-            if line.startswith("LISTENING ") and self.port is None:
-                self.port = int(line.split()[1])
-                self._listening.set()
-        self._listening.set()  # EOF: the child died before listening (start() reports it)
-
-    def stdout_text(self) -> str:
-        return "".join(self._stdout_lines)
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        data = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RuntimeError(f"{self.name}: no {LISTENING} line within {timeout} s; "
+                                       f"stderr:\n{self.stderr_text()}")
+                if not selector.select(remaining):
+                    continue
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    try:
+                        code = self.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                    raise RuntimeError(f"{self.name} exited (code {code}) before listening; "
+                                       f"stderr:\n{self.stderr_text()}")
+                data += chunk
+        return data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
     def stderr_text(self) -> str:
+        if self._stderr is None:
+            return ""
         self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def get_json(self, path: str) -> dict:
+        import urllib.request  # here: it imports ssl, which a child must patch before importing
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.http_url + path, timeout=5) as response:
+            return json.loads(response.read())
 
     @property
-    def alive(self) -> bool:
+    def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    alive = running
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
     def kill(self) -> None:
-        """SIGKILL: the process gets no chance to close anything."""
-        if self.proc is not None and self.proc.poll() is None:
+        """SIGKILL and reap: the process gets no chance to close anything."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(10)
+        self.proc.wait()
+        self._release()
 
     def terminate(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
@@ -88,11 +136,22 @@ class ChildProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(10)
+                self.proc.wait()
+        self._release()
         return self.proc.returncode
 
-    def __enter__(self) -> "ChildProcess":
-        return self.start() if self.proc is None else self
+    def _release(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
-    def __exit__(self, *exc) -> None:
+    def __enter__(self) -> "ChildProcess":
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc_info) -> None:
         self.terminate()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, port={self.port}, running={self.running})"

@@ -16,6 +16,7 @@ import websocket
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from iwsproxy.echo import EchoProcess  # noqa: E402
 from iwsproxy.process import ChildProcess  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token"
@@ -27,7 +28,7 @@ class Proxy(ChildProcess):
     def __init__(self, *args: str, env: dict | None = None, admin_token: str | None = ADMIN_TOKEN):
         token = ("--admin-token", admin_token) if admin_token else ()
         super().__init__("iwsproxy", "serve", "--bind", "127.0.0.1:0", *token, *args,
-                         env={"PYTHONPATH": ROOT, **(env or {})}, name="proxy")
+                         env=env, name="proxy")
 
     def connect(self, client_id: str | None = None, *, timeout: float = 10, **kwargs) -> websocket.WebSocket:
         client_id = client_id or str(uuid.uuid4())
@@ -61,9 +62,8 @@ class Proxy(ChildProcess):
         return self.admin("GET")[1]["pipes"]
 
 
-def echo_process(*args: str, name: str = "echo") -> ChildProcess:
-    return ChildProcess("iwsproxy.echo", "--port", "0", "--name", name, *args,
-                        env={"PYTHONPATH": ROOT}, name=name)
+def echo_process(*args: str, name: str = "echo") -> EchoProcess:
+    return EchoProcess(*args, name=name)
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
@@ -99,7 +99,7 @@ def processes():
     started: list[ChildProcess] = []
 
     class Starter:
-        def echo(self, *args: str, name: str = "echo") -> ChildProcess:
+        def echo(self, *args: str, name: str = "echo") -> EchoProcess:
             proc = echo_process(*args, name=name)
             started.append(proc)
             return proc.start()
@@ -119,6 +119,5 @@ def processes():
         assert not proc.alive
 
 
-def stats(backend: ChildProcess) -> dict:
-    with urllib.request.urlopen(backend.http_url + "/stats", timeout=5) as resp:
-        return json.loads(resp.read())
+def stats(backend: EchoProcess) -> dict:
+    return backend.stats()

@@ -18,7 +18,7 @@ class Gunicorn(Proxy):
         ChildProcess.__init__(
             self, "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", str(workers),
             "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", "wsgi:app",
-            env={"PYTHONPATH": ROOT, "IWSPROXY_BACKENDS": ",".join(backends),
+            env={"IWSPROXY_BACKENDS": ",".join(backends),
                  "IWSPROXY_ADMIN_TOKEN": ADMIN_TOKEN}, name="gunicorn")
 
 

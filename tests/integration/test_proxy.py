@@ -11,7 +11,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
+from conftest import recv_close, stats, wait_for
 
 
 def roundtrip(ws, payload):
