@@ -9,7 +9,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, ROOT, Proxy, stats, wait_for
+from conftest import ADMIN_TOKEN, Proxy, stats, wait_for
 from iwsproxy.process import ChildProcess
 
 
