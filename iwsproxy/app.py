@@ -152,11 +152,22 @@ def add_backend():
 
 @admin_bp.delete("/backends")
 def remove_backend():
+    """``{"url": ...}`` removes at once; with ``"drain": true`` pipes move off it first (202)."""
     try:
         url = _url_from_body()
     except ValueError as exc:
         return jsonify(error=str(exc)), 400
-    if not _state().manager.remove_backend(url):
+    body = request.get_json(silent=True)
+    manager = _state().manager
+    if body.get("drain"):
+        window = body.get("window_s")
+        if window is not None and (not isinstance(window, (int, float)) or window < 0):
+            return jsonify(error="window_s must be a number of seconds >= 0"), 400
+        moving = manager.drain_backend(url, window)
+        if moving is None:
+            return jsonify(error="no such backend", url=url), 404
+        return jsonify(url=url, draining=True, pipes=moving), 202
+    if not manager.remove_backend(url):
         return jsonify(error="no such backend", url=url), 404
     return jsonify(url=url, removed=True)
 

@@ -87,6 +87,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if not args.url:
         raise SystemExit(f"iwsproxy: backends {args.action} needs a URL")
     body = {"url": args.url}
+    if args.action == "remove" and args.drain:
+        body["drain"] = True
     result = _admin_call(args, "POST" if args.action == "add" else "DELETE", body)
     print(json.dumps(result))
     return 0
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     backends = sub.add_parser("backends", help="list, add or remove backends of a running proxy")
     backends.add_argument("action", choices=["list", "add", "remove"])
     backends.add_argument("url", nargs="?")
+    backends.add_argument("--drain", action="store_true",
+                          help="with remove: move pipes off the backend first (no loss, no duplicates)")
     backends.add_argument("--admin", default=os.environ.get("IWSPROXY_ADMIN_URL", "http://127.0.0.1:8080/admin"),
                           help="admin API base URL")
     backends.add_argument("--token", default=os.environ.get("IWSPROXY_ADMIN_TOKEN", ""), help="admin bearer token")

@@ -191,11 +191,13 @@ class EchoServer:
         subprotocols: list[str] | None = None,
         reject_status: int | None = None,
         stream_interval_ms: int | None = None,
+        work_ms: int = 0,
     ):
         self.name = name
         self.subprotocols = list(subprotocols or [])
         self.reject_status = reject_status
         self.stream_interval_s = stream_interval_ms / 1000.0 if stream_interval_ms else None
+        self.work_s = work_ms / 1000.0
         self.connections_total = 0
         self._open: set[_Connection] = set()
         self.last_headers: dict[str, str] = {}
@@ -343,6 +345,8 @@ class EchoServer:
                         conn.linger()
                         return
                 if out:
+                    if self.work_s:
+                        gevent.sleep(self.work_s)  # simulated processing time, read but not yet answered
                     conn.send(out[0] if len(out) == 1 else b"".join(out))
             data = recv(READ_CHUNK_BYTES)
             if not data:
@@ -367,6 +371,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subprotocol", action="append", default=[], help="an accepted subprotocol (repeatable)")
     parser.add_argument("--reject-status", type=int, help="answer every upgrade with this HTTP status")
     parser.add_argument("--stream-interval-ms", type=int, help='also send "1", "2", ... every N ms')
+    parser.add_argument("--work-ms", type=int, default=0,
+                        help="simulated processing time before each batch of replies (for loss tests)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         subprotocols=args.subprotocol,
         reject_status=args.reject_status,
         stream_interval_ms=args.stream_interval_ms,
+        work_ms=args.work_ms,
     )
     pool = gevent.pool.Pool(args.max_connections)
     server = gevent.server.StreamServer((args.host, args.port), echo.handle, spawn=pool)

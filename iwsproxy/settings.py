@@ -131,6 +131,9 @@ class Settings:
     pong_timeout_s: float = setting(10.0, "IWSPROXY_PONG_TIMEOUT", _parse_seconds,
                                     "a backend that does not answer a ping within this time is treated as failed",
                                     "--pong-timeout")
+    drain_window_s: float = setting(5.0, "IWSPROXY_DRAIN_WINDOW", _parse_seconds,
+                                    "a drained backend's pipes move over this many seconds (no stampede)",
+                                    "--drain-window")
     # --- backends ---
     pool_policy: str = setting("round_robin", "IWSPROXY_POOL_POLICY",
                                _choice("round_robin", "least_connections", "exclusive"),

@@ -7,6 +7,8 @@ import time
 from collections import Counter
 
 import gevent
+from gevent.event import Event
+from gevent.pool import Group
 
 from ..exceptions import DuplicateClient
 from ..pool import BackendPool
@@ -36,6 +38,8 @@ class PipeManager:
                                 eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
         self._pipes: dict[str, PersistentPipe] = {}
         self._waiting: set[PersistentPipe] = set()
+        self._tasks = Group()          # drain schedulers
+        self._closing = Event()
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         for url in tuple(s.backends) + tuple(backends):
@@ -57,6 +61,32 @@ class PipeManager:
         if removed:
             log.info("backend %s removed", url)
         return removed
+
+    def drain_backend(self, url: str, window_s: float | None = None) -> int | None:
+        """Stop giving ``url`` new pipes and move its pipes off it, spread over ``window_s``.
+
+        Each pipe stops writing to the backend, closes it with 1001, waits for its
+        Close reply and moves to the next backend: nothing lost, nothing doubled.
+        The backend leaves the pool when its last pipe has moved. Returns the
+        number of pipes to move, or None if ``url`` is not in the pool.
+        """
+        if url not in self.pool:
+            return None
+        self.pool.drain(url)
+        pipes = [pipe for pipe in self._pipes.values() if pipe.backend_url == url]
+        window = self.settings.drain_window_s if window_s is None else window_s
+        log.info("backend %s draining: %d pipes over %.1f s", url, len(pipes), window)
+        if pipes:
+            task = self._tasks.spawn(self._drain_spread, url, pipes, window)
+            task.link_exception(lambda g: log.error("drain of %s crashed", url, exc_info=g.exc_info))
+        return len(pipes)
+
+    def _drain_spread(self, url: str, pipes: list[PersistentPipe], window_s: float) -> None:
+        step = window_s / len(pipes)
+        for index, pipe in enumerate(pipes):
+            if index and self._closing.wait(step):  # paces the moves; shutdown interrupts
+                return
+            pipe.drain(url)
 
     def backends(self) -> list[dict]:
         now = time.monotonic()
@@ -164,6 +194,8 @@ class PipeManager:
 
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""
+        self._closing.set()
+        self._tasks.kill(timeout=1)
         pipes = list(self._pipes.values())
         for pipe in pipes:
             pipe.stop(code, reason)

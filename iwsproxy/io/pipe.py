@@ -75,6 +75,7 @@ class PersistentPipe:
         self.reconnects = 0          # backend connections made after the first
         self.messages_to_backend = 0
         self.messages_to_client = 0
+        self.last_move_ms: float | None = None  # how long the last backend switch took
         self._backend_lock = Semaphore()
         self._events: Queue = Queue()
         self._group = Group()
@@ -98,6 +99,7 @@ class PersistentPipe:
         return {"client": short_id(self.client_id), "state": self.session.state.value,
                 "backend": self.backend_url, "buffered_bytes": self.session.buffer.total_bytes,
                 "failovers": self.session.failovers, "replayed": self.session.replayed_total,
+                "last_move_ms": self.last_move_ms,
                 "age_s": round(monotonic() - self.opened_at, 3)}
 
     # ---- life cycle ----
@@ -136,6 +138,10 @@ class PersistentPipe:
     def stop(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
         """Ask the pipe to close its client with ``code`` (from any greenlet)."""
         self._events.put(("stop", code, reason))
+
+    def drain(self, url: str) -> None:
+        """Move this pipe off ``url`` without loss or duplicates (from any greenlet)."""
+        self._events.put(("drain", url))
 
     def wake(self) -> None:
         """Something changed (pool, fence due): let the supervisor look again."""
@@ -182,7 +188,14 @@ class PersistentPipe:
             _, generation, code, reason = event
             if generation != session.generation:
                 return
-            if code in _ENDS_SESSION:
+            if session.state is State.DRAINING:
+                url = self.backend_url
+                session.backend_drained(generation, monotonic())
+                self._release_backend(failed=False)
+                self._lost_from, self._lost_cause = url, "drain"
+                self._delays = None
+                self._retry_at = monotonic()
+            elif code in _ENDS_SESSION:
                 log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
                          self.backend_url, code, reason)
                 self._release_backend(failed=False)
@@ -202,6 +215,11 @@ class PersistentPipe:
             log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
             with self._backend_lock:
                 self._perform(session.client_closed())
+        elif kind == "drain":
+            if self.backend_url == event[1] and session.state is State.CONNECTED:
+                log.info("pipe %s: draining backend %s", short_id(self.client_id), event[1])
+                with self._backend_lock:
+                    self._perform(session.drain(monotonic()))
         elif kind == "stop":
             _, code, reason = event
             with self._backend_lock:
@@ -210,7 +228,7 @@ class PersistentPipe:
             self._retry_at = monotonic()
 
     def _lose_backend(self, generation: int, cause: str) -> None:
-        if generation != self.session.generation or self.session.state is not State.CONNECTED:
+        if generation != self.session.generation or self.session.state not in (State.CONNECTED, State.DRAINING):
             return
         conn = self.backend
         if conn is not None:
@@ -287,6 +305,7 @@ class PersistentPipe:
             log.info("pipe %s: failover %s -> %s after %s: %.1f ms, %d replayed, %d messages / %d bytes flushed",
                      short_id(self.client_id), self._lost_from, conn.url, self._lost_cause or "waiting",
                      report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
+            self.last_move_ms = round(report.duration_s * 1000, 1)
             manager.record_failover(report)
         if self.client is not None and self.backend is conn:
             self._spawn_backend_reader(conn, generation)

@@ -6,7 +6,7 @@ import pytest
 
 from iwsproxy.buffer import MessageBuffer
 from iwsproxy.exceptions import BufferOverflow
-from iwsproxy.session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
+from iwsproxy.session import (MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
                               encode_fence)
 
 
@@ -45,11 +45,10 @@ def test_buffer_rewind_puts_window_before_pending():
 
 
 # ---- session ----
-def test_live_messages_go_straight_to_the_backend_with_one_fence_in_flight():
+def test_each_write_batch_carries_its_own_fence():
     s = connected()
-    first = s.client_messages(msgs("a", "b"), 1.0)
-    assert first == [SendToBackend(msgs("a", "b"), fence=1)]
-    assert s.client_messages(msgs("c"), 1.1) == [SendToBackend(msgs("c"), fence=None)]
+    assert s.client_messages(msgs("a", "b"), 1.0) == [SendToBackend(msgs("a", "b"), fence=1)]
+    assert s.client_messages(msgs("c"), 1.1) == [SendToBackend(msgs("c"), fence=2)]
     assert s.buffer.window_count == 3
 
 
@@ -57,11 +56,34 @@ def test_pong_acknowledges_what_was_written_before_its_fence():
     s = connected()
     s.client_messages(msgs("a", "b"), 1.0)
     s.client_messages(msgs("c"), 1.1)
-    assert s.backend_pong(1, encode_fence(1), 1.2) is True  # "c" still unfenced: a fence is due
+    assert s.backend_pong(1, encode_fence(1), 1.2) is False  # fence 2 still out
     assert s.buffer.window_count == 1
-    assert s.poll(1.2) == [SendToBackend([], fence=2)]
     assert s.backend_pong(1, encode_fence(2), 1.3) is False
     assert s.buffer.window_count == 0
+
+
+def test_a_pong_for_a_later_fence_settles_the_earlier_ones():
+    s = connected()
+    for i in range(3):
+        s.client_messages(msgs(f"m{i}"), 1.0 + i)
+    s.backend_pong(1, encode_fence(3), 4.0)  # a backend may answer only the latest ping
+    assert s.buffer.window_count == 0
+    assert s.next_deadline() == 23.0         # no fence out: next is the keepalive (20 s after the last)
+
+
+def test_fences_in_flight_are_capped_and_a_due_fence_follows_the_pong():
+    s = connected()
+    for i in range(MAX_FENCES_IN_FLIGHT):
+        assert s.client_messages(msgs(f"m{i}"), 1.0)[0].fence == i + 1
+    assert s.client_messages(msgs("extra"), 1.0) == [SendToBackend(msgs("extra"), fence=None)]
+    assert s.backend_pong(1, encode_fence(MAX_FENCES_IN_FLIGHT), 1.5) is True  # "extra" unfenced
+    assert s.poll(1.5) == [SendToBackend([], fence=MAX_FENCES_IN_FLIGHT + 1)]
+
+
+def test_no_fence_when_nothing_new_was_written():
+    s = connected()
+    s.client_messages(msgs("a"), 1.0)
+    assert s.poll(1.0) == []  # fence 1 already covers "a"
 
 
 def test_unknown_or_stale_pongs_are_ignored():
@@ -76,12 +98,9 @@ def test_unknown_or_stale_pongs_are_ignored():
 def test_loss_replays_unacknowledged_then_buffered_then_live(acked):
     s = connected()
     s.client_messages(msgs("m1"), 1.0)                 # fence 1 covers m1
-    s.client_messages(msgs("m2"), 1.1)
-    if acked >= 1:
-        s.backend_pong(1, encode_fence(1), 1.2)
-        if acked >= 2:
-            s.poll(1.2)                                # fence 2 covers m2
-            s.backend_pong(1, encode_fence(2), 1.3)
+    s.client_messages(msgs("m2"), 1.1)                 # fence 2 covers m2
+    if acked:
+        s.backend_pong(1, encode_fence(acked), 1.2)
     assert s.backend_lost(1, 2.0) == []
     assert s.state is State.FAILING_OVER
     assert s.client_messages(msgs("b1", "b2"), 2.1) == []
@@ -172,3 +191,42 @@ def test_backend_connected_in_wrong_state_raises_and_changes_nothing():
     with pytest.raises(RuntimeError):
         s.backend_connected(1.0)
     assert s.state is State.CONNECTED and s.generation == 1
+
+
+# ---- planned drain ----
+def test_drain_buffers_new_messages_and_acknowledges_the_window_on_close_reply():
+    s = connected()
+    s.client_messages(msgs("w1", "w2"), 1.0)           # written, never fenced back
+    assert s.drain(2.0) == [CloseBackend(1, 1001, "backend draining")]
+    assert s.state is State.DRAINING
+    assert s.client_messages(msgs("b1"), 2.1) == []    # not written to the draining backend
+    assert s.backend_drained(1, 2.5) == []
+    assert s.state is State.FAILING_OVER
+    generation, actions = s.backend_connected(3.0)
+    assert sent(actions) == [b"b1"]                    # zero duplicates: the Close reply proved w1, w2 read
+    assert s.last_failover.duration_s == 1.0 and s.last_failover.replayed == 0
+
+
+def test_drain_falls_back_to_replay_if_the_backend_dies_first():
+    s = connected()
+    s.client_messages(msgs("w1"), 1.0)
+    s.drain(2.0)
+    s.client_messages(msgs("b1"), 2.1)
+    assert s.backend_lost(1, 2.2) == []
+    assert sent(s.backend_connected(3.0)[1]) == [b"w1", b"b1"]
+
+
+def test_drain_without_close_reply_times_out_into_a_loss():
+    s = connected(pong_timeout_s=5.0)
+    s.client_messages(msgs("w1"), 1.0)
+    s.drain(2.0)
+    assert s.next_deadline() == 7.0
+    assert s.poll(7.0) == [AbandonBackend(1, "no close reply within 5 s")]
+    assert sent(s.backend_connected(8.0)[1]) == [b"w1"]
+
+
+def test_drain_only_from_connected():
+    s = connected()
+    s.backend_lost(1, 1.0)
+    assert s.drain(1.5) == [] and s.state is State.FAILING_OVER
+    assert s.backend_drained(1, 1.6) == []

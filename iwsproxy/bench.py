@@ -1,0 +1,781 @@
+"""``iwsproxy bench``: the same load direct, through the proxy (and nginx), in one run.
+
+::
+
+    python -m iwsproxy.bench [--quick] [--duration S] [--connections N] [--window W]
+                             [--idle-pipes M] [--no-nginx] [--gunicorn] [--json PATH]
+
+Two echo backends (``python -m iwsproxy.echo``) serve every path; each path is
+started just before its scenarios and stopped right after:
+
+``direct``          the load generator talks to the echo backends (connections round robin)
+``proxy``           ``python -m iwsproxy serve`` in front of both backends
+``proxy-gunicorn``  the same app under gunicorn's gevent-websocket worker (``--gunicorn``)
+``nginx``           nginx with a minimal WebSocket reverse-proxy config (if ``nginx`` is on PATH)
+
+Scenarios, in this order for each path (the idle ones first, on a fresh server):
+
+1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time;
+2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
+   open; the server's RSS (VmRSS, summed over its process tree) before and after, per pipe;
+3. small messages: ``--connections`` connections, 100-byte binary messages, ``--window`` in
+   flight per connection, for ``--duration`` seconds: echoes per second and RTT percentiles;
+   the server's CPU time (user+sys from /proc, its whole process tree) over the phase divided
+   by the round trips it carried (one round trip = one message);
+4. large messages: ``--large-connections`` connections, 1 MiB binary messages one at a time:
+   echoed payload bytes per second (MB = 10**6 bytes).
+
+The load comes from :mod:`iwsproxy.loadgen` worker processes (raw sockets, the
+project's codec, ``selectors``); the printout says how busy the busiest worker
+was, so a generator that limits a path shows up as one near 100 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import BrokenBarrierError
+
+from iwsproxy.loadgen import BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, Phase, PhaseResult, Target, worker_main
+from iwsproxy.process import ChildProcess
+
+__all__ = ["Options", "PathResult", "LoadGenerator", "run", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_BYTES = 100
+LARGE_BYTES = 1024 * 1024
+RTT_BYTES = 32
+HOST = "127.0.0.1"
+RESULT_TIMEOUT_S = 120.0  # beyond the phase's own length
+STOP_TIMEOUT_S = 5.0
+NGINX_BACKLOG = 4096
+
+COLUMNS = (
+    ("small msg/s", "small_msgs_per_s", "{:.0f}"),
+    ("small p50 ms", "small_p50_ms", "{:.3f}"),
+    ("small p99 ms", "small_p99_ms", "{:.3f}"),
+    ("proxy CPU us/msg", "cpu_us_per_msg", "{:.1f}"),
+    ("1 MiB MB/s", "large_mb_per_s", "{:.1f}"),
+    ("idle RTT p50 ms", "idle_p50_ms", "{:.3f}"),
+    ("idle RTT p99 ms", "idle_p99_ms", "{:.3f}"),
+    ("RSS KiB/idle pipe", "rss_kib_per_pipe", "{:.1f}"),
+)
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a server or a load generator worker failed)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    duration_s: float = 5.0
+    connections: int = 50
+    window: int = 16
+    large_connections: int = 4
+    rtt_count: int = 2000
+    idle_pipes: int = 1000
+    workers: int = 2
+    nginx: bool = True
+    gunicorn: bool = False
+    json_path: str | None = None
+    quick: bool = False
+
+
+@dataclass
+class PathResult:
+    """One row of the table; None where a measurement does not apply."""
+
+    path: str
+    small_msgs_per_s: float | None = None
+    small_p50_ms: float | None = None
+    small_p99_ms: float | None = None
+    cpu_us_per_msg: float | None = None
+    large_mb_per_s: float | None = None
+    idle_p50_ms: float | None = None
+    idle_p99_ms: float | None = None
+    rss_kib_per_pipe: float | None = None
+    # phase -> who -> CPU use in % of one core: where the time went, so a bottleneck
+    # other than the server under test (the generator, the echo backends) shows
+    cpu_pct: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+
+# ---- command line ----
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="iwsproxy bench", description=__doc__.split("\n\n")[0].strip("`: "))
+    parser.add_argument("--quick", action="store_true", help="smoke run for CI (< 20 s): shorter phases, fewer pipes")
+    parser.add_argument("--duration", type=float, help="seconds per throughput phase (default 5, quick 1.5)")
+    parser.add_argument("--connections", type=int, help="connections of the small-message phase (default 50)")
+    parser.add_argument("--window", type=int, help="messages in flight per connection (default 16)")
+    parser.add_argument("--large-connections", type=int, help="connections of the 1 MiB phase (default 4)")
+    parser.add_argument("--rtt-count", type=int, help="idle round trips (default 2000, quick 300)")
+    parser.add_argument("--idle-pipes", type=int, help="idle connections for the memory phase (default 1000, quick 200)")
+    parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
+    parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
+    parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    options = Options(
+        duration_s=args.duration if args.duration is not None else (1.5 if quick else 5.0),
+        connections=args.connections if args.connections is not None else 50,
+        window=args.window if args.window is not None else 16,
+        large_connections=args.large_connections if args.large_connections is not None else 4,
+        rtt_count=args.rtt_count if args.rtt_count is not None else (300 if quick else 2000),
+        idle_pipes=args.idle_pipes if args.idle_pipes is not None else (200 if quick else 1000),
+        workers=args.workers if args.workers is not None else 2,
+        nginx=not args.no_nginx,
+        gunicorn=args.gunicorn,
+        json_path=args.json_path,
+        quick=quick,
+    )
+    for name in ("connections", "window", "large_connections", "rtt_count", "workers"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if options.duration_s <= 0 or options.idle_pipes < 0:
+        parser.error("--duration must be positive and --idle-pipes not negative")
+    return options
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---- /proc ----
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (nginx and gunicorn work in child processes)."""
+    children = _children_map()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + sys CPU time of ``pids`` (fields 14 and 15 of /proc/<pid>/stat)."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3 (state)
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pids: list[int]) -> int:
+    """Sum of VmRSS of ``pids``, in KiB."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"machine: nproc {os.cpu_count()}, {model}, Python {platform.python_version()} ({sys.platform})"
+
+
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; every child started later inherits it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+# ---- statistics ----
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in 0..1)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def rtt_ms(results: list[PhaseResult]) -> tuple[float, float]:
+    samples = sorted(x for r in results for x in r.rtt_s)
+    return percentile(samples, 0.50) * 1000, percentile(samples, 0.99) * 1000
+
+
+# ---- the load generator processes ----
+class LoadGenerator:
+    """``workers`` processes of :func:`iwsproxy.loadgen.worker_main`, driven phase by phase."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        ctx = multiprocessing.get_context("spawn")  # nothing inherited from a parent with threads
+        self._barrier = ctx.Barrier(workers + 1)
+        self._results = ctx.Queue()
+        self._commands = [ctx.Queue() for _ in range(workers)]
+        self._procs = [ctx.Process(target=worker_main, args=(i, self._commands[i], self._results, self._barrier),
+                                   name=f"loadgen-{i}", daemon=True) for i in range(workers)]
+
+    def start(self) -> "LoadGenerator":
+        for proc in self._procs:
+            proc.start()
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Ask every worker to exit, then terminate, then kill what is left."""
+        for commands, proc in zip(self._commands, self._procs):
+            if proc.is_alive():
+                commands.put(None)
+        deadline = time.monotonic() + timeout
+        for proc in self._procs:
+            if proc.pid is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for q in (*self._commands, self._results):
+            q.close()
+            q.cancel_join_thread()
+
+    def run(self, phases: list[Phase], *, at_ready: Callable[[], None] | None = None,
+            at_done: Callable[[], None] | None = None) -> list[PhaseResult]:
+        """Run one phase per worker; ``at_ready`` runs with every connection open and no traffic,
+        ``at_done`` after every worker reported, before the connections close."""
+        assert len(phases) == self.workers
+        longest = max(p.duration_s + DRAIN_TIMEOUT_S for p in phases)
+        for commands, phase in zip(self._commands, phases):
+            commands.put(phase)
+        try:
+            self._barrier.wait(BARRIER_TIMEOUT_S)  # ready
+            if at_ready is not None:
+                at_ready()
+            self._barrier.wait(BARRIER_TIMEOUT_S)  # go
+            results = [self._next_result(longest + RESULT_TIMEOUT_S) for _ in phases]
+            failed = [r.error for r in results if r.error]
+            if failed:
+                raise BenchError("load generator failed:\n" + "\n".join(failed))
+            if at_done is not None:
+                at_done()
+            self._barrier.wait(BARRIER_TIMEOUT_S)  # release: the workers close their connections
+        except BrokenBarrierError:
+            self._barrier.abort()
+            raise BenchError("load generator failed:\n" + "\n".join(self._errors())) from None
+        return sorted(results, key=lambda r: r.worker)
+
+    def _next_result(self, timeout: float) -> PhaseResult:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise BenchError(f"load generator {dead[0].name} exited with code {dead[0].exitcode}") from None
+                if time.monotonic() >= deadline:
+                    raise BenchError(f"no result from the load generator within {timeout:.0f} s") from None
+
+    def _errors(self) -> list[str]:
+        errors = []
+        for _ in self._procs:
+            try:
+                result = self._results.get(timeout=STOP_TIMEOUT_S)
+            except queue.Empty:
+                errors.append("(a worker reported nothing: did it die?)")
+                continue
+            if result.error:
+                errors.append(f"worker {result.worker}: {result.error}")
+        return errors
+
+
+# ---- paths ----
+@dataclass
+class PathUnderTest:
+    """Where the connections of one path go, and which processes serve it (None: direct)."""
+
+    name: str
+    target: Callable[[int], Target]  # connection number -> where it goes
+    backend_pids: list[int]
+    server_pid: int | None = None
+
+    def server_pids(self) -> list[int]:
+        return process_tree(self.server_pid) if self.server_pid is not None else []
+
+
+def _direct_path(backends: list[ChildProcess]) -> PathUnderTest:
+    def target(i: int) -> Target:
+        return Target(HOST, backends[i % len(backends)].port, "/bench")
+    return PathUnderTest("direct", target, [b.proc.pid for b in backends])
+
+
+def _proxy_path(name: str, server: ChildProcess, backends: list[ChildProcess]) -> PathUnderTest:
+    def target(i: int) -> Target:
+        return Target(HOST, server.port, "/" + str(uuid.uuid4()))  # a fresh client id per connection
+    return PathUnderTest(name, target, [b.proc.pid for b in backends], server.proc.pid)
+
+
+def _nginx_path(nginx: "NginxProcess", backends: list[ChildProcess]) -> PathUnderTest:
+    def target(i: int) -> Target:
+        return Target(HOST, nginx.port, "/bench")
+    return PathUnderTest("nginx", target, [b.proc.pid for b in backends], nginx.proc.pid)
+
+
+def _spread(path: PathUnderTest, n: int, workers: int) -> list[list[Target]]:
+    """Connection i goes to worker i % workers and to ``path.target(i // workers)``: for the
+    direct path each worker alternates between the backends, and the whole load is round robin."""
+    per_worker: list[list[Target]] = [[] for _ in range(workers)]
+    for i in range(n):
+        per_worker[i % workers].append(path.target(i // workers))
+    return per_worker
+
+
+class _CpuMeter:
+    """CPU seconds of the server (its process tree) and of the echo backends over one phase."""
+
+    def __init__(self, path: PathUnderTest):
+        self.path = path
+        self.start: tuple[float, float, float] | None = None
+        self.end: tuple[float, float, float] | None = None
+
+    def _read(self) -> tuple[float, float, float]:
+        server = cpu_seconds(self.path.server_pids()) if self.path.server_pid is not None else math.nan
+        return time.perf_counter(), server, cpu_seconds(self.path.backend_pids)
+
+    def at_ready(self) -> None:
+        self.start = self._read()
+
+    def at_done(self) -> None:
+        self.end = self._read()
+
+    @property
+    def server_cpu_s(self) -> float:
+        return self.end[1] - self.start[1]
+
+    def percentages(self, results: list[PhaseResult]) -> dict[str, float | None]:
+        wall = self.end[0] - self.start[0]
+        server = self.server_cpu_s / wall * 100
+        return {
+            "loadgen_busiest": max(r.cpu_s for r in results) / wall * 100,
+            "loadgen_all": sum(r.cpu_s for r in results) / wall * 100,
+            "echo_backends": (self.end[2] - self.start[2]) / wall * 100,
+            "server": None if math.isnan(server) else server,
+        }
+
+
+def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> PathResult:
+    """The scenarios on one path: idle RTT, idle pipes (not direct), small messages, 1 MiB messages."""
+    result = PathResult(path.name)
+    workers = loadgen.workers
+    measured = path.server_pid is not None
+
+    def phases(kind: str, n: int, **kwargs) -> list[Phase]:
+        return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
+
+    progress(f"{path.name}: idle RTT, {options.rtt_count} round trips")
+    rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
+    result.idle_p50_ms, result.idle_p99_ms = rtt_ms(rtt)
+
+    if measured and options.idle_pipes:
+        progress(f"{path.name}: {options.idle_pipes} idle pipes")
+        rss: dict[str, int] = {"before": rss_kib(path.server_pids())}
+        loadgen.run(phases("idle", options.idle_pipes, payload_bytes=RTT_BYTES),
+                    at_ready=lambda: rss.__setitem__("after", rss_kib(path.server_pids())))
+        result.rss_kib_per_pipe = (rss["after"] - rss["before"]) / options.idle_pipes
+        result.notes["rss_kib_before"], result.notes["rss_kib_after"] = rss["before"], rss["after"]
+
+    progress(f"{path.name}: {options.connections} connections x {SMALL_BYTES} B, window {options.window}, "
+             f"{options.duration_s:g} s")
+    meter = _CpuMeter(path)
+    small = loadgen.run(phases("window", options.connections, payload_bytes=SMALL_BYTES, window=options.window,
+                               duration_s=options.duration_s),
+                        at_ready=meter.at_ready, at_done=meter.at_done)
+    result.small_msgs_per_s = sum(r.echoes for r in small) / options.duration_s
+    result.small_p50_ms, result.small_p99_ms = rtt_ms(small)
+    result.cpu_pct["small"] = meter.percentages(small)
+    if measured:
+        carried = sum(r.total_echoes for r in small)  # every round trip the server carried, drained ones too
+        result.cpu_us_per_msg = meter.server_cpu_s / carried * 1e6 if carried else None
+        result.notes["server_cpu_s"] = round(meter.server_cpu_s, 3)
+        result.notes["messages_carried"] = carried
+
+    progress(f"{path.name}: {options.large_connections} connections x 1 MiB, {options.duration_s:g} s")
+    meter = _CpuMeter(path)
+    large = loadgen.run(phases("window", options.large_connections, payload_bytes=LARGE_BYTES, window=1,
+                               duration_s=options.duration_s),
+                        at_ready=meter.at_ready, at_done=meter.at_done)
+    result.large_mb_per_s = sum(r.echoed_bytes for r in large) / options.duration_s / 1e6
+    result.cpu_pct["large"] = meter.percentages(large)
+    return result
+
+
+# ---- servers ----
+def _child_env(extra: dict | None = None) -> dict:
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": pythonpath, **(extra or {})}
+
+
+def _start(child: ChildProcess, started: list, timeout: float = 15.0) -> ChildProcess:
+    started.append(child)
+    try:
+        return child.start(timeout)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
+    backends = []
+    for i in range(n):
+        echo = ChildProcess("iwsproxy.echo", "--port", "0", "--host", HOST, "--name", f"echo{i + 1}",
+                            env=_child_env(), name=f"echo{i + 1}")
+        backends.append(_start(echo, started))
+    return backends
+
+
+def start_proxy(backends: list[ChildProcess], started: list) -> ChildProcess:
+    urls = [arg for b in backends for arg in ("--backend", b.url)]
+    # --log-level belongs to the top-level parser: `iwsproxy --log-level warning serve ...`
+    proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *urls,
+                         env=_child_env(), name="proxy")
+    return _start(proxy, started)
+
+
+_GUNICORN_CONFIG = '''\
+# written by iwsproxy.bench
+loglevel = "warning"
+graceful_timeout = 3
+
+
+def when_ready(server):
+    print("LISTENING %d" % server.LISTENERS[0].getsockname()[1], flush=True)
+'''
+
+
+def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -> ChildProcess:
+    config = workdir / "gunicorn.conf.py"
+    config.write_text(_GUNICORN_CONFIG)
+    proxy = ChildProcess("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+                         "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
+                         env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends)}),
+                         name="proxy-gunicorn")
+    return _start(proxy, started, timeout=30)
+
+
+_NGINX_CONFIG = """\
+# written by iwsproxy.bench
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{
+    worker_connections {connections};
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream echo_backends {{
+{servers}
+    }}
+    server {{
+        listen {host}:{port} backlog={backlog};
+        location / {{
+            proxy_pass http://echo_backends;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+"""
+
+
+class NginxProcess:
+    """nginx in the foreground, with a config written to ``workdir``.
+
+    The listening socket is bound here (port 0) and handed to nginx through the
+    ``NGINX`` environment variable, nginx's own mechanism for inheriting sockets:
+    the port is known before nginx starts and connections made before it is ready
+    wait in the backlog, so there is nothing to poll for.
+    """
+
+    def __init__(self, binary: str, backend_ports: list[int], workdir: Path, connections: int):
+        self.binary = binary
+        self.backend_ports = backend_ports
+        self.workdir = workdir
+        self.connections = connections
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._stderr = tempfile.TemporaryFile()
+
+    def _write_config(self, port: int) -> Path:
+        servers = "\n".join(f"        server {HOST}:{p};" for p in self.backend_ports)
+        config = self.workdir / "nginx.conf"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        config.write_text(_NGINX_CONFIG.format(dir=self.workdir, host=HOST, port=port, servers=servers,
+                                               backlog=NGINX_BACKLOG, connections=self.connections,
+                                               nofile=nofile if nofile != resource.RLIM_INFINITY else 65536))
+        return config
+
+    def start(self) -> "NginxProcess":
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((HOST, 0))
+            listener.listen(NGINX_BACKLOG)
+            self.port = listener.getsockname()[1]
+            config = self._write_config(self.port)
+            args = [self.binary, "-e", "stderr", "-p", str(self.workdir), "-c", str(config)]
+            check = subprocess.run([*args, "-t", "-q"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                   timeout=30)
+            if check.returncode != 0:
+                raise BenchError(f"nginx -t rejected the config:\n{check.stderr}")
+            fd = listener.fileno()
+            self.proc = subprocess.Popen(args, env={**os.environ, "NGINX": f"{fd};"}, pass_fds=(fd,),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        finally:
+            listener.close()  # nginx has its copy
+        return self
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM (nginx's fast shutdown), then SIGKILL to the master and its workers."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            tree = process_tree(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.proc.wait(timeout)
+        self._stderr.close()
+
+
+# ---- output ----
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def format_table(results: list[PathResult]) -> str:
+    header = "| path | " + " | ".join(title for title, _, _ in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    rows = [f"| {r.path} | " + " | ".join(_cell(getattr(r, key), fmt) for _, key, fmt in COLUMNS) + " |"
+            for r in results]
+    return "\n".join([header, rule, *rows])
+
+
+def ratios(results: list[PathResult]) -> dict[str, float | None]:
+    by = {r.path: r for r in results}
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        x, y = getattr(by.get(a), key, None), getattr(by.get(b), key, None)
+        return x / y if x is not None and y else None
+
+    def minus(a: str, b: str, key: str) -> float | None:
+        x, y = getattr(by.get(a), key, None), getattr(by.get(b), key, None)
+        return x - y if x is not None and y is not None else None
+
+    out = {}
+    for proxy in [p for p in ("proxy", "proxy-gunicorn") if p in by]:
+        out[f"{proxy}/direct msg/s"] = ratio(proxy, "direct", "small_msgs_per_s")
+        out[f"{proxy}/nginx msg/s"] = ratio(proxy, "nginx", "small_msgs_per_s")
+        out[f"{proxy}/direct MB/s"] = ratio(proxy, "direct", "large_mb_per_s")
+        out[f"{proxy}/nginx MB/s"] = ratio(proxy, "nginx", "large_mb_per_s")
+        out[f"{proxy} idle p50 minus direct ms"] = minus(proxy, "direct", "idle_p50_ms")
+    return out
+
+
+def format_cpu(results: list[PathResult]) -> list[str]:
+    """Where the CPU went during the throughput phases: a path limited by the load generator
+    (busiest worker near 100 %) or by the echo backends would show it here."""
+    lines = ["CPU use in % of one core (load generator busiest worker / all workers, echo backends, server):"]
+    for phase, title in (("small", "small messages"), ("large", "1 MiB messages")):
+        parts = []
+        for r in results:
+            c = r.cpu_pct.get(phase)
+            if c:
+                server = "-" if c["server"] is None else f"{c['server']:.0f}"
+                parts.append(f"{r.path} {c['loadgen_busiest']:.0f}/{c['loadgen_all']:.0f}, "
+                             f"{c['echo_backends']:.0f}, {server}")
+        lines.append(f"- {title}: " + "; ".join(parts))
+    return lines
+
+
+def format_ratios(values: dict[str, float | None]) -> str:
+    lines = []
+    for name, value in values.items():
+        if value is None:
+            text = "n/a"
+        elif name.endswith(" ms"):
+            text = f"{value:+.3f} ms"
+            name = name[:-3]
+        else:
+            text = f"{value:.3f}"
+        lines.append(f"- {name}: {text}")
+    return "\n".join(lines)
+
+
+# ---- the run ----
+def run(options: Options) -> tuple[list[PathResult], dict]:
+    nofile = raise_nofile_limit()
+    needed = 2 * options.idle_pipes + 4 * options.connections + 64
+    if nofile != resource.RLIM_INFINITY and nofile < needed:
+        progress(f"warning: RLIMIT_NOFILE is {nofile}; {options.idle_pipes} idle pipes need about {needed}")
+    nginx_binary = shutil.which("nginx") if options.nginx else None
+    if options.nginx and nginx_binary is None:
+        progress("nginx not on PATH: skipping the nginx path")
+    results: list[PathResult] = []
+    started: list[ChildProcess] = []
+    loadgen = LoadGenerator(options.workers)
+    nginx: NginxProcess | None = None
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="iwsproxy-bench-") as tmp:
+        try:
+            loadgen.start()
+            backends = start_echo_backends(2, started)
+            ports = [b.port for b in backends]
+            progress(f"echo backends on {', '.join(map(str, ports))}; {options.workers} load generator processes")
+            results.append(run_path(loadgen, _direct_path(backends), options))
+
+            proxy = start_proxy(backends, started)
+            progress(f"proxy: pid {proxy.proc.pid}, port {proxy.port}")
+            try:
+                results.append(run_path(loadgen, _proxy_path("proxy", proxy, backends), options))
+            finally:
+                proxy.terminate()
+
+            if options.gunicorn:
+                workdir = Path(tmp) / "gunicorn"
+                workdir.mkdir()
+                guni = start_gunicorn(backends, workdir, started)
+                progress(f"proxy-gunicorn: master pid {guni.proc.pid}, port {guni.port}")
+                try:
+                    path = _proxy_path("proxy-gunicorn", guni, backends)
+                    results.append(run_path(loadgen, path, dataclasses.replace(options, idle_pipes=0)))
+                finally:
+                    guni.terminate()
+
+            if nginx_binary is not None:
+                workdir = Path(tmp) / "nginx"
+                workdir.mkdir()
+                connections = 2 * max(options.idle_pipes, options.connections) + 256
+                nginx = NginxProcess(nginx_binary, ports, workdir, connections).start()
+                progress(f"nginx: master pid {nginx.proc.pid}, port {nginx.port}")
+                try:
+                    results.append(run_path(loadgen, _nginx_path(nginx, backends), options))
+                except BenchError as exc:
+                    raise BenchError(f"{exc}\nnginx stderr:\n{nginx.stderr_text()}") from None
+        finally:
+            if nginx is not None:
+                nginx.terminate()
+            loadgen.stop()
+            for child in reversed(started):
+                child.terminate()
+    info = {"machine": machine_line(), "options": dataclasses.asdict(options),
+            "elapsed_s": round(time.monotonic() - t0, 1), "nginx": nginx_binary,
+            "nginx_version": _nginx_version(nginx_binary)}
+    return results, info
+
+
+def _nginx_version(binary: str | None) -> str | None:
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    return (out.stderr or out.stdout).strip().rpartition("/")[2] or None
+
+
+def report(results: list[PathResult], info: dict, options: Options) -> str:
+    o = options
+    lines = [
+        f"load: small {o.connections} conns x {SMALL_BYTES} B, window {o.window}, {o.duration_s:g} s; "
+        f"large {o.large_connections} conns x 1 MiB, window 1, {o.duration_s:g} s; "
+        f"idle RTT {o.rtt_count} x {RTT_BYTES} B; {o.idle_pipes} idle pipes; {o.workers} load generator processes",
+        "",
+        format_table(results),
+        "",
+        format_ratios(ratios(results)),
+        "",
+        *format_cpu(results),
+        "",
+        info["machine"] + (f"; nginx {info['nginx_version']}" if info.get("nginx_version") else "")
+        + f"; run took {info['elapsed_s']} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        results, info = run(options)
+    except BenchError as exc:
+        print(f"iwsproxy bench: {exc}", file=sys.stderr)
+        return 1
+    print(report(results, info, options), flush=True)
+    if options.json_path:
+        data = {**info, "results": [dataclasses.asdict(r) for r in results], "ratios": ratios(results)}
+        Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
