@@ -18,6 +18,7 @@ from .backend import ClientOffer, check_backend_url
 from .client import ClientUpgrade
 from .connection import Connection
 from .pipe import PersistentPipe, short_id
+from .registry import LocalRegistry, Registry
 
 __all__ = ["PipeManager"]
 
@@ -31,7 +32,8 @@ class PipeManager:
     they change shared state, so no locks are needed.
     """
 
-    def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = ()):
+    def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
+                 registry: Registry | None = None):
         self.settings = settings or Settings()
         s = self.settings
         self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
@@ -42,25 +44,19 @@ class PipeManager:
         self._closing = Event()
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
+        self.registry = registry or LocalRegistry()
+        self.registry.start(self)
         for url in tuple(s.backends) + tuple(backends):
             self.add_backend(url)
 
-    # ---- backends ----
+    # ---- backends: public calls go through the registry ----
     def add_backend(self, url: str) -> bool:
         """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
-        check_backend_url(url)
-        added = self.pool.add(url)
-        if added:
-            log.info("backend %s added", url)
-            self._wake_waiting()
-        return added
+        return self.registry.add(check_backend_url(url))
 
     def remove_backend(self, url: str) -> bool:
         """Unregister a backend; pipes on it keep their connection until it drops."""
-        removed = self.pool.remove(url)
-        if removed:
-            log.info("backend %s removed", url)
-        return removed
+        return self.registry.remove(url)
 
     def drain_backend(self, url: str, window_s: float | None = None) -> int | None:
         """Stop giving ``url`` new pipes and move its pipes off it, spread over ``window_s``.
@@ -68,16 +64,32 @@ class PipeManager:
         Each pipe stops writing to the backend, closes it with 1001, waits for its
         Close reply and moves to the next backend: nothing lost, nothing doubled.
         The backend leaves the pool when its last pipe has moved. Returns the
-        number of pipes to move, or None if ``url`` is not in the pool.
+        number of this process's pipes to move, or None if ``url`` is unknown.
         """
+        return self.registry.drain(url, self.settings.drain_window_s if window_s is None else window_s)
+
+    # ---- backends: applying a change to this process (called by the registry) ----
+    def apply_add(self, url: str) -> bool:
+        added = self.pool.add(url)
+        if added:
+            log.info("backend %s added", url)
+            self._wake_waiting()
+        return added
+
+    def apply_remove(self, url: str) -> bool:
+        removed = self.pool.remove(url)
+        if removed:
+            log.info("backend %s removed", url)
+        return removed
+
+    def apply_drain(self, url: str, window_s: float) -> int | None:
         if url not in self.pool:
             return None
         self.pool.drain(url)
         pipes = [pipe for pipe in self._pipes.values() if pipe.backend_url == url]
-        window = self.settings.drain_window_s if window_s is None else window_s
-        log.info("backend %s draining: %d pipes over %.1f s", url, len(pipes), window)
+        log.info("backend %s draining: %d pipes over %.1f s", url, len(pipes), window_s)
         if pipes:
-            task = self._tasks.spawn(self._drain_spread, url, pipes, window)
+            task = self._tasks.spawn(self._drain_spread, url, pipes, window_s)
             task.link_exception(lambda g: log.error("drain of %s crashed", url, exc_info=g.exc_info))
         return len(pipes)
 

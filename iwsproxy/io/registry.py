@@ -1,0 +1,58 @@
+"""Backend registries: where registrations, removals and drains are decided.
+
+A registry turns an admin action into calls of the manager's ``apply_*``
+methods, in this process and, for a shared registry, in every process that
+uses it. :class:`LocalRegistry` is the embedded default: the process's own
+pool is the whole truth. A shared registry (Redis, see
+:mod:`iwsproxy.io.redis_registry`) stores the backend set and broadcasts each
+change so every worker on every host applies it; error counts and ejection
+stay per worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .manager import PipeManager
+
+__all__ = ["Registry", "LocalRegistry"]
+
+
+class Registry(Protocol):
+    def start(self, manager: "PipeManager") -> None:
+        """Begin applying changes to ``manager`` (and load the current set)."""
+
+    def add(self, url: str) -> bool:
+        """Register ``url`` everywhere; True if it was new."""
+
+    def remove(self, url: str) -> bool:
+        """Unregister ``url`` everywhere; True if it was registered."""
+
+    def drain(self, url: str, window_s: float) -> int | None:
+        """Drain ``url`` everywhere; the number of this process's pipes to move, None if unknown."""
+
+    def stop(self) -> None:
+        """Stop listening for changes."""
+
+
+class LocalRegistry:
+    """The process's own pool is the registry: changes apply here and nowhere else."""
+
+    def __init__(self) -> None:
+        self._manager: "PipeManager | None" = None
+
+    def start(self, manager: "PipeManager") -> None:
+        self._manager = manager
+
+    def add(self, url: str) -> bool:
+        return self._manager.apply_add(url)
+
+    def remove(self, url: str) -> bool:
+        return self._manager.apply_remove(url)
+
+    def drain(self, url: str, window_s: float) -> int | None:
+        return self._manager.apply_drain(url, window_s)
+
+    def stop(self) -> None:
+        self._manager = None
