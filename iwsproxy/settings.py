@@ -134,6 +134,9 @@ class Settings:
     drain_window_s: float = setting(5.0, "IWSPROXY_DRAIN_WINDOW", _parse_seconds,
                                     "a drained backend's pipes move over this many seconds (no stampede)",
                                     "--drain-window")
+    redis_url: str | None = setting(None, "IWSPROXY_REDIS_URL", _parse_optional_str,
+                                    "share the backend registry through this Redis (redis://host:port/db); "
+                                    "unset: each process has its own", "--redis-url")
     # --- backends ---
     pool_policy: str = setting("round_robin", "IWSPROXY_POOL_POLICY",
                                _choice("round_robin", "least_connections", "exclusive"),

@@ -12,6 +12,7 @@ from gevent.pool import Group
 
 from ..exceptions import DuplicateClient
 from ..pool import BackendPool
+from ..metrics import Metrics
 from ..session import FailoverReport
 from ..settings import Settings
 from .backend import ClientOffer, check_backend_url
@@ -33,8 +34,9 @@ class PipeManager:
     """
 
     def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, metrics: Metrics | None = None):
         self.settings = settings or Settings()
+        self.metrics = metrics or Metrics()
         s = self.settings
         self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
                                 eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
@@ -118,8 +120,10 @@ class PipeManager:
         now = time.monotonic()
         self.pool.release(url)
         if failed:
-            self.pool.record_failure(url, now, cause)
             self.counters["backend_errors"] += 1
+            self.metrics.backend_error(url)
+            if self.pool.record_failure(url, now, cause):
+                self.metrics.backend_ejected(url)
         self._wake_waiting()
 
     def backend_succeeded(self, url: str) -> None:
@@ -161,11 +165,13 @@ class PipeManager:
         return pipe
 
     def run_pipe(self, pipe: PersistentPipe, client: Connection) -> None:
+        self.counters["pipes_opened"] += 1
+        self.metrics.pipe_opened()
         try:
-            self.counters["pipes_opened"] += 1
             pipe.run(client)
         finally:
             self._forget(pipe)
+            self.metrics.pipe_closed()
 
     def abandon_pipe(self, pipe: PersistentPipe) -> None:
         """A pipe opened by :meth:`open_pipe` whose client will never be attached."""
@@ -200,9 +206,11 @@ class PipeManager:
     def record_failover(self, report: FailoverReport) -> None:
         self.counters["failovers"] += 1
         self.counters["replayed"] += report.replayed
+        self.metrics.failover(report.duration_s, report.replayed, report.flushed_bytes)
 
     def record_client_closed(self, code: int, reason: str) -> None:
         self.closed_by_code[code] += 1
+        self.metrics.client_closed(code, reason)
 
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""

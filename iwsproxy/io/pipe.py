@@ -85,6 +85,8 @@ class PersistentPipe:
         self._first_connect = True
         self._lost_from: str | None = None
         self._lost_cause = ""
+        self._seen_state: str | None = None    # last state and buffer size reported to metrics
+        self._seen_buffered = 0
 
     # ---- information ----
     @property
@@ -126,10 +128,12 @@ class PersistentPipe:
         reader.link_exception(self._crashed)
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
+        self._observe()
         try:
             self._supervise()
         finally:
             self._teardown()
+            self._observe(final=True)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the pipe has torn down; False on timeout."""
@@ -170,6 +174,19 @@ class PersistentPipe:
             if not session.closed:
                 with self._backend_lock:
                     self._perform(session.poll(monotonic()))
+            self._observe()
+
+    def _observe(self, final: bool = False) -> None:
+        """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
+        metrics = self.manager.metrics
+        state = None if final else self.session.state.value
+        if state != self._seen_state:
+            metrics.pipe_state(self._seen_state, state)
+            self._seen_state = state
+        buffered = 0 if final else self.session.buffer.total_bytes
+        if buffered != self._seen_buffered:
+            metrics.buffered_bytes(buffered - self._seen_buffered)
+            self._seen_buffered = buffered
 
     def _delays_iter(self):
         if self._delays is None:
@@ -322,12 +339,15 @@ class PersistentPipe:
                 backend = self.backend
                 if backend is None:
                     continue
+                messages = action.messages
                 try:
-                    backend.send(action.messages, None if action.fence is None else encode_fence(action.fence))
+                    backend.send(messages, None if action.fence is None else encode_fence(action.fence))
                 except ConnectionLost as exc:
                     self._events.put(("backend_lost", self.session.generation, f"write failed: {exc}"))
                     return
-                self.messages_to_backend += len(action.messages)
+                if messages:
+                    self.messages_to_backend += len(messages)
+                    self.manager.metrics.messages("to_backend", len(messages), sum(len(m[1]) for m in messages))
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
                 self.manager.record_client_closed(action.code, action.reason)
@@ -427,6 +447,7 @@ class PersistentPipe:
         except ConnectionLost as exc:
             raise _ClientWriteFailed(str(exc)) from exc
         self.messages_to_client += len(data)
+        self.manager.metrics.messages("to_client", len(data), sum(len(m[1]) for m in data))
 
     def _crashed(self, greenlet) -> None:
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
