@@ -7,9 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["iwsproxy", "iwsproxy.*"]),
+    # the status page's template and script (MANIFEST.in puts them in the sdist too)
+    package_data={"iwsproxy": ["templates/iwsproxy/*.html", "static/iwsproxy/*.js"]},
     python_requires=">=3.11",
     install_requires=[line.strip() for line in open("requirements.txt", encoding="utf-8")
                       if line.strip() and not line.startswith("#")],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6"]},
+    # playwright drives the system's chromium (apt-get install chromium) in tests/browser
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "playwright>=1.40"]},
     entry_points={"console_scripts": ["iwsproxy = iwsproxy.cli:main"]},
 )

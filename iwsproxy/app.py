@@ -6,18 +6,23 @@ import gc
 import hmac
 import logging
 import os
+import time
 import uuid
+from urllib.parse import urlencode
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 
-from .exceptions import BackendRejected, DuplicateClient, NoBackendAvailable
-from .io.backend import ClientOffer
+from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBackendAvailable, ResumeRefused
+from .io.backend import ClientOffer, check_backend_url, url_allowed
 from .io.client import UPGRADE_KEY, install_gunicorn_handler
 from .io.manager import PipeManager
+from .metrics import PrometheusMetrics
+from .policy import FailureLimiter, origin_allowed
 from .settings import Settings
+from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
 __all__ = ["IWSProxy", "create_app", "uuid4_client_id"]
 
@@ -41,6 +46,7 @@ class _State:
     manager: PipeManager
     settings: Settings
     client_id: Callable[[str, Request], str]
+    admin_failures: FailureLimiter
 
 
 def _state() -> _State:
@@ -66,19 +72,32 @@ def proxy(client_id: str):
             stock.close(1011, b"server misconfigured")
             return ""
         return _text(500, "server misconfigured: WebSocket handler missing")
+    settings = state.settings
+    if not origin_allowed(request.headers.get("Origin"), request.host, settings.allowed_origins,
+                          allow_missing=settings.allow_no_origin):
+        log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
+        return _text(403, "origin not allowed")
     try:
         client_id = state.client_id(client_id, request)
     except ValueError as exc:
         return _text(400, str(exc))
     headers = tuple((name, request.headers[name]) for name in state.settings.forward_headers
                     if name in request.headers)
-    offer = ClientOffer(client_id=client_id, query=request.query_string.decode("latin-1"),
+    token = request.args.get("token") or request.headers.get("X-Iwsproxy-Token")
+    query = request.query_string.decode("latin-1")
+    if state.settings.resume_secret and "token" in request.args:  # the resume token is not the backend's business
+        query = urlencode([(k, v) for k, v in request.args.items(multi=True) if k != "token"])
+    offer = ClientOffer(client_id=client_id, query=query,
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
                         origin=request.headers.get("Origin"), remote_addr=upgrade.remote_addr)
     try:
-        state.manager.create_pipe(client_id, upgrade, offer)
+        state.manager.create_pipe(client_id, upgrade, offer, token=token)
     except DuplicateClient as exc:
         return _text(409, str(exc))
+    except ResumeRefused as exc:
+        return _text(403, str(exc))
+    except CapacityExceeded as exc:
+        return _text(exc.status, str(exc), **{"Retry-After": "5"})
     except BackendRejected as exc:
         return _text(exc.status, f"backend refused the connection with HTTP {exc.status}")
     except NoBackendAvailable as exc:
@@ -103,17 +122,34 @@ def healthz():
     return jsonify(status="ok", pipes=len(manager), backends=manager.pool_size())
 
 
+@health_bp.route("/metrics")
+def metrics():
+    """Prometheus text format; not behind the admin token, like /healthz."""
+    body, content_type = _state().manager.metrics.render()
+    return body, 200, {"Content-Type": content_type}
+
+
 admin_bp = Blueprint("iwsproxy_admin", __name__)
 
 
 @admin_bp.before_request
+@status_bp.before_request
 def _require_token():
-    token = _state().settings.admin_token
+    """The admin API and the status page need the token (the page also takes ``?token=``)."""
+    state = _state()
+    token = state.settings.admin_token
     if not token:
         return _text(404, "admin API disabled (no admin token configured)")
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    if request.endpoint == ASSETS_ENDPOINT:
+        return None  # the status page's script: the same file for everyone, no data in it
+    address, now = request.remote_addr or "", time.monotonic()
+    wait_s = state.admin_failures.blocked(address, now)
+    if wait_s:
+        return _text(429, "too many failed admin logins; try again later", **{"Retry-After": str(int(wait_s) + 1)})
+    scheme, value = presented_token()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        state.admin_failures.failed(address, now)
+        log.warning("admin request with a missing or wrong token from %s", address)
         return _text(401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="iwsproxy"'})
     return None
 
@@ -142,9 +178,13 @@ def status():
 
 @admin_bp.post("/backends")
 def add_backend():
+    state = _state()
     try:
         url = _url_from_body()
-        added = _state().manager.add_backend(url)
+        check_backend_url(url)
+        if not url_allowed(url, state.settings.backend_allowlist):
+            return jsonify(error="backend host not in the allowlist (IWSPROXY_BACKEND_ALLOWLIST)", url=url), 403
+        added = state.manager.add_backend(url)
     except ValueError as exc:
         return jsonify(error=str(exc)), 400
     return jsonify(url=url, added=added), 201 if added else 200
@@ -191,10 +231,17 @@ class IWSProxy:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("iwsproxy is already registered on this app")
         settings = self._settings or Settings.load(config=app.config, env=os.environ)
-        manager = PipeManager(settings)
-        app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id)
+        registry = None
+        if settings.redis_url:
+            from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
+
+            registry = RedisRegistry(settings.redis_url)
+        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics())
+        app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
+                                               FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)
         app.register_blueprint(admin_bp, url_prefix=settings.admin_prefix or None)
+        app.register_blueprint(status_bp, url_prefix=settings.admin_prefix or None)
         app.register_blueprint(proxy_bp, url_prefix=settings.proxy_prefix or None)
         install_gunicorn_handler()
 

@@ -26,8 +26,14 @@ Scenarios, in this order for each path (the idle ones first, on a fresh server):
    echoed payload bytes per second (MB = 10**6 bytes).
 
 The load comes from :mod:`iwsproxy.loadgen` worker processes (raw sockets, the
-project's codec, ``selectors``); the printout says how busy the busiest worker
-was, so a generator that limits a path shows up as one near 100 %.
+project's codec, ``selectors``). After the table, the CPU use of the load
+generator, the echo backends and the server during each throughput phase is
+printed: a path limited by the generator shows a busiest worker near 100 %, a
+path limited by the server under test shows the server near 100 % (the proxy is
+one process: 100 % is all it can use).
+
+Progress goes to stderr, the report to stdout; ``--json PATH`` also writes every
+number (with the CPU figures and raw RSS/CPU readings) as JSON.
 """
 
 from __future__ import annotations

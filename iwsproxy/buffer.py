@@ -22,18 +22,42 @@ from .exceptions import BufferOverflow
 
 Message = tuple[int, bytes]  # (opcode, payload)
 
-__all__ = ["Message", "MessageBuffer"]
+__all__ = ["Message", "MessageBuffer", "Budget", "Ledger"]
+
+
+class Budget:
+    """Bytes held across all pipes of a process, against one global cap.
+
+    Shared by every :class:`MessageBuffer` of the process, so the total memory
+    held for clients is bounded, not only each client's share.
+    """
+
+    __slots__ = ("limit_bytes", "used_bytes")
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used_bytes + nbytes > self.limit_bytes:
+            return False
+        self.used_bytes += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used_bytes -= nbytes
 
 
 class MessageBuffer:
     """A capped FIFO of ``(opcode, payload)`` messages with a sent/unsent split."""
 
-    __slots__ = ("limit_bytes", "_pending", "_window", "pending_bytes", "window_bytes")
+    __slots__ = ("limit_bytes", "budget", "_pending", "_window", "pending_bytes", "window_bytes")
 
-    def __init__(self, limit_bytes: int):
+    def __init__(self, limit_bytes: int, budget: Budget | None = None):
         if limit_bytes < 0:
             raise ValueError("limit_bytes must be >= 0")
         self.limit_bytes = limit_bytes
+        self.budget = budget
         self._pending: deque[Message] = deque()
         self._window: deque[Message] = deque()
         self.pending_bytes = 0
@@ -58,6 +82,9 @@ class MessageBuffer:
         size = self.pending_bytes + self.window_bytes + extra
         if size > self.limit_bytes:
             raise BufferOverflow(size, self.limit_bytes)
+        budget = self.budget
+        if budget is not None and not budget.take(extra):
+            raise BufferOverflow(budget.used_bytes + extra, budget.limit_bytes, scope="global")
 
     def add_pending(self, messages: Iterable[Message]) -> None:
         """Queue messages that cannot be written now; all or nothing on overflow."""
@@ -85,6 +112,8 @@ class MessageBuffer:
         if keep:
             self._window.extend(taken)
             self.window_bytes += self.pending_bytes
+        elif self.budget is not None:
+            self.budget.give(self.pending_bytes)
         self.pending_bytes = 0
         return taken
 
@@ -95,6 +124,8 @@ class MessageBuffer:
         for _ in range(min(count, len(window))):
             released += len(window.popleft()[1])
         self.window_bytes -= released
+        if self.budget is not None:
+            self.budget.give(released)
         return released
 
     def rewind(self) -> int:
@@ -111,6 +142,98 @@ class MessageBuffer:
         return replayed
 
     def clear(self) -> None:
+        if self.budget is not None:
+            self.budget.give(self.pending_bytes + self.window_bytes)
         self._pending.clear()
         self._window.clear()
         self.pending_bytes = self.window_bytes = 0
+
+
+class Ledger:
+    """One direction's replay bookkeeping: a :class:`MessageBuffer` plus ping fences.
+
+    Messages written to the peer join the window; a fence (a Ping whose payload
+    is the fence number) written after them is answered by the peer's WebSocket
+    stack in order, so its Pong proves every message before it was read and
+    those leave the window. Pongs come in order and a peer may answer only the
+    latest of several pings, so the Pong for fence N settles every fence up to N.
+    Each write batch carries its own fence; at most ``max_fences`` are out, after
+    which writes join the newest fence's window.
+    """
+
+    __slots__ = ("buffer", "keep", "max_fences", "fences", "sent_total", "acked_total", "next_fence",
+                 "last_fence_at")
+
+    def __init__(self, limit_bytes: int, *, keep: bool, now: float, max_fences: int = 32,
+                 budget: Budget | None = None):
+        self.buffer = MessageBuffer(limit_bytes, budget)
+        self.keep = keep                    # False: no window (at-most-once / no resume)
+        self.max_fences = max_fences
+        self.fences: deque[tuple[int, int, float]] = deque()  # (number, index covered, sent at)
+        self.sent_total = 0                 # absolute index of the next message written
+        self.acked_total = 0
+        self.next_fence = 1
+        self.last_fence_at = now
+
+    def write(self, messages: list[Message], now: float) -> int | None:
+        """Record ``messages`` as written now; returns the fence to write after them (or None).
+
+        Raises :class:`BufferOverflow` if the window would pass the cap.
+        """
+        if not self.keep:
+            return None
+        self.buffer.add_window(messages)
+        self.sent_total += len(messages)
+        return self.take_fence(now)
+
+    def flush(self, now: float) -> tuple[list[Message], int | None]:
+        """Everything pending (replay first), to be written now, and its fence."""
+        messages = self.buffer.take_pending(keep=self.keep)
+        if not self.keep or not messages:
+            return messages, None
+        self.sent_total += len(messages)
+        return messages, self.take_fence(now)
+
+    def take_fence(self, now: float) -> int | None:
+        """A fence for everything written so far, unless the last one covers it or too many are out."""
+        fences = self.fences
+        if fences and (len(fences) >= self.max_fences or fences[-1][1] == self.sent_total):
+            return None
+        number = self.next_fence
+        self.next_fence += 1
+        fences.append((number, self.sent_total, now))
+        self.last_fence_at = now
+        return number
+
+    def pong(self, number: int | None) -> bool:
+        """A Pong for fence ``number``; True when unfenced messages remain (a fence is due)."""
+        fences = self.fences
+        if number is None or not fences or not fences[0][0] <= number <= fences[-1][0]:
+            return False  # not one of ours
+        covered = fences[0][1]
+        while fences and fences[0][0] <= number:
+            covered = fences.popleft()[1]
+        if self.keep:
+            self.buffer.ack(covered - self.acked_total)
+            self.acked_total = covered
+        return self.keep and not fences and self.buffer.window_count > 0
+
+    def settle(self) -> None:
+        """The peer provably read everything written (e.g. it answered our Close)."""
+        self.buffer.ack(self.buffer.window_count)
+        self.acked_total = self.sent_total
+        self.fences.clear()
+
+    def rewind(self) -> int:
+        """The peer is gone: unacknowledged messages go back in front of the pending ones."""
+        self.fences.clear()
+        replayed = self.buffer.rewind() if self.keep else 0
+        self.sent_total = self.acked_total
+        return replayed
+
+    def oldest_fence_at(self) -> float | None:
+        return self.fences[0][2] if self.fences else None
+
+    @property
+    def fence_due(self) -> bool:
+        return self.keep and not self.fences and self.buffer.window_count > 0

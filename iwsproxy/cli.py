@@ -24,7 +24,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         help_text = f"{f.metadata['help']} (env {f.metadata['env']})"
         if f.type in ("bool",) or isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
         else:

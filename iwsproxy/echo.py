@@ -199,6 +199,7 @@ class EchoServer:
         self.stream_interval_s = stream_interval_ms / 1000.0 if stream_interval_ms else None
         self.work_s = work_ms / 1000.0
         self.connections_total = 0
+        self.messages_total = 0
         self._open: set[_Connection] = set()
         self.last_headers: dict[str, str] = {}
         self.last_path = ""
@@ -213,6 +214,7 @@ class EchoServer:
             "name": self.name,
             "connections_total": self.connections_total,
             "connections_open": self.connections_open,
+            "messages_total": self.messages_total,
             "last_headers": dict(self.last_headers),
             "last_path": self.last_path,
         }
@@ -331,6 +333,7 @@ class EchoServer:
                 out = []
                 for opcode, payload in events:
                     if opcode == OP_TEXT or opcode == OP_BINARY:
+                        self.messages_total += 1
                         out.append(encode_frame(opcode, payload))
                     elif opcode == OP_PING:
                         out.append(encode_frame(OP_PONG, payload))

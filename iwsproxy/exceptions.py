@@ -4,8 +4,10 @@
 
     IwsProxyError
     ├── ConfigError              a setting has an invalid value (names key, value, source)
-    ├── BufferOverflow           a client's buffered bytes passed its cap (-> close 1013)
+    ├── BufferOverflow           a client's (or the process's) buffered bytes passed the cap (-> close 1013)
+    ├── CapacityExceeded         too many pipes in the process or from one IP (-> HTTP 503 / 429)
     ├── DuplicateClient          a live pipe already has this client id (-> HTTP 409)
+    ├── ResumeRefused            a resume or takeover without a valid token (-> HTTP 403)
     ├── ProtocolError            a peer broke RFC 6455; carries the close code to answer with
     │   └── MessageTooBig        a message passed the size limit (close code 1009)
     ├── NoBackendAvailable       every backend was tried or none is usable (-> HTTP 503)
@@ -25,6 +27,8 @@ __all__ = [
     "ConfigError",
     "BufferOverflow",
     "DuplicateClient",
+    "CapacityExceeded",
+    "ResumeRefused",
     "ProtocolError",
     "MessageTooBig",
     "NoBackendAvailable",
@@ -50,19 +54,32 @@ class ConfigError(IwsProxyError, ValueError):
 class BufferOverflow(IwsProxyError):
     """A client's buffered bytes would pass its cap."""
 
-    def __init__(self, size: int, limit: int):
-        self.size, self.limit = size, limit
-        super().__init__(f"buffer would hold {size} bytes, limit is {limit}")
+    def __init__(self, size: int, limit: int, scope: str = "client"):
+        self.size, self.limit, self.scope = size, limit, scope
+        super().__init__(f"{scope} buffer would hold {size} bytes, limit is {limit}")
 
 
 class DuplicateClient(IwsProxyError):
     """A live pipe already serves this client id."""
 
 
+class CapacityExceeded(IwsProxyError):
+    """The process has as many pipes as it may (``status`` 503), or the client's IP has (429)."""
+
+    def __init__(self, detail: str, status: int = 503):
+        self.status = status
+        super().__init__(detail)
+
+
+class ResumeRefused(IwsProxyError):
+    """A resume or takeover did not present a valid token."""
+
+
 class ProtocolError(IwsProxyError):
     """A peer broke the WebSocket protocol; ``close_code`` is the code to answer with."""
 
     close_code = 1002
+    events: list = []  # complete messages that arrived before the violation, set by the parser
 
     def __init__(self, reason: str, close_code: int | None = None):
         if close_code is not None:

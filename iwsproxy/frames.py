@@ -321,6 +321,7 @@ class FrameParser:
                                 self._check_text(message)
                             events.append((opcode, message))
         except ProtocolError as exc:
+            exc.events = events  # what was complete before the violation: the caller may deliver it
             self._error = exc
             self._buf = bytearray()
             raise

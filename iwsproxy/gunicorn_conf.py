@@ -12,3 +12,13 @@ graceful_timeout = 10
 def when_ready(server):
     port = server.LISTENERS[0].sock.getsockname()[1]
     print(f"LISTENING {port}", flush=True)
+
+
+def child_exit(server, worker):
+    """A worker is gone: with PROMETHEUS_MULTIPROC_DIR set, its gauges stop counting (counters stay)."""
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -30,6 +30,10 @@ Kinds of phase:
 ``idle``
     each connection exchanges one message (so its pipe is fully set up),
     then stays idle until released.
+
+Every ping from the server is answered with a pong: the proxy keeps what it sent a
+client until the pong for its ping fence comes back, and closes a client that never
+answers (1013, buffer limit) once that passes the buffer limit.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import base64
 import hashlib
 import os
 import selectors
+import signal
 import socket
 import time
 import traceback
@@ -236,23 +241,32 @@ def _abort_all(clients: list[_Client]) -> None:
         client.sock.close()
 
 
-def _check_events(events: list, payload_bytes: int) -> int:
-    """How many echoes ``events`` holds; raises on anything but an echo of the right size."""
+def _read_events(events: list, payload_bytes: int, masks: MaskSource) -> tuple[int, bytes]:
+    """``(echoes, pong frames to send)`` for ``events``; raises on anything but echoes of the
+    right size, pings and pongs.
+
+    Pings are answered: the proxy sends its clients ping fences and keeps what it sent
+    until the pong comes back, so a client that ignored them would be closed with 1013.
+    """
     n = 0
+    pongs = b""
     for opcode, payload in events:
         if opcode == OP_BINARY and len(payload) == payload_bytes:
             n += 1
+        elif opcode == OP_PING:
+            pongs += encode_frame(OP_PONG, payload, mask_source=masks)
         elif opcode == OP_CLOSE:
             raise ConnectionError(f"server closed the connection: {payload[:2].hex()} {payload[2:]!r}")
-        elif opcode not in (OP_PING, OP_PONG):
+        elif opcode != OP_PONG:
             raise ConnectionError(f"unexpected frame: opcode {opcode}, {len(payload)} bytes")
-    return n
+    return n, pongs
 
 
 def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start: float) -> None:
     """Keep ``phase.window`` messages in flight on every connection until the deadline, then drain."""
     size = phase.payload_bytes
     pool = _FramePool(size, phase.window * max(1, len(clients)) * 4)
+    masks = MaskSource()
     rtts = result.rtt_s
     perf_counter = time.perf_counter
     deadline = start + phase.duration_s
@@ -291,7 +305,7 @@ def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start
                 if not events:
                     continue
                 t = perf_counter()
-                n = _check_events(events, size)
+                n, pongs = _read_events(events, size, masks)
                 sent_at = client.sent_at
                 in_flight -= n
                 total += n
@@ -299,13 +313,15 @@ def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start
                     echoes += n
                     for _ in range(n):
                         rtts.append(t - sent_at.popleft())
-                    if sending:
-                        sent_at.extend([t] * n)
-                        client.send(pool.take(n), selector)
-                        in_flight += n
                 else:
                     for _ in range(n):
                         sent_at.popleft()
+                if n and t <= deadline:
+                    sent_at.extend([t] * n)
+                    client.send(pongs + pool.take(n), selector)
+                    in_flight += n
+                elif pongs:
+                    client.send(pongs, selector)
         for client in clients:
             client.sock.setblocking(True)
     result.echoes = echoes
@@ -318,6 +334,7 @@ def _run_pingpong(clients: list[_Client], phase: Phase, result: PhaseResult) -> 
     """One message at a time, ``phase.count`` round trips per connection, timed one by one."""
     size = phase.payload_bytes
     pool = _FramePool(size, phase.count)
+    masks = MaskSource()
     rtts = result.rtt_s
     perf_counter = time.perf_counter
     for client in clients:
@@ -332,7 +349,9 @@ def _run_pingpong(clients: list[_Client], phase: Phase, result: PhaseResult) -> 
                 data = sock.recv(READ_CHUNK_BYTES)
                 if not data:
                     raise ConnectionError("server closed the connection without a close frame")
-                n = _check_events(parser.feed(data), size)
+                n, pongs = _read_events(parser.feed(data), size, masks)
+                if pongs:
+                    sock.sendall(pongs)
             rtts.append(perf_counter() - t0)
             result.echoes += n
     result.echoed_bytes = result.echoes * size
@@ -343,7 +362,8 @@ def _exchange_one(clients: list[_Client], phase: Phase) -> None:
     """One echo on every connection (all in flight at once): each pipe is fully set up."""
     if not clients:
         return
-    frame = encode_frame(OP_BINARY, os.urandom(phase.payload_bytes), mask_source=MaskSource())
+    masks = MaskSource()
+    frame = encode_frame(OP_BINARY, os.urandom(phase.payload_bytes), mask_source=masks)
     waiting = set()
     with selectors.DefaultSelector() as selector:
         for client in clients:
@@ -364,7 +384,10 @@ def _exchange_one(clients: list[_Client], phase: Phase) -> None:
                     continue
                 if not data:
                     raise ConnectionError("server closed the connection without a close frame")
-                if _check_events(client.parser.feed(data), phase.payload_bytes):
+                n, pongs = _read_events(client.parser.feed(data), phase.payload_bytes, masks)
+                if pongs:
+                    client.sock.sendall(pongs)  # non-blocking, but a few bytes always fit
+                if n:
                     waiting.discard(client)
                     selector.unregister(client.sock)
         for client in clients:
@@ -432,8 +455,10 @@ def worker_main(index: int, commands, results, barrier) -> None:
     """A worker process: run phases from ``commands`` until ``None``; results go to ``results``.
 
     Every phase ends with its connections closed (close handshake, bounded), after the
-    release barrier when it succeeded, at once when anything failed.
+    release barrier when it succeeded, at once when anything failed. Ctrl-C is left to the
+    parent, which stops the workers itself.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         phase = commands.get()
         if phase is None:

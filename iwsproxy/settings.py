@@ -137,6 +137,50 @@ class Settings:
     redis_url: str | None = setting(None, "IWSPROXY_REDIS_URL", _parse_optional_str,
                                     "share the backend registry through this Redis (redis://host:port/db); "
                                     "unset: each process has its own", "--redis-url")
+    resume_grace_s: float = setting(30.0, "IWSPROXY_RESUME_GRACE", _parse_seconds,
+                                    "a client gone without a normal close may come back with its id within this "
+                                    "many seconds and get its session back (0 turns resume off)", "--resume-grace")
+    on_duplicate: str = setting("takeover", "IWSPROXY_ON_DUPLICATE", _choice("takeover", "refuse"),
+                                "a connection with the id of a live, attached session takes it over "
+                                "(the old one is closed with 4409) or is refused with 409", "--on-duplicate")
+    resume_secret: str | None = setting(None, "IWSPROXY_RESUME_SECRET", _parse_optional_str,
+                                        "if set, a resume or takeover must present token=HMAC-SHA256(secret, id) "
+                                        "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")
+    # --- limits (hardening) ---
+    max_fragments: int = setting(1024, "IWSPROXY_MAX_FRAGMENTS", _parse_positive_int,
+                                 "most frames in one fragmented message (more: close 1009)", "--max-fragments")
+    max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
+                             "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
+                             "--max-pipes")
+    max_pipes_per_ip: int = setting(100, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
+                                    "most concurrent pipes per client IP (more: HTTP 429)", "--max-pipes-per-ip")
+    handshake_timeout_s: float = setting(10.0, "IWSPROXY_HANDSHAKE_TIMEOUT", _parse_seconds,
+                                         "time allowed for a request line and headers (slower: dropped)",
+                                         "--handshake-timeout")
+    idle_timeout_s: float = setting(0.0, "IWSPROXY_IDLE_TIMEOUT", _parse_seconds,
+                                    "close a pipe with 1001 after this many seconds without a data message "
+                                    "either way (0 = never: long idle sessions are what WebSockets are for)",
+                                    "--idle-timeout")
+    global_buffer_limit_bytes: int = setting(1024 * 1024 * 1024, "IWSPROXY_GLOBAL_BUFFER_LIMIT", parse_size,
+                                             "cap on bytes held for all pipes of this process together "
+                                             "(new buffering past it: close 1013)", "--global-buffer-limit")
+    allowed_origins: tuple[str, ...] = setting((), "IWSPROXY_ALLOWED_ORIGINS", _parse_list,
+                                               "browser origins allowed to connect, e.g. https://app.example.com "
+                                               "or https://*.example.com (none: same origin as the Host only; "
+                                               "* : any)", "--allowed-origin")
+    allow_no_origin: bool = setting(True, "IWSPROXY_ALLOW_NO_ORIGIN", _parse_bool,
+                                    "accept requests without an Origin header (non-browser clients)",
+                                    "--allow-no-origin")
+    backend_allowlist: tuple[str, ...] = setting((), "IWSPROXY_BACKEND_ALLOWLIST", _parse_list,
+                                                 "hosts, host:port or CIDR networks that admin-registered backend "
+                                                 "URLs must match (none: any)", "--backend-allowlist")
+    admin_max_failures: int = setting(10, "IWSPROXY_ADMIN_MAX_FAILURES", _parse_positive_int,
+                                      "failed admin logins per client IP per minute before it gets 429")
+    backend_tls_verify: bool = setting(True, "IWSPROXY_BACKEND_TLS_VERIFY", _parse_bool,
+                                       "verify wss:// backend certificates")
+    backend_ca_bundle: str | None = setting(None, "IWSPROXY_BACKEND_CA_BUNDLE", _parse_optional_str,
+                                            "CA bundle file for wss:// backends (default: the system's)",
+                                            "--backend-ca-bundle")
     # --- backends ---
     pool_policy: str = setting("round_robin", "IWSPROXY_POOL_POLICY",
                                _choice("round_robin", "least_connections", "exclusive"),

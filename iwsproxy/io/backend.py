@@ -9,6 +9,7 @@ frame. Its errors are translated into the :mod:`iwsproxy.exceptions` tree here.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import websocket
 from ..exceptions import BackendConnectError, BackendRejected
 from .connection import Connection
 
-__all__ = ["ClientOffer", "BackendConnection", "connect_backend", "check_backend_url"]
+__all__ = ["ClientOffer", "BackendConnection", "connect_backend", "check_backend_url", "tls_options",
+           "url_allowed"]
 
 CLIENT_ID_HEADER = "X-Iwsproxy-Client-Id"
 RECONNECTS_HEADER = "X-Iwsproxy-Reconnects"
@@ -41,6 +43,44 @@ def check_backend_url(url: str) -> str:
     return url
 
 
+def tls_options(*, verify: bool, ca_bundle: str | None) -> dict:
+    """websocket-client's ``sslopt`` for wss:// backends: verification on unless turned off."""
+    if not verify:
+        return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
+    options: dict = {"cert_reqs": ssl.CERT_REQUIRED, "check_hostname": True}
+    if ca_bundle:
+        options["ca_certs"] = ca_bundle
+    return options
+
+
+def url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
+    """Does ``url``'s host match an entry: ``host``, ``host:port`` or a CIDR network? Empty list: yes."""
+    if not allowlist:
+        return True
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in allowlist:
+        entry = entry.strip().lower()
+        if "/" in entry:
+            try:
+                if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif entry.rpartition(":")[2].isdigit() and not entry.startswith("["):
+            name, _, entry_port = entry.rpartition(":")
+            if name == host and int(entry_port) == port:
+                return True
+        elif entry.strip("[]") == host:
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class ClientOffer:
     """What a client's handshake asks of every backend its pipe will use."""
@@ -56,8 +96,9 @@ class ClientOffer:
 class BackendConnection(Connection):
     __slots__ = ("url", "subprotocol")
 
-    def __init__(self, url: str, sock: socket.socket, subprotocol: str | None, *, max_message_size: int):
-        super().__init__(sock, server_side=False, max_message_size=max_message_size)
+    def __init__(self, url: str, sock: socket.socket, subprotocol: str | None, *, max_message_size: int,
+                 max_fragments: int = 1024):
+        super().__init__(sock, server_side=False, max_message_size=max_message_size, max_fragments=max_fragments)
         self.url = url
         self.subprotocol = subprotocol
 
@@ -71,7 +112,7 @@ def _target(url: str, query: str) -> str:
 
 
 def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s: float,
-                    max_message_size: int, require_subprotocol: str | None = None,
+                    max_message_size: int, max_fragments: int = 1024, require_subprotocol: str | None = None,
                     sslopt: dict | None = None) -> BackendConnection:
     """Open a backend connection for one pipe.
 
@@ -115,4 +156,4 @@ def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s:
         sock.close()
         raise BackendConnectError(url, f"backend did not accept subprotocol {require_subprotocol!r}")
     sock.settimeout(None)  # create_connection leaves its timeout on the socket; reads must block
-    return BackendConnection(url, sock, chosen, max_message_size=max_message_size)
+    return BackendConnection(url, sock, chosen, max_message_size=max_message_size, max_fragments=max_fragments)

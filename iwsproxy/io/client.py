@@ -19,6 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import socket
+
+import gevent
 
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
@@ -28,6 +31,7 @@ from .connection import Connection
 __all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request", "install_gunicorn_handler"]
 
 UPGRADE_KEY = "iwsproxy.upgrade"
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -71,7 +75,8 @@ class ClientUpgrade:
     def accepted(self) -> bool:
         return self.connection is not None
 
-    def accept(self, subprotocol: str | None = None, *, max_message_size: int) -> Connection:
+    def accept(self, subprotocol: str | None = None, *, max_message_size: int,
+               max_fragments: int = 1024) -> Connection:
         """Answer 101 (with the chosen subprotocol) and return the client connection."""
         if self.connection is not None:
             raise RuntimeError("upgrade already accepted")
@@ -87,12 +92,46 @@ class ClientUpgrade:
         handler.mark_upgraded()
         # read1 first returns whatever the HTTP parser buffered past the request, then one recv per call
         self.connection = Connection(handler.socket, server_side=True, max_message_size=max_message_size,
-                                     recv=handler.rfile.read1)
+                                     max_fragments=max_fragments, recv=handler.rfile.read1)
         return self.connection
 
 
 class ProxyHandler(WebSocketHandler):
-    """A ``WebSocketHandler`` that asks the app before switching protocols."""
+    """A ``WebSocketHandler`` that asks the app before switching protocols.
+
+    It also bounds the time a client may take to send its request line and
+    headers (``handshake_timeout_s`` of the app's settings, 10 s if the app is
+    not an iwsproxy one): a slow or incomplete request is dropped.
+    """
+
+    _handshake_timer: gevent.Timeout | None = None
+
+    def _handshake_timeout_s(self) -> float:
+        extensions = getattr(self.server.application, "extensions", {})
+        state = extensions.get("iwsproxy") if isinstance(extensions, dict) else None
+        return state.settings.handshake_timeout_s if state is not None else DEFAULT_HANDSHAKE_TIMEOUT_S
+
+    def read_requestline(self):
+        seconds = self._handshake_timeout_s()
+        if seconds:
+            self._handshake_timer = gevent.Timeout(seconds, socket.timeout("request not received in time"))
+            self._handshake_timer.start()
+        return super().read_requestline()
+
+    def get_environ(self):
+        self._cancel_handshake_timer()  # the request line and headers are in
+        return super().get_environ()
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None:
+            timer.close()
+
+    def handle_one_request(self):
+        try:
+            return super().handle_one_request()
+        finally:
+            self._cancel_handshake_timer()
 
     def mark_upgraded(self) -> None:
         self.status = b"101 Switching Protocols"

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from gevent.lock import Semaphore
 
 from ..buffer import Message
+from ..exceptions import ProtocolError
 from ..frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, MaskSource, encode_close_payload, encode_frame
 
 __all__ = ["Connection", "ConnectionLost"]
@@ -27,15 +28,17 @@ class ConnectionLost(Exception):
 
 
 class Connection:
-    __slots__ = ("sock", "_recv", "_parser", "_mask", "_lock", "close_sent", "closed", "__weakref__")
+    __slots__ = ("sock", "_recv", "_parser", "_mask", "_lock", "_error", "close_sent", "closed", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
-                 recv: Callable[[int], bytes] | None = None):
+                 max_fragments: int = 1024, recv: Callable[[int], bytes] | None = None):
         self.sock = sock
         self._recv = recv or sock.recv
-        self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size)
+        self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size,
+                                   max_fragments=max_fragments)
         self._mask = None if server_side else MaskSource()
         self._lock = Semaphore()
+        self._error: ProtocolError | None = None
         self.close_sent = False
         self.closed = False
         try:
@@ -49,6 +52,8 @@ class Connection:
 
         Raises :class:`~iwsproxy.exceptions.ProtocolError` on a protocol violation.
         """
+        if self._error is not None:
+            raise self._error
         while True:
             try:
                 data = self._recv(READ_CHUNK)
@@ -56,7 +61,13 @@ class Connection:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
             if not data:
                 raise ConnectionLost("connection closed without a close frame")
-            events = self._parser.feed(data)
+            try:
+                events = self._parser.feed(data)
+            except ProtocolError as exc:
+                if not exc.events:
+                    raise
+                self._error = exc  # deliver the good messages first; the next read raises
+                return exc.events
             if events:
                 return events
 

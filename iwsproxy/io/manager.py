@@ -10,12 +10,14 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from ..exceptions import DuplicateClient
+from ..exceptions import CapacityExceeded, DuplicateClient, ResumeRefused
 from ..pool import BackendPool
+from ..buffer import Budget
 from ..metrics import Metrics
 from ..session import FailoverReport
 from ..settings import Settings
-from .backend import ClientOffer, check_backend_url
+from ..tokens import verify
+from .backend import ClientOffer, check_backend_url, tls_options
 from .client import ClientUpgrade
 from .connection import Connection
 from .pipe import PersistentPipe, short_id
@@ -37,6 +39,10 @@ class PipeManager:
                  registry: Registry | None = None, metrics: Metrics | None = None):
         self.settings = settings or Settings()
         self.metrics = metrics or Metrics()
+        self.budget = Budget(self.settings.global_buffer_limit_bytes)
+        self.backend_sslopt = tls_options(verify=self.settings.backend_tls_verify,
+                                          ca_bundle=self.settings.backend_ca_bundle)
+        self._per_ip: Counter = Counter()
         s = self.settings
         self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
                                 eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
@@ -154,8 +160,14 @@ class PipeManager:
         """
         if client_id in self._pipes:
             raise DuplicateClient(f"client {short_id(client_id)} already has a live session")
+        settings = self.settings
+        if len(self._pipes) >= settings.max_pipes:
+            raise CapacityExceeded(f"this process serves its maximum of {settings.max_pipes} pipes", 503)
+        if offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
+            raise CapacityExceeded(f"too many sessions from this address (max {settings.max_pipes_per_ip})", 429)
         pipe = PersistentPipe(self, client_id, offer)
         self._pipes[client_id] = pipe
+        self._per_ip[offer.remote_addr] += 1
         try:
             allow_waiting = self.settings.wait_for_backend and self.settings.pool_policy == "exclusive"
             pipe.connect_first(allow_waiting=allow_waiting)
@@ -181,25 +193,55 @@ class PipeManager:
             pipe.backend = None
         self._forget(pipe)
 
-    def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None) -> None:
+    def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None, *,
+                    token: str | None = None) -> None:
         """Open a pipe for a client upgrade, answer the upgrade, and serve until the pipe ends.
 
-        Blocks for the pipe's life. Refusals raise before the client is
-        answered (see :meth:`open_pipe`).
+        Blocks for the pipe's life. If a pipe with this id is alive, the
+        connection resumes it (detached) or takes it over (attached, unless
+        ``on_duplicate`` is "refuse"). Refusals raise before the client is
+        answered: :class:`DuplicateClient` (409), :class:`ResumeRefused` (403),
+        :class:`BackendRejected`, :class:`NoBackendAvailable` (503).
         """
+        existing = self._pipes.get(client_id)
+        if existing is not None:
+            self._rejoin(existing, upgrade, token)
+            return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
         pipe = self.open_pipe(client_id, offer)
         try:
-            client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes)
+            client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes,
+                                    max_fragments=self.settings.max_fragments)
         except BaseException:
             self.abandon_pipe(pipe)
             raise
         self.run_pipe(pipe, client)
 
+    def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
+        """Attach a new connection to a live pipe; blocks until the pipe lets go of it."""
+        settings = self.settings
+        if pipe.client_attached and settings.on_duplicate == "refuse":
+            raise DuplicateClient(f"client {short_id(pipe.client_id)} already has a live session")
+        if settings.resume_secret and not verify(settings.resume_secret, pipe.client_id, token):
+            raise ResumeRefused(f"resuming client {short_id(pipe.client_id)} needs a valid token")
+        if pipe.subprotocol is not None and pipe.subprotocol not in upgrade.subprotocols:
+            raise ResumeRefused(f"the session speaks {pipe.subprotocol!r}; the connection must offer it")
+        client = upgrade.accept(pipe.subprotocol, max_message_size=settings.max_message_size_bytes,
+                                max_fragments=settings.max_fragments)
+        pipe.attach(client).wait()
+
+    def record_resume_event(self, kind: str) -> None:
+        self.counters[f"clients_{kind}"] += 1
+        self.metrics.resume_event(kind)
+
     def _forget(self, pipe: PersistentPipe) -> None:
         if self._pipes.get(pipe.client_id) is pipe:
             del self._pipes[pipe.client_id]
+            address = pipe.offer.remote_addr
+            self._per_ip[address] -= 1
+            if self._per_ip[address] <= 0:
+                del self._per_ip[address]
         self._waiting.discard(pipe)
 
     # ---- bookkeeping ----

@@ -32,7 +32,7 @@ from ..backoff import backoff
 from ..buffer import Message
 from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
 from ..frames import OP_CLOSE, OP_PING, OP_PONG, parse_close_payload
-from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
+from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import BackendConnection, ClientOffer, connect_backend
 from .connection import Connection, ConnectionLost
@@ -49,6 +49,9 @@ CLOSE_GRACE_S = 2.0      # how long a close handshake may take before the socket
 # a backend close with one of these codes ends the client's session (the application said so);
 # any other close, error or EOF is a failover
 _ENDS_SESSION = frozenset({1000}) | frozenset(range(4000, 5000))
+# a client gone with one of these (no Close frame, or "going away") may come back: detach, don't end
+_DETACHES = frozenset({1001, 1006})
+CLOSE_TAKEN_OVER = 4409
 
 
 def short_id(client_id: str) -> str:
@@ -68,15 +71,20 @@ class PersistentPipe:
         self.session = Session(buffer_limit_bytes=settings.buffer_limit_bytes,
                                replay=settings.delivery == "at-least-once", now=self.opened_at,
                                reconnect_deadline_s=settings.reconnect_deadline_s,
-                               pong_timeout_s=settings.pong_timeout_s)
-        self.client: Connection | None = None
+                               pong_timeout_s=settings.pong_timeout_s, resume_grace_s=settings.resume_grace_s,
+                               idle_timeout_s=settings.idle_timeout_s, budget=manager.budget)
+        self.client: Connection | None = None   # None while detached
+        self._client_released: dict[Connection, Event] = {}  # set when the pipe lets go of a connection
+        self._client_readers: dict[Connection, object] = {}
         self.backend: BackendConnection | None = None
         self.subprotocol: str | None = None
         self.reconnects = 0          # backend connections made after the first
         self.messages_to_backend = 0
         self.messages_to_client = 0
         self.last_move_ms: float | None = None  # how long the last backend switch took
-        self._backend_lock = Semaphore()
+        self._backend_lock = Semaphore()      # session calls + backend writes, together
+        self._client_lock = Semaphore()       # session calls + client writes, together
+        self._running = False
         self._events: Queue = Queue()
         self._group = Group()
         self._stopped = Event()
@@ -98,8 +106,11 @@ class PersistentPipe:
         return self.backend.url if self.backend is not None else None
 
     def info(self) -> dict:
-        return {"client": short_id(self.client_id), "state": self.session.state.value,
-                "backend": self.backend_url, "buffered_bytes": self.session.buffer.total_bytes,
+        session = self.session
+        state = session.state.value if session.client_attached or session.closed else "detached"
+        return {"client": short_id(self.client_id), "state": state, "backend_state": session.state.value,
+                "backend": self.backend_url, "buffered_bytes": session.to_backend.buffer.total_bytes,
+                "buffered_to_client_bytes": session.to_client.buffer.total_bytes, "resumes": session.resumes,
                 "failovers": self.session.failovers, "replayed": self.session.replayed_total,
                 "last_move_ms": self.last_move_ms,
                 "age_s": round(monotonic() - self.opened_at, 3)}
@@ -121,11 +132,10 @@ class PersistentPipe:
 
     def run(self, client: Connection) -> None:
         """Serve the pipe until it ends; blocks (this greenlet becomes the supervisor)."""
-        self.client = client
+        self._running = True
+        self._use_client(client)
         log.info("pipe %s open: backend=%s subprotocol=%s", short_id(self.client_id), self.backend_url,
                  self.subprotocol)
-        reader = self._group.spawn(self._read_client)
-        reader.link_exception(self._crashed)
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
         self._observe()
@@ -134,6 +144,57 @@ class PersistentPipe:
         finally:
             self._teardown()
             self._observe(final=True)
+
+    def attach(self, client: Connection) -> Event:
+        """Give the pipe a new client connection (resume or takeover), from the new request's greenlet.
+
+        Returns an Event set when the pipe lets go of that connection (the
+        client detached again, was taken over, or the pipe ended): the caller
+        keeps its request open until then.
+        """
+        released = Event()
+        if self._stopped.is_set():
+            released.set()
+        else:
+            self._client_released[client] = released
+            self._events.put(("attach", client))
+        return released
+
+    @property
+    def client_attached(self) -> bool:
+        return self.session.client_attached and not self.session.closed
+
+    def _use_client(self, client: Connection) -> None:
+        self.client = client
+        self._client_released.setdefault(client, Event())
+        reader = self._group.spawn(self._read_client, client)
+        reader.link_exception(self._crashed)
+        self._client_readers[client] = reader
+
+    def _let_go(self, client: Connection, code: int | None = None, reason: str = "") -> None:
+        """Stop using a client connection, closing it with ``code`` if given, then release its request.
+
+        After a Close the connection lingers (up to CLOSE_GRACE_S) so that the
+        client's Close reply completes the handshake.
+        """
+        if self.client is client:
+            self.client = None
+        reader = self._client_readers.get(client)
+        if code is not None and client.send_close(code, reason) and reader is not None and not reader.dead:
+            self._group.spawn(self._linger, client, reader)
+            return
+        self._release_client(client)
+
+    def _linger(self, client: Connection, reader) -> None:
+        reader.join(CLOSE_GRACE_S)  # the reader ends when the client's Close reply arrives
+        self._release_client(client)
+
+    def _release_client(self, client: Connection) -> None:
+        client.abort()
+        self._client_readers.pop(client, None)
+        released = self._client_released.pop(client, None)
+        if released is not None:
+            released.set()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the pipe has torn down; False on timeout."""
@@ -172,7 +233,7 @@ class PersistentPipe:
             if event is not None:
                 self._handle(event)
             if not session.closed:
-                with self._backend_lock:
+                with self._backend_lock, self._client_lock:  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
 
@@ -228,10 +289,36 @@ class PersistentPipe:
                 except ConnectionLost as exc:
                     self._lose_backend(generation, f"write failed: {exc}")
         elif kind == "client_gone":
-            _, code, reason = event
+            _, client, code, reason = event
+            if client is not self.client:
+                return  # an earlier connection of this client (taken over): already let go
+            if code in _DETACHES and session.resume_grace_s:
+                self._let_go(client)
+                with self._client_lock:
+                    session.client_detached(monotonic())
+                log.info("pipe %s: client detached (%s %s); holding the session for %g s",
+                         short_id(self.client_id), code, reason, session.resume_grace_s)
+                self.manager.record_resume_event("detached")
+                return
             log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
             with self._backend_lock:
                 self._perform(session.client_closed())
+        elif kind == "attach":
+            client = event[1]
+            if session.closed:
+                self._let_go(client, 1001, "session ended")
+                return
+            old = self.client
+            if old is not None:
+                log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
+                self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
+                self.manager.record_resume_event("takeover")
+            else:
+                log.info("pipe %s: client resumed", short_id(self.client_id))
+                self.manager.record_resume_event("resumed")
+            with self._client_lock:
+                self._use_client(client)
+                self._perform(session.client_attached_again(monotonic()))
         elif kind == "drain":
             if self.backend_url == event[1] and session.state is State.CONNECTED:
                 log.info("pipe %s: draining backend %s", short_id(self.client_id), event[1])
@@ -279,6 +366,8 @@ class PersistentPipe:
                                        reconnects=0 if self._first_connect else self.reconnects + 1,
                                        timeout_s=manager.settings.connect_timeout_s,
                                        max_message_size=manager.settings.max_message_size_bytes,
+                                       max_fragments=manager.settings.max_fragments,
+                                       sslopt=manager.backend_sslopt,
                                        require_subprotocol=None if self._first_connect else self.subprotocol)
             except BackendRejected as exc:
                 manager.release_backend(url, failed=not self._first_connect, cause=str(exc))
@@ -311,7 +400,7 @@ class PersistentPipe:
             self.subprotocol = conn.subprotocol
         else:
             self.reconnects += 1
-        was_first = self._first_connect and self.client is None
+        was_first = self._first_connect and not self._running
         self._first_connect = False
         with self._backend_lock:
             self.backend = conn
@@ -324,7 +413,7 @@ class PersistentPipe:
                      report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
             self.last_move_ms = round(report.duration_s * 1000, 1)
             manager.record_failover(report)
-        if self.client is not None and self.backend is conn:
+        if self._running and self.backend is conn:
             self._spawn_backend_reader(conn, generation)
 
     def _spawn_backend_reader(self, conn: BackendConnection, generation: int) -> None:
@@ -348,6 +437,19 @@ class PersistentPipe:
                 if messages:
                     self.messages_to_backend += len(messages)
                     self.manager.metrics.messages("to_backend", len(messages), sum(len(m[1]) for m in messages))
+            elif type(action) is SendToClient:
+                client = self.client
+                if client is None:
+                    continue
+                messages = action.messages
+                try:
+                    client.send(messages, None if action.fence is None else encode_fence(action.fence))
+                except ConnectionLost as exc:
+                    self._events.put(("client_gone", client, 1006, f"write failed: {exc}"))
+                    return
+                if messages:
+                    self.messages_to_client += len(messages)
+                    self.manager.metrics.messages("to_client", len(messages), sum(len(m[1]) for m in messages))
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
                 self.manager.record_client_closed(action.code, action.reason)
@@ -368,8 +470,8 @@ class PersistentPipe:
                 self._retry_at = monotonic()
 
     # ---- readers ----
-    def _read_client(self) -> None:
-        client, session = self.client, self.session
+    def _read_client(self, client: Connection) -> None:
+        session = self.session
         lock = self._backend_lock
         try:
             while True:
@@ -380,36 +482,39 @@ class PersistentPipe:
                         data.append((op, payload))
                     elif op == OP_PING:
                         client.pong(payload)
+                    elif op == OP_PONG:
+                        if session.client_pong(payload, monotonic()):
+                            self.wake()
                     elif op == OP_CLOSE:
                         if data:
                             self._client_data(data, lock, session)
-                        self._client_closing(payload)
+                        self._client_closing(client, payload)
                         return
-                    # pongs from the client are not needed yet
                 if data:
                     self._client_data(data, lock, session)
         except ProtocolError as exc:
             client.send_close(exc.close_code, exc.reason)
-            self._events.put(("client_gone", exc.close_code, exc.reason))
+            self._events.put(("client_gone", client, exc.close_code, exc.reason))
         except ConnectionLost as exc:
-            self._events.put(("client_gone", 1006, str(exc)))
+            self._events.put(("client_gone", client, 1006, str(exc)))
 
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.client_messages(data, monotonic()))
 
-    def _client_closing(self, payload: bytes) -> None:
+    def _client_closing(self, client: Connection, payload: bytes) -> None:
         try:
             code, reason = parse_close_payload(payload)
         except ProtocolError as exc:
-            self.client.send_close(exc.close_code, exc.reason)
-            self._events.put(("client_gone", exc.close_code, exc.reason))
+            client.send_close(exc.close_code, exc.reason)
+            self._events.put(("client_gone", client, exc.close_code, exc.reason))
             return
-        self.client.send_close(code, reason)  # complete the close handshake (echo the code)
-        self._events.put(("client_gone", code, reason))
+        client.send_close(code, reason)  # complete the close handshake (echo the code)
+        self._events.put(("client_gone", client, code or 1005, reason))
 
     def _read_backend(self, conn: BackendConnection, generation: int) -> None:
-        client, session = self.client, self.session
+        session = self.session
+        lock = self._client_lock
         try:
             while True:
                 events = conn.read()
@@ -424,7 +529,7 @@ class PersistentPipe:
                         self._events.put(("backend_ping", generation, payload))
                     elif op == OP_CLOSE:
                         if data:
-                            self._to_client(client, data)
+                            self._backend_data(data, lock, session)
                         try:
                             code, reason = parse_close_payload(payload)
                         except ProtocolError as exc:
@@ -432,22 +537,16 @@ class PersistentPipe:
                         self._events.put(("backend_closed", generation, code or 1005, reason))
                         return
                 if data:
-                    self._to_client(client, data)
+                    self._backend_data(data, lock, session)
         except ProtocolError as exc:
             conn.send_close(exc.close_code, exc.reason)
             self._events.put(("backend_lost", generation, f"protocol error: {exc.reason}"))
         except ConnectionLost as exc:
             self._events.put(("backend_lost", generation, str(exc)))
-        except _ClientWriteFailed as exc:
-            self._events.put(("client_gone", 1006, str(exc)))
 
-    def _to_client(self, client: Connection, data: list[Message]) -> None:
-        try:
-            client.send(data)
-        except ConnectionLost as exc:
-            raise _ClientWriteFailed(str(exc)) from exc
-        self.messages_to_client += len(data)
-        self.manager.metrics.messages("to_client", len(data), sum(len(m[1]) for m in data))
+    def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
+        with lock:
+            self._perform(session.backend_messages(data, monotonic()))
 
     def _crashed(self, greenlet) -> None:
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
@@ -460,16 +559,18 @@ class PersistentPipe:
         others = [g for g in list(self._group) if g is not current]
         if others:
             gevent.joinall(others, timeout=CLOSE_GRACE_S)
-        for conn in (self.client, self.backend):
-            if conn is not None:
-                conn.abort()
+        if self.backend is not None:
+            self.backend.abort()
+        for client in list(self._client_released):
+            self._release_client(client)
         self._group.kill(timeout=CLOSE_GRACE_S)
         self._release_backend(failed=False)
         self.manager.stop_waiting(self)
+        if not self.session.client_attached:
+            log.warning("pipe %s: client did not resume within %g s; session ended",
+                        short_id(self.client_id), self.session.resume_grace_s)
+            self.manager.record_resume_event("expired")
         self._stopped.set()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
 
-
-class _ClientWriteFailed(Exception):
-    pass

@@ -20,7 +20,7 @@ class StreamingClient:
 
     def __init__(self, url: str, interval_s: float, stop: threading.Event):
         self.client_id = str(uuid.uuid4())
-        self.ws = websocket.create_connection(f"{url}/{self.client_id}", timeout=30)
+        self.ws = websocket.create_connection(f"{url}/{self.client_id}", timeout=30, suppress_origin=True)
         self.interval_s = interval_s
         self.stop = stop
         self.sent = 0

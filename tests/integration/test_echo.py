@@ -266,6 +266,7 @@ def test_stats_counts_connections_and_shows_the_last_upgrade(echo):
         "name": "echo",
         "connections_total": 0,
         "connections_open": 0,
+        "messages_total": 0,
         "last_headers": {},
         "last_path": "",
     }

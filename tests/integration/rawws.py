@@ -1,0 +1,92 @@
+"""A raw-socket WebSocket client for hostile-input tests: it sends exactly the bytes it is told to."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+import uuid
+
+from iwsproxy.frames import OP_CLOSE, FrameParser, apply_mask
+
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
+          length: int | None = None) -> bytes:
+    """One frame, any field set by hand (``length`` may lie about the payload)."""
+    length = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if mask else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", length)
+    if mask:
+        key = os.urandom(4)
+        return head + key + apply_mask(payload, key)
+    return head + payload
+
+
+class RawClient:
+    def __init__(self, port: int, path: str | None = None, *, headers: dict | None = None, timeout: float = 10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.path = path or "/" + str(uuid.uuid4())
+        self.headers = headers or {}
+        self.parser = FrameParser(expect_masked=False, max_message_size=1 << 30)
+        self.rest = b""
+
+    def request(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def handshake(self, **extra: str) -> int:
+        """Send a valid upgrade (plus ``extra`` headers); return the HTTP status."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
+                   "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13", **self.headers, **extra}
+        lines = [f"GET {self.path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items() if v is not None]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return self.read_status()
+
+    def read_status(self) -> int:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed during the handshake after {data!r}")
+            data += chunk
+        head, _, self.rest = data.partition(b"\r\n\r\n")
+        return int(head.split()[1])
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def events(self) -> list[tuple[int, bytes]]:
+        """Block until at least one frame arrives; [] at EOF."""
+        while True:
+            data, self.rest = (self.rest, b"") if self.rest else (self.sock.recv(65536), b"")
+            if not data:
+                return []
+            events = self.parser.feed(data)
+            if events:
+                return events
+
+    def close_code(self) -> int | None:
+        """Read until the Close frame (skipping data and pings); its code, or None at EOF."""
+        while True:
+            events = self.events()
+            if not events:
+                return None
+            for opcode, payload in events:
+                if opcode == OP_CLOSE:
+                    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+
+    def at_eof(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,312 @@
+"""Hostile input: each malformed case gets the exact close code or HTTP status, and a
+well-behaved session through the same proxy loses nothing meanwhile."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+
+import pytest
+import websocket
+
+from conftest import wait_for
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
+from rawws import RawClient, frame
+from streams import StreamingClient
+
+
+@pytest.fixture(scope="module")
+def hostile_setup(tmp_path_factory):
+    """One proxy for the module, with small limits, and a steady well-behaved stream through it."""
+    from conftest import EchoProcess, Proxy
+    backend = EchoProcess(name="echo").start()
+    proxy = Proxy("--backend", backend.url, "--max-message-size", "64KiB", "--max-fragments", "8",
+                  "--handshake-timeout", "1", "--max-pipes-per-ip", "1000",
+                  "--allowed-origin", "https://app.example.com", "--allowed-origin", "https://*.trusted.test").start()
+    stop = threading.Event()
+    witness = StreamingClient(proxy.url, 0.005, stop).start()
+    yield proxy, witness
+    stop.set()
+    witness.finish()
+    assert witness.error is None and witness.closed_with is None
+    assert witness.lost() == 0 and witness.duplicates() == 0
+    assert witness.first_deliveries() == list(range(witness.sent))
+    assert witness.sent > 50
+    witness.close()
+    proxy.terminate()
+    backend.terminate()
+
+
+def upgraded(proxy) -> RawClient:
+    client = RawClient(proxy.port)
+    assert client.handshake() == 101
+    return client
+
+
+CASES = [
+    ("unmasked client frame", frame(OP_TEXT, b"hi", mask=False), 1002),
+    ("reserved bits without an extension", frame(OP_TEXT, b"hi", rsv=4), 1002),
+    ("unknown opcode", frame(0x3, b"hi"), 1002),
+    ("unknown control opcode", frame(0xB, b""), 1002),
+    ("control frame over 125 bytes", frame(OP_PING, b"x" * 126), 1002),
+    ("fragmented control frame", frame(OP_PING, b"x", fin=False), 1002),
+    ("continuation without a start", frame(OP_CONT, b"x"), 1002),
+    ("new message inside a fragmented one", frame(OP_TEXT, b"a", fin=False) + frame(OP_TEXT, b"b"), 1002),
+    ("invalid UTF-8 text", frame(OP_TEXT, b"\xff\xfe"), 1007),
+    ("invalid UTF-8 across fragments", frame(OP_TEXT, b"\xe2\x82", fin=False) + frame(OP_CONT, b"(", fin=True), 1007),
+    ("invalid UTF-8 close reason", frame(OP_CLOSE, b"\x03\xe8\xff"), 1007),
+    ("close code 999", frame(OP_CLOSE, (999).to_bytes(2, "big")), 1002),
+    ("close code 1005 on the wire", frame(OP_CLOSE, (1005).to_bytes(2, "big")), 1002),
+    ("one-byte close payload", frame(OP_CLOSE, b"\x03"), 1002),
+    ("declared 2**40-byte frame (no payload sent)", frame(OP_BINARY, b"", length=2 ** 40)[:10], 1009),
+    ("64-bit length with the top bit set", b"\x82\xff" + (2 ** 63).to_bytes(8, "big"), 1002),
+    ("message over the size limit", frame(OP_BINARY, b"x" * (64 * 1024 + 1)), 1009),
+    ("fragments over the size limit",
+     frame(OP_BINARY, b"x" * 40000, fin=False) + frame(OP_CONT, b"x" * 40000), 1009),
+    ("too many fragments", b"".join(frame(OP_CONT if i else OP_TEXT, b"x", fin=False) for i in range(9)), 1009),
+]
+
+
+@pytest.mark.parametrize("name, data, code", CASES, ids=[c[0] for c in CASES])
+def test_protocol_violation_gets_its_close_code(hostile_setup, name, data, code):
+    proxy, _ = hostile_setup
+    client = upgraded(proxy)
+    client.send(data)
+    assert client.close_code() == code
+    client.close()
+
+
+def test_ping_is_answered_with_the_same_payload_and_close_is_completed(hostile_setup):
+    proxy, _ = hostile_setup
+    client = upgraded(proxy)
+    client.send(frame(OP_PING, b"payload-123"))
+    pongs = []
+    while not pongs:
+        pongs = [p for op, p in client.events() if op == OP_PONG]
+    assert pongs == [b"payload-123"]
+    client.send(frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye"))
+    assert client.close_code() == 1000
+    assert client.at_eof()
+
+
+def test_good_messages_before_a_violation_still_reach_the_backend(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    client = upgraded(proxy)
+    client.send(frame(OP_TEXT, b"first") + frame(OP_TEXT, b"second") + frame(OP_TEXT, b"x", mask=False))
+    assert client.close_code() == 1002
+    wait_for(lambda: backend.stats()["messages_total"] == 2, what="the two good messages at the backend")
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Sec-WebSocket-Version": "8"}, 426),
+    ({"Sec-WebSocket-Key": "short"}, 400),
+    ({"Sec-WebSocket-Key": None}, 400),
+    ({"Origin": "https://evil.test"}, 403),
+    ({"Origin": "https://app.example.com.evil.test"}, 403),
+    ({"Origin": "https://app.example.com"}, 101),
+    ({"Origin": "https://a.trusted.test"}, 101),
+    ({"Origin": "https://trusted.test"}, 403),
+])
+def test_bad_handshakes_get_an_http_status(hostile_setup, headers, status):
+    proxy, _ = hostile_setup
+    client = RawClient(proxy.port)
+    assert client.handshake(**headers) == status
+    client.close()
+
+
+def test_non_uuid_and_path_tricks_get_400(hostile_setup):
+    proxy, _ = hostile_setup
+    for path in ("/not-a-uuid", "/" + str(uuid.uuid4()).upper().replace("-", ""), "/%00", "/" + "a" * 5000):
+        client = RawClient(proxy.port, path)
+        assert client.handshake() in (400, 404, 414)
+        client.close()
+
+
+def test_slow_request_line_is_dropped(hostile_setup):
+    proxy, _ = hostile_setup
+    client = RawClient(proxy.port, timeout=5)
+    client.request(b"GET /")                         # and never the rest
+    assert client.at_eof()                           # within the 1 s handshake timeout (socket timeout 5 s)
+
+
+def test_incomplete_headers_are_dropped(hostile_setup):
+    proxy, _ = hostile_setup
+    client = RawClient(proxy.port, timeout=5)
+    client.request(b"GET /" + str(uuid.uuid4()).encode() + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websock")
+    data = b""
+    while True:
+        try:
+            chunk = client.sock.recv(4096)
+        except socket.timeout:
+            pytest.fail("the proxy kept an incomplete request open")
+        if not chunk:
+            break
+        data += chunk
+    assert data == b"" or data.startswith(b"HTTP/1.1 400")
+
+
+def test_many_bad_clients_at_once_do_not_disturb_the_witness(hostile_setup):
+    proxy, witness = hostile_setup
+    before = witness.distinct()
+    clients = [upgraded(proxy) for _ in range(30)]
+    for i, client in enumerate(clients):
+        client.send(CASES[i % len(CASES)][1])
+    for i, client in enumerate(clients):
+        assert client.close_code() == CASES[i % len(CASES)][2]
+        client.close()
+    wait_for(lambda: witness.distinct() >= before + 20, what="the witness stream to keep flowing")
+
+
+def test_per_ip_limit_answers_429(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url, "--max-pipes-per-ip", "2")
+    first, second = proxy.connect(), proxy.connect()
+    with pytest.raises(websocket.WebSocketBadStatusException) as third:
+        proxy.connect()
+    assert third.value.status_code == 429
+    first.close()
+    wait_for(lambda: len(proxy.pipes()) == 1, what="the first pipe to end")
+    again = proxy.connect()
+    again.send("ok")
+    assert again.recv() == "ok"
+    second.close()
+    again.close()
+
+
+def test_idle_timeout_closes_with_1001(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url, "--idle-timeout", "0.5")
+    ws = proxy.connect()
+    ws.send("active")
+    assert ws.recv() == "active"
+    opcode, data = None, b""
+    while opcode != websocket.ABNF.OPCODE_CLOSE:
+        opcode, data = ws.recv_data(control_frame=True)
+    assert (int.from_bytes(data[:2], "big"), data[2:]) == (1001, b"idle for 0.5 s")
+
+
+def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url, "--global-buffer-limit", "100KiB",
+                            "--buffer-limit", "80KiB")
+    a, b = proxy.connect(), proxy.connect()
+    backend.kill()
+    wait_for(lambda: all(p["backend_state"] == "failing_over" for p in proxy.pipes()), what="failover state")
+    a.send_binary(b"a" * 60 * 1024)                  # within a's cap and within the budget
+    wait_for(lambda: sum(p["buffered_bytes"] for p in proxy.pipes()) >= 60 * 1024, what="a's buffer")
+    b.send_binary(b"b" * 60 * 1024)                  # within b's cap, but past the process budget
+    opcode, data = None, b""
+    while opcode != websocket.ABNF.OPCODE_CLOSE:
+        opcode, data = b.recv_data(control_frame=True)
+    assert (int.from_bytes(data[:2], "big"), data[2:]) == (1013, b"proxy buffer budget exhausted")
+    fresh = processes.echo(name="fresh")
+    proxy.admin("POST", {"url": fresh.url})
+    a.send("still here")
+    got = [a.recv_data()[1] for _ in range(2)]
+    assert got == [b"a" * 60 * 1024, b"still here"]
+
+
+def test_admin_failures_are_rate_limited_and_urls_checked_against_the_allowlist(processes):
+    proxy = processes.proxy("--backend-allowlist", "127.0.0.1", "--backend-allowlist", "10.0.0.0/8")
+    status = [proxy.admin("GET", token="wrong")[0] for _ in range(11)]
+    assert status[:10] == [401] * 10 and status[10] == 429
+    assert proxy.admin("GET")[0] == 429               # even the right token waits out the block
+    other = processes.proxy("--backend-allowlist", "127.0.0.1:9", "--backend-allowlist", "10.0.0.0/8")
+    assert other.admin("POST", {"url": "ws://169.254.169.254/latest"})[0] == 403
+    assert other.admin("POST", {"url": "ws://127.0.0.1:10/x"})[0] == 403
+    assert other.admin("POST", {"url": "ws://127.0.0.1:9/x"})[0] == 201
+    assert other.admin("POST", {"url": "ws://10.1.2.3:9000/"})[0] == 201
+
+
+class SilentBackend:
+    """Accepts TCP connections and never answers: a backend stuck before its handshake."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self):
+        self.sock.close()
+
+
+def test_backend_stuck_in_its_handshake_fails_without_stalling_others(processes):
+    good = processes.echo()
+    silent = SilentBackend()
+    try:
+        proxy = processes.proxy("--backend", good.url, "--connect-timeout", "1")
+        busy = proxy.connect()
+        proxy.admin("POST", {"url": silent.url})
+        results = {}
+
+        def newcomer():
+            ws = proxy.connect(timeout=10)            # may try the silent backend first: 1 s, then the good one
+            ws.send("late")
+            results["newcomer"] = ws.recv()
+            ws.close()
+
+        thread = threading.Thread(target=newcomer)
+        thread.start()
+        for i in range(50):                           # meanwhile the busy client is served without a stall
+            busy.send(str(i))
+            assert busy.recv() == str(i)
+        thread.join(15)
+        assert results == {"newcomer": "late"}
+        busy.close()
+    finally:
+        silent.close()
+
+
+def test_backend_breaking_the_protocol_is_failed_over(processes):
+    good = processes.echo(name="good")
+    evil = EvilBackend()
+    try:
+        proxy = processes.proxy("--backend", evil.url, "--backend", good.url)
+        ws = proxy.connect()
+        ws.send("hello")
+        assert ws.recv() == "hello"                  # served by the good backend after the evil one misbehaved
+        assert proxy.pipes()[0]["backend"] == good.url or proxy.pipes()[0]["failovers"] >= 1
+        ws.close()
+    finally:
+        evil.close()
+
+
+class EvilBackend:
+    """Completes the handshake, then sends a masked frame (servers must not mask)."""
+
+    def __init__(self):
+        import base64
+        import hashlib
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._b64, self._sha1 = base64, hashlib
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key"))
+            accept = self._b64.b64encode(self._sha1.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            conn.sendall(frame(OP_TEXT, b"masked by a server", mask=True))
+            self.last = conn
+
+    def close(self):
+        self.sock.close()
