@@ -376,6 +376,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-interval-ms", type=int, help='also send "1", "2", ... every N ms')
     parser.add_argument("--work-ms", type=int, default=0,
                         help="simulated processing time before each batch of replies (for loss tests)")
+    parser.add_argument("--certfile", help="serve wss:// with this certificate (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         work_ms=args.work_ms,
     )
     pool = gevent.pool.Pool(args.max_connections)
-    server = gevent.server.StreamServer((args.host, args.port), echo.handle, spawn=pool)
+    tls = {"certfile": args.certfile, "keyfile": args.keyfile} if args.certfile else {}
+    server = gevent.server.StreamServer((args.host, args.port), echo.handle, spawn=pool, **tls)
     stopping = gevent.event.Event()
     handlers = [gevent.signal_handler(sig, stopping.set) for sig in (signal.SIGTERM, signal.SIGINT)]
     server.start()
