@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 
-__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "FAILOVER_BUCKETS_S",
-           "close_reason_label", "close_code_label", "backend_label"]
+__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS",
+           "FAILOVER_BUCKETS_S", "close_reason_label", "close_code_label", "backend_label"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATES = ("connecting", "connected", "draining", "failing_over", "closed", "detached")
@@ -122,10 +122,14 @@ class PrometheusMetrics(Metrics):
     """
 
     def __init__(self, registry=None):
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        if self.multiprocess_dir is not None and not os.path.isdir(self.multiprocess_dir):
+            raise ConfigError(MULTIPROC_ENV, self.multiprocess_dir, "environment",
+                              "not a directory (it must exist, empty, before the processes start)")
+        from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                                       generate_latest)
 
         self.registry = CollectorRegistry() if registry is None else registry
-        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         r = self.registry
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()):
@@ -166,11 +170,7 @@ class PrometheusMetrics(Metrics):
             from prometheus_client import multiprocess
 
             self._scrape_registry = CollectorRegistry()
-            try:
-                multiprocess.MultiProcessCollector(self._scrape_registry, path=self.multiprocess_dir)
-            except ValueError as exc:
-                raise ConfigError(MULTIPROC_ENV, self.multiprocess_dir, "environment",
-                                  "not a directory (it must exist, empty, before the processes start)") from exc
+            multiprocess.MultiProcessCollector(self._scrape_registry, path=self.multiprocess_dir)
 
     # ---- hooks ----
     def pipe_opened(self) -> None:

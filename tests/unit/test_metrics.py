@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from iwsproxy.exceptions import ConfigError
 from iwsproxy.metrics import (FAILOVER_BUCKETS_S, STATES, Metrics, PrometheusMetrics, backend_label,
                               close_code_label, close_reason_label)
 
@@ -245,7 +244,8 @@ def test_multiprocess_mode_sums_processes_and_forgets_dead_gauges(tmp_path):
     assert after['iwsproxy_failovers_total{}'] == 2
 
 
-def test_multiprocess_dir_must_exist(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR"):
-        PrometheusMetrics()
+def test_multiprocess_dir_must_exist(tmp_path):
+    code = ("from iwsproxy.exceptions import ConfigError\n"
+            "from iwsproxy.metrics import PrometheusMetrics\n"
+            "try:\n    PrometheusMetrics()\nexcept ConfigError as exc:\n    print(exc)\n")
+    assert _run(code, tmp_path / "missing").startswith(f"PROMETHEUS_MULTIPROC_DIR='{tmp_path / 'missing'}'")

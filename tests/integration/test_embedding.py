@@ -1,0 +1,108 @@
+"""iwsproxy mounted into an existing Flask app, served by the documented gunicorn worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from http.cookiejar import CookieJar
+
+import pytest
+import websocket
+
+from conftest import ROOT, stats
+from iwsproxy.process import ChildProcess
+
+
+class LegacyApp(ChildProcess):
+    def __init__(self):
+        super().__init__("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+                         "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", "legacy_app:app",
+                         env={"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}, name="legacy")
+
+
+def test_extension_in_a_legacy_app(processes):
+    backend = processes.echo()
+    app = processes.add(LegacyApp())
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    assert opener.open(app.http_url + "/", timeout=5).read() == b"legacy home"
+    assert json.loads(opener.open(app.http_url + "/login", data=b"user=ada", timeout=5).read()) == {"user": "ada"}
+    assert json.loads(opener.open(app.http_url + "/me", timeout=5).read()) == {"user": "ada"}
+    # the app's own route registers a backend through IWSProxy.manager()
+    req = urllib.request.Request(app.http_url + "/deploy/backends", data=json.dumps({"url": backend.url}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    assert urllib.request.urlopen(req, timeout=5).status == 201
+    # the proxy lives under /ws, its admin under /ops; the app's session cookie reaches the backend
+    session_cookie = "session=from-the-legacy-app"
+    ws = websocket.create_connection(f"{app.url}/ws/{uuid.uuid4()}", timeout=5, cookie=session_cookie)
+    ws.send("through the legacy app")
+    assert ws.recv() == "through the legacy app"
+    assert stats(backend)["last_headers"]["cookie"] == session_cookie
+    listing = urllib.request.Request(app.http_url + "/ops/backends",
+                                     headers={"Authorization": "Bearer legacy-token"})
+    assert json.loads(urllib.request.urlopen(listing, timeout=5).read())["backends"][0]["url"] == backend.url
+    with pytest.raises(urllib.error.HTTPError) as plain:
+        urllib.request.urlopen(f"{app.http_url}/ws/{uuid.uuid4()}", timeout=5)
+    assert plain.value.code == 426
+    ws.close()
+
+
+def test_registering_the_extension_twice_is_an_error():
+    from flask import Flask
+
+    from iwsproxy import IWSProxy, Settings
+    app = Flask("twice")
+    IWSProxy(app, settings=Settings())
+    with pytest.raises(RuntimeError, match="already registered"):
+        IWSProxy(app, settings=Settings())
+
+
+def test_sigterm_closes_clients_with_1012_and_exits(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    clients = [proxy.connect() for _ in range(5)]
+    for ws in clients:
+        ws.send("x")
+        assert ws.recv() == "x"
+    proxy.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        opcode, data = None, b""
+        while opcode != websocket.ABNF.OPCODE_CLOSE:
+            opcode, data = ws.recv_data(control_frame=True)
+        assert int.from_bytes(data[:2], "big") == 1012
+    assert proxy.proc.wait(10) == 0
+    assert stats(backend)["connections_open"] == 0
+
+
+def test_backends_cli(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    proxy = processes.proxy("--backend", a.url)
+
+    def cli(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "iwsproxy", "backends", *args, "--admin",
+                                 proxy.http_url + "/admin", "--token", "test-admin-token"],
+                                capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert a.url in cli("list")
+    cli("add", b.url)
+    assert b.url in cli("list")
+    ws = proxy.connect()
+    served_by = proxy.pipes()[0]["backend"]
+    out = json.loads(cli("remove", served_by, "--drain"))
+    assert out["draining"] is True and out["pipes"] == 1
+    ws.send("after the drain")
+    assert ws.recv() == "after the drain"
+    assert served_by not in cli("list")
+    bad = subprocess.run([sys.executable, "-m", "iwsproxy", "backends", "list", "--admin",
+                          proxy.http_url + "/admin", "--token", "wrong"], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
+    assert bad.returncode != 0 and "401" in bad.stderr
+    ws.close()
