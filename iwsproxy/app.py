@@ -252,6 +252,6 @@ class IWSProxy:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn)."""
-    app = Flask("iwsproxy")
+    app = Flask("iwsproxy", static_folder=None)  # the status page serves its own script
     IWSProxy(app, settings=settings)
     return app

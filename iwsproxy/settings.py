@@ -152,8 +152,9 @@ class Settings:
     max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
                              "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
                              "--max-pipes")
-    max_pipes_per_ip: int = setting(100, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
-                                    "most concurrent pipes per client IP (more: HTTP 429)", "--max-pipes-per-ip")
+    max_pipes_per_ip: int = setting(1000, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
+                                    "most concurrent pipes per client IP (more: HTTP 429); behind a load "
+                                    "balancer every client has the balancer's address", "--max-pipes-per-ip")
     handshake_timeout_s: float = setting(10.0, "IWSPROXY_HANDSHAKE_TIMEOUT", _parse_seconds,
                                          "time allowed for a request line and headers (slower: dropped)",
                                          "--handshake-timeout")
