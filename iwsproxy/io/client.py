@@ -90,9 +90,8 @@ class ClientUpgrade:
         handler = self._handler
         handler.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         handler.mark_upgraded()
-        # read1 first returns whatever the HTTP parser buffered past the request, then one recv per call
         self.connection = Connection(handler.socket, server_side=True, max_message_size=max_message_size,
-                                     max_fragments=max_fragments, recv=handler.rfile.read1)
+                                     max_fragments=max_fragments, prefix=handler.rfile)
         return self.connection
 
 

@@ -9,8 +9,8 @@ never interleave frames on one socket.
 
 from __future__ import annotations
 
+import io
 import socket
-from collections.abc import Callable
 
 from gevent.lock import Semaphore
 
@@ -21,6 +21,7 @@ from ..frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, MaskSource, encode
 __all__ = ["Connection", "ConnectionLost"]
 
 READ_CHUNK = 256 * 1024
+_PREFIX_CHUNK = 4096
 
 
 class ConnectionLost(Exception):
@@ -28,12 +29,14 @@ class ConnectionLost(Exception):
 
 
 class Connection:
-    __slots__ = ("sock", "_recv", "_parser", "_mask", "_lock", "_error", "close_sent", "closed", "__weakref__")
+    __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
+                 "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
-                 max_fragments: int = 1024, recv: Callable[[int], bytes] | None = None):
+                 max_fragments: int = 1024, prefix: io.BufferedReader | None = None):
         self.sock = sock
-        self._recv = recv or sock.recv
+        self._recv = sock.recv
+        self._prefix = prefix  # the HTTP server's reader, drained first (client side)
         self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size,
                                    max_fragments=max_fragments)
         self._mask = None if server_side else MaskSource()
@@ -56,7 +59,7 @@ class Connection:
             raise self._error
         while True:
             try:
-                data = self._recv(READ_CHUNK)
+                data = self._recv(READ_CHUNK) if self._prefix is None else self._read_prefix()
             except OSError as exc:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
             if not data:
@@ -70,6 +73,18 @@ class Connection:
                 return exc.events
             if events:
                 return events
+
+    def _read_prefix(self) -> bytes:
+        """Read through the HTTP server's buffered reader until its buffer is empty.
+
+        It may hold bytes the client sent right after its request. Small reads
+        keep an idle connection from pinning a large buffer; once a read comes
+        back short the buffer is empty and reads go straight to the socket.
+        """
+        data = self._prefix.read1(_PREFIX_CHUNK)
+        if len(data) < _PREFIX_CHUNK:
+            self._prefix = None
+        return data
 
     # ---- writing (any greenlet; serialised) ----
     def encode(self, messages: list[Message], ping: bytes | None = None) -> bytes:

@@ -258,6 +258,7 @@ class PipeManager:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""
         self._closing.set()
         self._tasks.kill(timeout=1)
+        self.registry.stop()
         pipes = list(self._pipes.values())
         for pipe in pipes:
             pipe.stop(code, reason)
