@@ -126,6 +126,9 @@ class PathResult:
 
 # ---- command line ----
 def parse_args(argv: list[str] | None) -> Options:
+    if argv and argv[0] == "--":
+        # `iwsproxy bench -- --quick`: the top-level CLI passes the separator on
+        argv = argv[1:]
     parser = argparse.ArgumentParser(prog="iwsproxy bench", description=__doc__.split("\n\n")[0].strip("`: "))
     parser.add_argument("--quick", action="store_true", help="smoke run for CI (< 20 s): shorter phases, fewer pipes")
     parser.add_argument("--duration", type=float, help="seconds per throughput phase (default 5, quick 1.5)")

@@ -91,7 +91,7 @@ class ClientUpgrade:
         handler.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         handler.mark_upgraded()
         self.connection = Connection(handler.socket, server_side=True, max_message_size=max_message_size,
-                                     max_fragments=max_fragments, prefix=handler.rfile)
+                                     max_fragments=max_fragments, prefix=handler.take_buffered_input())
         return self.connection
 
 
@@ -131,6 +131,25 @@ class ProxyHandler(WebSocketHandler):
             return super().handle_one_request()
         finally:
             self._cancel_handshake_timer()
+
+    def take_buffered_input(self) -> bytes:
+        """What the HTTP reader buffered past the request; then close the reader (and free its buffer).
+
+        From here on the connection reads the socket directly.
+        """
+        sock, rfile = self.socket, self.rfile
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)  # drain without waiting: read1 returns b"" when only the socket is left
+        chunks = []
+        try:
+            while chunk := rfile.read1(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        finally:
+            sock.settimeout(timeout)
+        rfile.close()  # the socket stays open; the 8 KiB buffer is released
+        return b"".join(chunks)
 
     def mark_upgraded(self) -> None:
         self.status = b"101 Switching Protocols"

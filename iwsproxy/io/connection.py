@@ -9,7 +9,6 @@ never interleave frames on one socket.
 
 from __future__ import annotations
 
-import io
 import socket
 
 from gevent.lock import Semaphore
@@ -21,7 +20,6 @@ from ..frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, MaskSource, encode
 __all__ = ["Connection", "ConnectionLost"]
 
 READ_CHUNK = 256 * 1024
-_PREFIX_CHUNK = 4096
 
 
 class ConnectionLost(Exception):
@@ -33,10 +31,10 @@ class Connection:
                  "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
-                 max_fragments: int = 1024, prefix: io.BufferedReader | None = None):
+                 max_fragments: int = 1024, prefix: bytes = b""):
         self.sock = sock
         self._recv = sock.recv
-        self._prefix = prefix  # the HTTP server's reader, drained first (client side)
+        self._prefix = prefix or None  # bytes that arrived with the HTTP request (client side)
         self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size,
                                    max_fragments=max_fragments)
         self._mask = None if server_side else MaskSource()
@@ -59,7 +57,7 @@ class Connection:
             raise self._error
         while True:
             try:
-                data = self._recv(READ_CHUNK) if self._prefix is None else self._read_prefix()
+                data = self._recv(READ_CHUNK) if self._prefix is None else self._take_prefix()
             except OSError as exc:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
             if not data:
@@ -74,17 +72,9 @@ class Connection:
             if events:
                 return events
 
-    def _read_prefix(self) -> bytes:
-        """Read through the HTTP server's buffered reader until its buffer is empty.
-
-        It may hold bytes the client sent right after its request. Small reads
-        keep an idle connection from pinning a large buffer; once a read comes
-        back short the buffer is empty and reads go straight to the socket.
-        """
-        data = self._prefix.read1(_PREFIX_CHUNK)
-        if len(data) < _PREFIX_CHUNK:
-            self._prefix = None
-        return data
+    def _take_prefix(self) -> bytes:
+        prefix, self._prefix = self._prefix, None
+        return prefix
 
     # ---- writing (any greenlet; serialised) ----
     def encode(self, messages: list[Message], ping: bytes | None = None) -> bytes:

@@ -226,6 +226,7 @@ class PersistentPipe:
             deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None)
                          if d is not None]
             timeout = max(0.0, min(deadlines) - monotonic()) if deadlines else None
+            self._observe()
             try:
                 event = self._events.get(timeout=timeout)
             except Empty:
@@ -493,8 +494,7 @@ class PersistentPipe:
                 if data:
                     self._client_data(data, lock, session)
         except ProtocolError as exc:
-            client.send_close(exc.close_code, exc.reason)
-            self._events.put(("client_gone", client, exc.close_code, exc.reason))
+            self._client_broke_protocol(client, exc)
         except ConnectionLost as exc:
             self._events.put(("client_gone", client, 1006, str(exc)))
 
@@ -506,11 +506,16 @@ class PersistentPipe:
         try:
             code, reason = parse_close_payload(payload)
         except ProtocolError as exc:
-            client.send_close(exc.close_code, exc.reason)
-            self._events.put(("client_gone", client, exc.close_code, exc.reason))
+            self._client_broke_protocol(client, exc)
             return
         client.send_close(code, reason)  # complete the close handshake (echo the code)
         self._events.put(("client_gone", client, code or 1005, reason))
+
+    def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
+        log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
+        self.manager.record_client_closed(exc.close_code, exc.reason)
+        client.send_close(exc.close_code, exc.reason)
+        self._events.put(("client_gone", client, exc.close_code, exc.reason))
 
     def _read_backend(self, conn: BackendConnection, generation: int) -> None:
         session = self.session
