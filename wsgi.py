@@ -19,6 +19,10 @@ else:  # under gunicorn: log through gunicorn's error log, at its level
         logging.getLogger("iwsproxy").handlers = _gunicorn.handlers
         logging.getLogger("iwsproxy").setLevel(_gunicorn.level)
 
+import gevent  # noqa: E402
+
+gevent.config.track_greenlet_tree = False  # a spawn-tree record per greenlet costs KiBs per pipe
+
 from iwsproxy import create_app  # noqa: E402
 
 app = create_app()

@@ -159,18 +159,21 @@ class Ledger:
     stack in order, so its Pong proves every message before it was read and
     those leave the window. Pongs come in order and a peer may answer only the
     latest of several pings, so the Pong for fence N settles every fence up to N.
-    Each write batch carries its own fence; at most ``max_fences`` are out, after
-    which writes join the newest fence's window.
+    A write batch carries its own fence unless one was written less than
+    ``fence_interval_s`` ago (under load, one fence covers many batches) or
+    ``max_fences`` are out; such writes join the newest fence's window and get a
+    fence of their own once the outstanding ones are answered.
     """
 
-    __slots__ = ("buffer", "keep", "max_fences", "fences", "sent_total", "acked_total", "next_fence",
-                 "last_fence_at")
+    __slots__ = ("buffer", "keep", "max_fences", "fence_interval_s", "fences", "sent_total", "acked_total",
+                 "next_fence", "last_fence_at")
 
     def __init__(self, limit_bytes: int, *, keep: bool, now: float, max_fences: int = 32,
-                 budget: Budget | None = None):
+                 fence_interval_s: float = 0.0, budget: Budget | None = None):
         self.buffer = MessageBuffer(limit_bytes, budget)
         self.keep = keep                    # False: no window (at-most-once / no resume)
         self.max_fences = max_fences
+        self.fence_interval_s = fence_interval_s  # while fences are out, at most one new one per interval
         self.fences: list[tuple[int, int, float]] = []  # (number, index covered, sent at); at most max_fences
         self.sent_total = 0                 # absolute index of the next message written
         self.acked_total = 0
@@ -199,8 +202,11 @@ class Ledger:
     def take_fence(self, now: float) -> int | None:
         """A fence for everything written so far, unless the last one covers it or too many are out."""
         fences = self.fences
-        if fences and (len(fences) >= self.max_fences or fences[-1][1] == self.sent_total):
-            return None
+        if fences:
+            newest = fences[-1]
+            if (newest[1] == self.sent_total or len(fences) >= self.max_fences
+                    or now - newest[2] < self.fence_interval_s):
+                return None
         number = self.next_fence
         self.next_fence += 1
         fences.append((number, self.sent_total, now))

@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        import gevent
         from gevent import monkey
+
         monkey.patch_all()
+        gevent.config.track_greenlet_tree = False  # a spawn-tree record per greenlet: KiBs per pipe
     _configure_logging(args.log_level)
     try:
         return args.func(args)

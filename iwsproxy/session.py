@@ -57,6 +57,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 MAX_FENCES_IN_FLIGHT = 32  # beyond this, new writes join the last fence's window
+FENCE_INTERVAL_S = 0.002   # while fences are out, a new one at most this often (one per batch when idle-ish)
 
 
 class State(str, enum.Enum):
@@ -134,9 +135,9 @@ class Session:
                  reconnect_deadline_s: float = 0.0, pong_timeout_s: float = 10.0, keepalive_s: float = 20.0,
                  resume_grace_s: float = 0.0, idle_timeout_s: float = 0.0, budget: Budget | None = None):
         self.to_backend = Ledger(buffer_limit_bytes, keep=replay, now=now, max_fences=MAX_FENCES_IN_FLIGHT,
-                                 budget=budget)
+                                 fence_interval_s=FENCE_INTERVAL_S, budget=budget)
         self.to_client = Ledger(buffer_limit_bytes, keep=resume_grace_s > 0, now=now,
-                                max_fences=MAX_FENCES_IN_FLIGHT, budget=budget)
+                                max_fences=MAX_FENCES_IN_FLIGHT, fence_interval_s=FENCE_INTERVAL_S, budget=budget)
         self.idle_timeout_s = idle_timeout_s
         self.last_activity = now     # last data message either way (for the idle timeout)
         self.buffer = self.to_backend.buffer

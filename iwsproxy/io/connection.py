@@ -94,7 +94,10 @@ class Connection:
             if self.close_sent:
                 raise ConnectionLost("close already sent")
             try:
-                self.sock.sendall(data)
+                # one send() usually takes it all; sendall() only for the rest (it costs a getsockopt per call)
+                sent = self.sock.send(data)
+                if sent < len(data):
+                    self.sock.sendall(memoryview(data)[sent:])
             except OSError as exc:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
 

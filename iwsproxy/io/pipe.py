@@ -26,7 +26,6 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Group
-from gevent.queue import Empty, Queue
 
 from ..backoff import backoff
 from ..buffer import Message
@@ -85,7 +84,7 @@ class PersistentPipe:
         self._backend_lock = Semaphore()      # session calls + backend writes, together
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
-        self._events: Queue = Queue()
+        self._events = _Mailbox()
         self._group = Group()
         self._stopped = Event()
         self._retry_at: float | None = None
@@ -227,10 +226,7 @@ class PersistentPipe:
                          if d is not None]
             timeout = max(0.0, min(deadlines) - monotonic()) if deadlines else None
             self._observe()
-            try:
-                event = self._events.get(timeout=timeout)
-            except Empty:
-                event = None
+            event = self._events.get(timeout)
             if event is not None:
                 self._handle(event)
             if not session.closed:
@@ -579,3 +575,26 @@ class PersistentPipe:
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
 
+
+class _Mailbox:
+    """The supervisor's inbox: a list and an Event (a gevent Queue costs three deques per pipe)."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self) -> None:
+        self._items: list[tuple] = []
+        self._ready = Event()
+
+    def put(self, item: tuple) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def get(self, timeout: float | None) -> tuple | None:
+        """The oldest item, waiting up to ``timeout`` for one; None if none came."""
+        items = self._items
+        if not items:
+            self._ready.clear()
+            self._ready.wait(timeout)
+            if not items:
+                return None
+        return items.pop(0)

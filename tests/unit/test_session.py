@@ -6,7 +6,7 @@ import pytest
 
 from iwsproxy.buffer import MessageBuffer
 from iwsproxy.exceptions import BufferOverflow
-from iwsproxy.session import (MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
+from iwsproxy.session import (FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
                               encode_fence)
 
 
@@ -74,10 +74,18 @@ def test_a_pong_for_a_later_fence_settles_the_earlier_ones():
 def test_fences_in_flight_are_capped_and_a_due_fence_follows_the_pong():
     s = connected()
     for i in range(MAX_FENCES_IN_FLIGHT):
-        assert s.client_messages(msgs(f"m{i}"), 1.0)[0].fence == i + 1
-    assert s.client_messages(msgs("extra"), 1.0) == [SendToBackend(msgs("extra"), fence=None)]
-    assert s.backend_pong(1, encode_fence(MAX_FENCES_IN_FLIGHT), 1.5) is True  # "extra" unfenced
-    assert s.poll(1.5) == [SendToBackend([], fence=MAX_FENCES_IN_FLIGHT + 1)]
+        assert s.client_messages(msgs(f"m{i}"), 1.0 + i * FENCE_INTERVAL_S)[0].fence == i + 1
+    late = 2.0
+    assert s.client_messages(msgs("extra"), late) == [SendToBackend(msgs("extra"), fence=None)]
+    assert s.backend_pong(1, encode_fence(MAX_FENCES_IN_FLIGHT), late) is True  # "extra" unfenced
+    assert s.poll(late) == [SendToBackend([], fence=MAX_FENCES_IN_FLIGHT + 1)]
+
+
+def test_under_load_one_fence_covers_the_batches_of_an_interval():
+    s = connected()
+    assert s.client_messages(msgs("a"), 1.0)[0].fence == 1
+    assert s.client_messages(msgs("b"), 1.0 + FENCE_INTERVAL_S / 2)[0].fence is None
+    assert s.client_messages(msgs("c"), 1.0 + FENCE_INTERVAL_S)[0].fence == 2
 
 
 def test_no_fence_when_nothing_new_was_written():
