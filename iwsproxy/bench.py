@@ -231,9 +231,18 @@ def machine_line() -> str:
     return f"machine: nproc {os.cpu_count()}, {model}, Python {platform.python_version()} ({sys.platform})"
 
 
-def raise_nofile_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit; every child started later inherits it."""
+def raise_nofile_limit(needed: int = 0) -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (the hard one too, where allowed, if ``needed`` is more).
+
+    Every child started later inherits it.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))  # root may raise the hard limit
+            return needed
+        except (ValueError, OSError):
+            pass
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
@@ -488,7 +497,9 @@ def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
 def start_proxy(backends: list[ChildProcess], started: list) -> ChildProcess:
     urls = [arg for b in backends for arg in ("--backend", b.url)]
     # --log-level belongs to the top-level parser: `iwsproxy --log-level warning serve ...`
-    proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *urls,
+    # one load generator address opens every pipe: lift the per-address and per-process caps
+    limits = ["--max-pipes", "100000", "--max-pipes-per-ip", "100000"]
+    proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *limits, *urls,
                          env=_child_env(), name="proxy")
     return _start(proxy, started)
 
@@ -509,7 +520,8 @@ def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -
     config.write_text(_GUNICORN_CONFIG)
     proxy = ChildProcess("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
                          "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
-                         env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends)}),
+                         env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
+                                         "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
                          name="proxy-gunicorn")
     return _start(proxy, started, timeout=30)
 
@@ -686,8 +698,8 @@ def format_ratios(values: dict[str, float | None]) -> str:
 
 # ---- the run ----
 def run(options: Options) -> tuple[list[PathResult], dict]:
-    nofile = raise_nofile_limit()
     needed = 2 * options.idle_pipes + 4 * options.connections + 64
+    nofile = raise_nofile_limit(needed + 1024)
     if nofile != resource.RLIM_INFINITY and nofile < needed:
         progress(f"warning: RLIMIT_NOFILE is {nofile}; {options.idle_pipes} idle pipes need about {needed}")
     nginx_binary = shutil.which("nginx") if options.nginx else None
