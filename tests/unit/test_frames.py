@@ -785,3 +785,15 @@ def test_arbitrary_frames_match_reference_events_and_close_code(
     else:
         # events completed in the chunk that raised are dropped with it
         assert events == expected[: len(events)]
+
+
+def test_c_masking_is_in_use_and_matches_the_python_one():
+    import os
+
+    from iwsproxy import frames
+    assert frames.apply_mask is frames._c_apply_mask, "python-websockets' speedups should be installed"
+    key = os.urandom(4)
+    for size in (0, 1, 3, 4, 5, 125, 126, 65536, 1 << 20):
+        data = os.urandom(size)
+        assert frames.apply_mask(data, key) == frames.python_apply_mask(data, key)
+        assert frames.apply_mask(memoryview(data), key) == frames.python_apply_mask(data, key)
