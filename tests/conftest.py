@@ -84,6 +84,14 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
         delay = min(delay * 2, 0.2)
 
 
+def needs(missing: str | None, what: str) -> None:
+    """Skip when something the test needs is not installed, except in CI, where that is a failure."""
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run {what}: {missing}")
+        pytest.skip(missing)
+
+
 def recv_close(ws: websocket.WebSocket) -> tuple[int, str]:
     """Read until the Close frame; return its (code, reason)."""
     while True:

@@ -78,8 +78,6 @@ class PersistentPipe:
         self.backend: BackendConnection | None = None
         self.subprotocol: str | None = None
         self.reconnects = 0          # backend connections made after the first
-        self.messages_to_backend = 0
-        self.messages_to_client = 0
         self.last_move_ms: float | None = None  # how long the last backend switch took
         self._backend_lock = Semaphore()      # session calls + backend writes, together
         self._client_lock = Semaphore()       # session calls + client writes, together
@@ -422,31 +420,11 @@ class PersistentPipe:
         """Perform session actions in order; backend writes must hold ``_backend_lock``."""
         for action in actions:
             if type(action) is SendToBackend:
-                backend = self.backend
-                if backend is None:
-                    continue
-                messages = action.messages
-                try:
-                    backend.send(messages, None if action.fence is None else encode_fence(action.fence))
-                except ConnectionLost as exc:
-                    self._events.put(("backend_lost", self.session.generation, f"write failed: {exc}"))
+                if not self._send(self.backend, action, "to_backend"):
                     return
-                if messages:
-                    self.messages_to_backend += len(messages)
-                    self.manager.metrics.messages("to_backend", len(messages), sum(len(m[1]) for m in messages))
             elif type(action) is SendToClient:
-                client = self.client
-                if client is None:
-                    continue
-                messages = action.messages
-                try:
-                    client.send(messages, None if action.fence is None else encode_fence(action.fence))
-                except ConnectionLost as exc:
-                    self._events.put(("client_gone", client, 1006, f"write failed: {exc}"))
+                if not self._send(self.client, action, "to_client"):
                     return
-                if messages:
-                    self.messages_to_client += len(messages)
-                    self.manager.metrics.messages("to_client", len(messages), sum(len(m[1]) for m in messages))
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
                 self.manager.record_client_closed(action.code, action.reason)
@@ -465,6 +443,23 @@ class PersistentPipe:
                 self._release_backend(failed=True, cause=action.reason)
                 self._delays = None
                 self._retry_at = monotonic()
+
+    def _send(self, conn: Connection | None, action: SendToBackend | SendToClient, direction: str) -> bool:
+        """Write one send action; False (with the loss reported) if the connection failed."""
+        if conn is None:
+            return True
+        messages = action.messages
+        try:
+            conn.send(messages, None if action.fence is None else encode_fence(action.fence))
+        except ConnectionLost as exc:
+            cause = f"write failed: {exc}"
+            lost = (("backend_lost", self.session.generation, cause) if direction == "to_backend"
+                    else ("client_gone", conn, 1006, cause))
+            self._events.put(lost)
+            return False
+        if messages:
+            self.manager.metrics.messages(direction, len(messages), sum(len(m[1]) for m in messages))
+        return True
 
     # ---- readers ----
     def _read_client(self, client: Connection) -> None:

@@ -15,6 +15,8 @@ import threading
 
 import pytest
 
+from conftest import needs
+
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # the `browser` fixture skips, or fails in CI
@@ -34,11 +36,7 @@ def _missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def browser():
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser tests must run in CI: {missing}")
-        pytest.skip(missing)
+    needs(_missing(), "the browser tests")
     with sync_playwright() as playwright:
         # --no-sandbox: the tests run as root, where chromium's sandbox refuses to start
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -14,7 +14,7 @@ import time
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, Proxy, stats, wait_for
+from conftest import ADMIN_TOKEN, Proxy, needs, stats, wait_for
 from iwsproxy.echo import EchoProcess
 from iwsproxy.process import ChildProcess
 from redis_server import RedisServer, redis_server_missing
@@ -24,11 +24,7 @@ WORKERS = 3
 
 @pytest.fixture(scope="module")
 def redis_server():
-    missing = redis_server_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Redis tests: {missing}")
-        pytest.skip(missing)
+    needs(redis_server_missing(), "the Redis tests")
     server = RedisServer().start()
     yield server
     server.stop()
