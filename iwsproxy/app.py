@@ -19,6 +19,7 @@ from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBa
 from .io.backend import ClientOffer, check_backend_url, url_allowed
 from .io.client import UPGRADE_KEY, install_gunicorn_handler
 from .io.manager import PipeManager
+from .io.server import install_gunicorn_graceful_stop
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
 from .settings import Settings
@@ -244,6 +245,7 @@ class IWSProxy:
         app.register_blueprint(status_bp, url_prefix=settings.admin_prefix or None)
         app.register_blueprint(proxy_bp, url_prefix=settings.proxy_prefix or None)
         install_gunicorn_handler()
+        install_gunicorn_graceful_stop(manager)
 
     @staticmethod
     def manager(app: Flask | None = None) -> PipeManager:

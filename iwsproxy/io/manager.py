@@ -50,6 +50,7 @@ class PipeManager:
         self._waiting: set[PersistentPipe] = set()
         self._tasks = Group()          # drain schedulers
         self._closing = Event()
+        self._shutdown: gevent.Greenlet | None = None
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         self.registry = registry or LocalRegistry()
@@ -253,6 +254,13 @@ class PipeManager:
     def record_client_closed(self, code: int, reason: str) -> None:
         self.closed_by_code[code] += 1
         self.metrics.client_closed(code, reason)
+
+    def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
+        """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only."""
+        if self._shutdown is None:
+            log.info("shutting down: closing %d clients with %d", len(self._pipes), code)
+            self._shutdown = gevent.spawn(self.close_all, code, reason)
+            self._shutdown.link_exception(lambda g: log.error("shutdown failed", exc_info=g.exc_info))
 
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -44,3 +46,22 @@ def test_gunicorn_worker_command(processes):
         ws.send(f"m{i}")
         assert ws.recv() == f"m{i}"
     ws.close()
+
+
+def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(processes):
+    backend = processes.echo()
+    server = processes.add(Gunicorn(backend.url))
+    clients = [server.connect() for _ in range(6)]
+    for ws in clients:
+        ws.send("x")
+        assert ws.recv() == "x"
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        opcode, data = None, b""
+        while opcode != websocket.ABNF.OPCODE_CLOSE:
+            opcode, data = ws.recv_data(control_frame=True)
+        assert int.from_bytes(data[:2], "big") == 1012
+    assert server.proc.wait(15) == 0
+    # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
+    assert time.monotonic() - started < 6
