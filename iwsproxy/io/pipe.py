@@ -252,79 +252,89 @@ class PersistentPipe:
         return self._delays
 
     def _handle(self, event: tuple) -> None:
-        kind = event[0]
+        """Dispatch one mailbox event ``(kind, *args)`` to ``_on_<kind>``."""
+        getattr(self, "_on_" + event[0])(*event[1:])
+
+    def _on_backend_lost(self, generation: int, cause: str) -> None:
+        self._lose_backend(generation, cause)
+
+    def _on_backend_closed(self, generation: int, code: int, reason: str) -> None:
         session = self.session
-        if kind == "backend_lost":
-            _, generation, cause = event
-            self._lose_backend(generation, cause)
-        elif kind == "backend_closed":
-            _, generation, code, reason = event
-            if generation != session.generation:
-                return
-            if session.state is State.DRAINING:
-                url = self.backend_url
-                session.backend_drained(generation, monotonic())
-                self._release_backend(failed=False)
-                self._lost_from, self._lost_cause = url, "drain"
-                self._delays = None
-                self._retry_at = monotonic()
-            elif code in _ENDS_SESSION:
-                log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
-                         self.backend_url, code, reason)
-                self._release_backend(failed=False)
-                self._perform(session.backend_ended_session(code, reason))
-            else:
-                self._lose_backend(generation, f"backend closed with {code} {reason}".rstrip())
-        elif kind == "backend_ping":
-            _, generation, payload = event
-            if generation == session.generation and self.backend is not None:
-                try:
-                    with self._backend_lock:
-                        self.backend.pong(payload)
-                except ConnectionLost as exc:
-                    self._lose_backend(generation, f"write failed: {exc}")
-        elif kind == "client_gone":
-            _, client, code, reason = event
-            if client is not self.client:
-                return  # an earlier connection of this client (taken over): already let go
-            if code in _DETACHES and session.resume_grace_s:
-                self._let_go(client)
-                with self._client_lock:
-                    session.client_detached(monotonic())
-                log.info("pipe %s: client detached (%s %s); holding the session for %g s",
-                         short_id(self.client_id), code, reason, session.resume_grace_s)
-                self.manager.record_resume_event("detached")
-                return
-            log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
-            with self._backend_lock:
-                self._perform(session.client_closed())
-        elif kind == "attach":
-            client = event[1]
-            if session.closed:
-                self._let_go(client, 1001, "session ended")
-                return
-            old = self.client
-            if old is not None:
-                log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
-                self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
-                self.manager.record_resume_event("takeover")
-            else:
-                log.info("pipe %s: client resumed", short_id(self.client_id))
-                self.manager.record_resume_event("resumed")
-            with self._client_lock:
-                self._use_client(client)
-                self._perform(session.client_attached_again(monotonic()))
-        elif kind == "drain":
-            if self.backend_url == event[1] and session.state is State.CONNECTED:
-                log.info("pipe %s: draining backend %s", short_id(self.client_id), event[1])
+        if generation != session.generation:
+            return
+        if session.state is State.DRAINING:  # the Close reply we waited for: a clean move
+            url = self.backend_url
+            session.backend_drained(generation, monotonic())
+            self._release_backend(failed=False)
+            self._retry_now(url, "drain")
+        elif code in _ENDS_SESSION:
+            log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
+                     self.backend_url, code, reason)
+            self._release_backend(failed=False)
+            self._perform(session.backend_ended_session(code, reason))
+        else:
+            self._lose_backend(generation, f"backend closed with {code} {reason}".rstrip())
+
+    def _on_backend_ping(self, generation: int, payload: bytes) -> None:
+        if generation == self.session.generation and self.backend is not None:
+            try:
                 with self._backend_lock:
-                    self._perform(session.drain(monotonic()))
-        elif kind == "stop":
-            _, code, reason = event
+                    self.backend.pong(payload)
+            except ConnectionLost as exc:
+                self._lose_backend(generation, f"write failed: {exc}")
+
+    def _on_client_gone(self, client: Connection, code: int, reason: str) -> None:
+        session = self.session
+        if client is not self.client:
+            return  # an earlier connection of this client (taken over): already let go
+        if code in _DETACHES and session.resume_grace_s:
+            self._let_go(client)
+            with self._client_lock:
+                session.client_detached(monotonic())
+            log.info("pipe %s: client detached (%s %s); holding the session for %g s",
+                     short_id(self.client_id), code, reason, session.resume_grace_s)
+            self.manager.record_resume_event("detached")
+            return
+        log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
+        with self._backend_lock:
+            self._perform(session.client_closed())
+
+    def _on_attach(self, client: Connection) -> None:
+        session = self.session
+        if session.closed:
+            self._let_go(client, 1001, "session ended")
+            return
+        old = self.client
+        if old is not None:
+            log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
+            self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
+            self.manager.record_resume_event("takeover")
+        else:
+            log.info("pipe %s: client resumed", short_id(self.client_id))
+            self.manager.record_resume_event("resumed")
+        with self._client_lock:
+            self._use_client(client)
+            self._perform(session.client_attached_again(monotonic()))
+
+    def _on_drain(self, url: str) -> None:
+        if self.backend_url == url and self.session.state is State.CONNECTED:
+            log.info("pipe %s: draining backend %s", short_id(self.client_id), url)
             with self._backend_lock:
-                self._perform(session.close(code, reason))
-        elif kind == "wake" and session.needs_backend:
+                self._perform(self.session.drain(monotonic()))
+
+    def _on_stop(self, code: int, reason: str) -> None:
+        with self._backend_lock:
+            self._perform(self.session.close(code, reason))
+
+    def _on_wake(self) -> None:
+        if self.session.needs_backend:
             self._retry_at = monotonic()
+
+    def _retry_now(self, lost_from: str | None, cause: str) -> None:
+        """The backend is gone: look for the next one at once, with a fresh backoff."""
+        self._lost_from, self._lost_cause = lost_from, cause
+        self._delays = None
+        self._retry_at = monotonic()
 
     def _lose_backend(self, generation: int, cause: str) -> None:
         if generation != self.session.generation or self.session.state not in (State.CONNECTED, State.DRAINING):
@@ -334,11 +344,10 @@ class PersistentPipe:
             conn.abort()  # unblocks a writer stuck on a dead peer before we take the lock
         with self._backend_lock:
             self.session.backend_lost(generation, monotonic())
-        self._lost_from, self._lost_cause = (conn.url if conn else None), cause
-        log.info("pipe %s: backend %s lost: %s", short_id(self.client_id), self._lost_from, cause)
+        url = conn.url if conn else None
+        log.info("pipe %s: backend %s lost: %s", short_id(self.client_id), url, cause)
         self._release_backend(failed=True, cause=cause)
-        self._delays = None
-        self._retry_at = monotonic()
+        self._retry_now(url, cause)
 
     def _release_backend(self, *, failed: bool, cause: str = "") -> None:
         conn, self.backend = self.backend, None
@@ -436,13 +445,11 @@ class PersistentPipe:
             elif type(action) is AbandonBackend:
                 log.warning("pipe %s: abandoning backend %s: %s", short_id(self.client_id), self.backend_url,
                             action.reason)
-                conn = self.backend
-                if conn is not None:
-                    conn.abort()
-                self._lost_from, self._lost_cause = (conn.url if conn else None), action.reason
+                url = self.backend_url
+                if self.backend is not None:
+                    self.backend.abort()
                 self._release_backend(failed=True, cause=action.reason)
-                self._delays = None
-                self._retry_at = monotonic()
+                self._retry_now(url, action.reason)
 
     def _send(self, conn: Connection | None, action: SendToBackend | SendToClient, direction: str) -> bool:
         """Write one send action; False (with the loss reported) if the connection failed."""
