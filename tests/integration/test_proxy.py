@@ -319,3 +319,13 @@ def test_no_greenlet_or_socket_outlives_its_pipe_on_any_exit_path(processes):
     wait_for(lambda: proxy.admin("GET", path="/admin/status")[1]["greenlets"] <= base_greenlets,
              what="pipe greenlets to end")
     wait_for(lambda: fds() <= base_fds, what="sockets to be closed")
+
+
+def test_reconnect_deadline_closes_with_1013(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--reconnect-deadline", "0.5")
+    ws = proxy.connect()
+    assert roundtrip(ws, "before")[1] == b"before"
+    a.kill()
+    assert recv_close(ws) == (1013, "no backend within 0.5 s")
+    wait_for(lambda: proxy.pipes() == [], what="the pipe to end")
