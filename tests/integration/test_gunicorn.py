@@ -50,7 +50,9 @@ def test_gunicorn_worker_command(processes):
 
 def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(processes):
     backend = processes.echo()
-    server = processes.add(Gunicorn(backend.url))
+    # one worker: once it has answered, it has installed its signal handlers (a worker still
+    # booting when SIGTERM arrives would make the master wait out the graceful timeout)
+    server = processes.add(Gunicorn(backend.url, workers=1))
     clients = [server.connect() for _ in range(6)]
     for ws in clients:
         ws.send("x")
