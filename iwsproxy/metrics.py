@@ -29,7 +29,7 @@ __all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTION
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATES = ("connecting", "connected", "draining", "failing_over", "closed", "detached")
 DIRECTIONS = ("to_backend", "to_client")
-RESUME_EVENTS = ("detached", "resumed", "takeover", "expired")
+RESUME_EVENTS = ("detached", "resumed", "takeover", "expired", "overflow")
 # a failover takes from about a millisecond (next backend up, nothing to replay) to the reconnect deadline
 FAILOVER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -153,6 +153,9 @@ class Session:
         self.replayed_total = 0      # messages re-sent to backends after a loss (possible duplicates)
         self.resumes = 0             # times a client came back
         self.close_reason: CloseClient | None = None
+        #: why the session ended: client_closed, overflow, grace_expired, idle, deadline,
+        #: client_unresponsive, backend_ended or proxy (shutdown, internal error)
+        self.end_cause: str | None = None
         self.last_failover: FailoverReport | None = None
         self._waiting_since = now    # when the pipe last had no backend
         self._drain_started = now
@@ -216,7 +219,7 @@ class Session:
                 return [SendToBackend(messages, self.to_backend.write(messages, now))]
             self.to_backend.buffer.add_pending(messages)
         except BufferOverflow as exc:
-            return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc))
+            return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc), cause="overflow")
         return []
 
     def client_pong(self, payload: bytes, now: float) -> bool:
@@ -229,6 +232,7 @@ class Session:
             return []
         had_backend = self.has_backend
         self.state = State.CLOSED
+        self.end_cause = "client_closed"
         self._clear()
         return [CloseBackend(self.generation, CLOSE_NORMAL, "client closed")] if had_backend else []
 
@@ -285,7 +289,7 @@ class Session:
                 return [SendToClient(messages, ledger.write(messages, now))]
             ledger.buffer.add_pending(messages)
         except BufferOverflow as exc:
-            return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc))
+            return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc), cause="overflow")
         return []
 
     def backend_pong(self, generation: int, payload: bytes, now: float) -> bool:
@@ -329,30 +333,31 @@ class Session:
         """The backend closed with a code that ends the conversation (e.g. 1000): tell the client."""
         if self.state is State.CLOSED:
             return []
-        return self._close(code, reason, close_backend=False)
+        return self._close(code, reason, close_backend=False, cause="backend_ended")
 
     # ---- the proxy's own decisions ----
     def close(self, code: int, reason: str) -> list:
         """The proxy itself ends the session (shutdown, policy)."""
         if self.state is State.CLOSED:
             return []
-        return self._close(code, reason)
+        return self._close(code, reason, cause="proxy")
 
     def poll(self, now: float) -> list:
         """Act on deadlines: fences due, pong timeouts, the reconnect deadline, resume grace."""
         if self.state is State.CLOSED:
             return []
         if not self.client_attached and now >= self._detached_at + self.resume_grace_s:
-            return self._close(CLOSE_GOING_AWAY, f"client did not resume within {self.resume_grace_s:g} s")
+            return self._close(CLOSE_GOING_AWAY, f"client did not resume within {self.resume_grace_s:g} s",
+                               cause="grace_expired")
         if self.idle_timeout_s and now >= self.last_activity + self.idle_timeout_s:
-            return self._close(CLOSE_GOING_AWAY, f"idle for {self.idle_timeout_s:g} s")
+            return self._close(CLOSE_GOING_AWAY, f"idle for {self.idle_timeout_s:g} s", cause="idle")
         actions = self._poll_backend(now)
         if self.state is not State.CLOSED and self.client_attached:
             client = self.to_client
             oldest = client.oldest_fence_at()
             if oldest is not None and self.pong_timeout_s and now >= oldest + self.pong_timeout_s:
                 actions += self._close(CLOSE_GOING_AWAY, f"client did not answer a ping within "
-                                                         f"{self.pong_timeout_s:g} s")
+                                                         f"{self.pong_timeout_s:g} s", cause="client_unresponsive")
             elif client.fence_due:
                 actions.append(SendToClient([], client.take_fence(now)))
         return actions
@@ -377,7 +382,8 @@ class Session:
             due = ledger.fence_due or (self.keepalive_s and now >= ledger.last_fence_at + self.keepalive_s)
             return [SendToBackend([], ledger.take_fence(now))] if due else []
         if self.needs_backend and self.reconnect_deadline_s and now >= self._waiting_since + self.reconnect_deadline_s:
-            return self._close(CLOSE_TRY_AGAIN_LATER, f"no backend within {self.reconnect_deadline_s:g} s")
+            return self._close(CLOSE_TRY_AGAIN_LATER, f"no backend within {self.reconnect_deadline_s:g} s",
+                               cause="deadline")
         return []
 
     # ---- internals ----
@@ -385,9 +391,10 @@ class Session:
         self.to_backend.buffer.clear()
         self.to_client.buffer.clear()
 
-    def _close(self, code: int, reason: str, *, close_backend: bool = True) -> list:
+    def _close(self, code: int, reason: str, *, cause: str, close_backend: bool = True) -> list:
         had_backend = self.has_backend
         self.state = State.CLOSED
+        self.end_cause = cause
         self._clear()
         self.close_reason = CloseClient(code, reason)
         actions: list = [self.close_reason] if self.client_attached else []

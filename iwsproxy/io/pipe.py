@@ -51,6 +51,7 @@ _ENDS_SESSION = frozenset({1000}) | frozenset(range(4000, 5000))
 # a client gone with one of these (no Close frame, or "going away") may come back: detach, don't end
 _DETACHES = frozenset({1001, 1006})
 CLOSE_TAKEN_OVER = 4409
+_NEVER = float("inf")
 
 
 def short_id(client_id: str) -> str:
@@ -86,6 +87,7 @@ class PersistentPipe:
         self._group = Group()
         self._stopped = Event()
         self._retry_at: float | None = None
+        self._armed = 0.0                     # the deadline the supervisor sleeps until (0: awake)
         self._delays = None
         self._first_connect = True
         self._lost_from: str | None = None
@@ -222,9 +224,11 @@ class PersistentPipe:
                     self._retry_at = monotonic() + next(self._delays_iter())
             deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None)
                          if d is not None]
-            timeout = max(0.0, min(deadlines) - monotonic()) if deadlines else None
+            self._armed = min(deadlines) if deadlines else _NEVER
+            timeout = max(0.0, self._armed - monotonic()) if deadlines else None
             self._observe()
             event = self._events.get(timeout)
+            self._armed = 0.0  # awake: readers need not wake us
             if event is not None:
                 self._handle(event)
             if not session.closed:
@@ -499,6 +503,18 @@ class PersistentPipe:
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.client_messages(data, monotonic()))
+        self._check_deadline(session)
+
+    def _check_deadline(self, session: Session) -> None:
+        """Wake the supervisor if a write created a deadline earlier than the one it sleeps until.
+
+        (The first fence after a quiet spell starts a pong timeout; later ones fall
+        due after it, so this wakes the supervisor rarely.)
+        """
+        deadline = session.next_deadline()
+        if deadline is not None and deadline < self._armed:
+            self._armed = deadline
+            self.wake()
 
     def _client_closing(self, client: Connection, payload: bytes) -> None:
         try:
@@ -550,6 +566,7 @@ class PersistentPipe:
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.backend_messages(data, monotonic()))
+        self._check_deadline(session)
 
     def _crashed(self, greenlet) -> None:
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
@@ -569,10 +586,11 @@ class PersistentPipe:
         self._group.kill(timeout=CLOSE_GRACE_S)
         self._release_backend(failed=False)
         self.manager.stop_waiting(self)
-        if not self.session.client_attached:
-            log.warning("pipe %s: client did not resume within %g s; session ended",
-                        short_id(self.client_id), self.session.resume_grace_s)
-            self.manager.record_resume_event("expired")
+        session = self.session
+        if not session.client_attached:  # ended while detached: the grace ran out, or the buffer filled up
+            reason = session.close_reason.reason if session.close_reason else session.end_cause
+            log.warning("pipe %s: session ended while detached: %s", short_id(self.client_id), reason)
+            self.manager.record_resume_event("overflow" if session.end_cause == "overflow" else "expired")
         self._stopped.set()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")

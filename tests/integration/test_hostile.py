@@ -310,3 +310,40 @@ class EvilBackend:
 
     def close(self):
         self.sock.close()
+
+
+class DeafBackend(EvilBackend):
+    """Completes the handshake, then never reads again: no echo, no pong."""
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key"))
+            accept = self._b64.b64encode(self._sha1.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            self.last = conn  # kept open, never read
+
+
+def test_backend_that_never_answers_pings_is_failed_and_its_window_replayed(processes):
+    deaf = DeafBackend()
+    try:
+        proxy = processes.proxy("--backend", deaf.url, "--pong-timeout", "1")
+        ws = proxy.connect()
+        for i in range(5):
+            ws.send(f"m{i}")                          # written to the deaf backend, never acknowledged
+        good = processes.echo(name="good")
+        proxy.admin("POST", {"url": good.url})
+        assert [ws.recv() for _ in range(5)] == [f"m{i}" for i in range(5)]  # replayed after the pong timeout
+        pipe = proxy.pipes()[0]
+        assert (pipe["backend"], pipe["failovers"], pipe["replayed"]) == (good.url, 1, 5)
+        ws.close()
+    finally:
+        deaf.close()

@@ -148,3 +148,15 @@ def test_backend_kill_and_client_drop_in_one_session_lose_nothing(processes):
     assert order == list(range(40))
     print(f"\ncombined: 40 messages, {len(received) - 40} duplicates")
     again.close()
+
+
+def test_buffer_overflow_while_detached_ends_the_session_and_is_counted(processes):
+    backend = processes.echo("--stream-interval-ms", "1")
+    proxy = processes.proxy("--backend", backend.url, "--buffer-limit", "2KiB")
+    ws = proxy.connect()
+    numbers(ws, 3)
+    drop(ws)
+    wait_for(lambda: stats(backend)["connections_open"] == 0, what="the overflow to close the backend")
+    assert proxy.pipes() == []
+    counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
+    assert counters["clients_overflow"] == 1 and "clients_expired" not in counters
