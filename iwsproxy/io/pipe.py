@@ -503,17 +503,19 @@ class PersistentPipe:
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.client_messages(data, monotonic()))
-        self._check_deadline(session)
+        if self._armed:
+            self._check_pong_deadline(session.to_backend)
 
-    def _check_deadline(self, session: Session) -> None:
-        """Wake the supervisor if a write created a deadline earlier than the one it sleeps until.
+    def _check_pong_deadline(self, ledger) -> None:
+        """Wake the sleeping supervisor if a write started a pong timeout earlier than its wake-up.
 
-        (The first fence after a quiet spell starts a pong timeout; later ones fall
-        due after it, so this wakes the supervisor rarely.)
+        Writes can only make a deadline earlier by sending the first fence after a
+        quiet spell (later fences fall due after it), so this wakes it rarely.
         """
-        deadline = session.next_deadline()
-        if deadline is not None and deadline < self._armed:
-            self._armed = deadline
+        oldest = ledger.oldest_fence_at()
+        timeout = self.session.pong_timeout_s
+        if oldest is not None and timeout and oldest + timeout < self._armed:
+            self._armed = oldest + timeout
             self.wake()
 
     def _client_closing(self, client: Connection, payload: bytes) -> None:
@@ -566,7 +568,8 @@ class PersistentPipe:
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.backend_messages(data, monotonic()))
-        self._check_deadline(session)
+        if self._armed:
+            self._check_pong_deadline(session.to_client)
 
     def _crashed(self, greenlet) -> None:
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
