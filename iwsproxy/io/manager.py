@@ -11,8 +11,8 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from ..exceptions import CapacityExceeded, DuplicateClient, ResumeRefused
-from ..pool import BackendPool
 from ..buffer import Budget
+from ..pool import BackendPool
 from ..metrics import Metrics
 from ..session import FailoverReport
 from ..settings import Settings
@@ -37,17 +37,15 @@ class PipeManager:
 
     def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
                  registry: Registry | None = None, metrics: Metrics | None = None):
-        self.settings = settings or Settings()
+        self.settings = s = settings or Settings()
         self.metrics = metrics or Metrics()
-        self.budget = Budget(self.settings.global_buffer_limit_bytes)
-        self.backend_sslopt = tls_options(verify=self.settings.backend_tls_verify,
-                                          ca_bundle=self.settings.backend_ca_bundle)
-        self._per_ip: Counter = Counter()
-        s = self.settings
         self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
                                 eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
+        self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
+        self.backend_sslopt = tls_options(verify=s.backend_tls_verify, ca_bundle=s.backend_ca_bundle)
         self._pipes: dict[str, PersistentPipe] = {}
-        self._waiting: set[PersistentPipe] = set()
+        self._per_ip: Counter = Counter()  # live pipes per client address
+        self._waiting: set[PersistentPipe] = set()  # pipes woken when the pool changes
         self._tasks = Group()          # drain schedulers
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
@@ -110,10 +108,10 @@ class PipeManager:
             pipe.drain(url)
 
     def backends(self) -> list[dict]:
-        now = time.monotonic()
-        snapshot = self.pool.snapshot(now)
+        snapshot = self.pool.snapshot(time.monotonic())
+        on = Counter(pipe.backend_url for pipe in self._pipes.values())
         for entry in snapshot:
-            entry["pipes"] = sum(1 for p in self._pipes.values() if p.backend_url == entry["url"])
+            entry["pipes"] = on[entry["url"]]
         return snapshot
 
     def pool_size(self) -> int:
