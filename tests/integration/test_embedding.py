@@ -15,7 +15,7 @@ from http.cookiejar import CookieJar
 import pytest
 import websocket
 
-from conftest import ROOT, stats
+from conftest import ROOT, recv_close, stats
 from iwsproxy.process import ChildProcess
 
 
@@ -71,10 +71,7 @@ def test_sigterm_closes_clients_with_1012_and_exits(processes):
         assert ws.recv() == "x"
     proxy.proc.send_signal(signal.SIGTERM)
     for ws in clients:
-        opcode, data = None, b""
-        while opcode != websocket.ABNF.OPCODE_CLOSE:
-            opcode, data = ws.recv_data(control_frame=True)
-        assert int.from_bytes(data[:2], "big") == 1012
+        assert recv_close(ws)[0] == 1012
     assert proxy.proc.wait(10) == 0
     assert stats(backend)["connections_open"] == 0
 

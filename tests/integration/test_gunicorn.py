@@ -11,7 +11,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, Proxy, stats, wait_for
+from conftest import ADMIN_TOKEN, Proxy, recv_close, stats, wait_for
 from iwsproxy.process import ChildProcess
 
 
@@ -60,10 +60,7 @@ def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(process
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     for ws in clients:
-        opcode, data = None, b""
-        while opcode != websocket.ABNF.OPCODE_CLOSE:
-            opcode, data = ws.recv_data(control_frame=True)
-        assert int.from_bytes(data[:2], "big") == 1012
+        assert recv_close(ws)[0] == 1012
     assert server.proc.wait(15) == 0
     # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
     assert time.monotonic() - started < 6

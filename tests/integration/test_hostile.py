@@ -3,6 +3,8 @@ well-behaved session through the same proxy loses nothing meanwhile."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import threading
 import uuid
@@ -10,7 +12,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import wait_for
+from conftest import recv_close, wait_for
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
 from rawws import RawClient, frame
 from streams import StreamingClient
@@ -181,10 +183,7 @@ def test_idle_timeout_closes_with_1001(processes):
     ws = proxy.connect()
     ws.send("active")
     assert ws.recv() == "active"
-    opcode, data = None, b""
-    while opcode != websocket.ABNF.OPCODE_CLOSE:
-        opcode, data = ws.recv_data(control_frame=True)
-    assert (int.from_bytes(data[:2], "big"), data[2:]) == (1001, b"idle for 0.5 s")
+    assert recv_close(ws) == (1001, "idle for 0.5 s")
 
 
 def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
@@ -197,10 +196,7 @@ def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
     a.send_binary(b"a" * 60 * 1024)                  # within a's cap and within the budget
     wait_for(lambda: sum(p["buffered_bytes"] for p in proxy.pipes()) >= 60 * 1024, what="a's buffer")
     b.send_binary(b"b" * 60 * 1024)                  # within b's cap, but past the process budget
-    opcode, data = None, b""
-    while opcode != websocket.ABNF.OPCODE_CLOSE:
-        opcode, data = b.recv_data(control_frame=True)
-    assert (int.from_bytes(data[:2], "big"), data[2:]) == (1013, b"proxy buffer budget exhausted")
+    assert recv_close(b) == (1013, "proxy buffer budget exhausted")
     fresh = processes.echo(name="fresh")
     proxy.admin("POST", {"url": fresh.url})
     a.send("still here")
@@ -220,17 +216,59 @@ def test_admin_failures_are_rate_limited_and_urls_checked_against_the_allowlist(
     assert other.admin("POST", {"url": "ws://10.1.2.3:9000/"})[0] == 201
 
 
-class SilentBackend:
-    """Accepts TCP connections and never answers: a backend stuck before its handshake."""
+class FakeBackend:
+    """A listening socket on 127.0.0.1 that serves each connection with ``_serve`` (in a thread)."""
 
     def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            self._serve(conn)
+
+    def _serve(self, conn):
+        """Accept TCP and never answer: a backend stuck before its handshake."""
+
+    def _handshake(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
 
     def close(self):
         self.sock.close()
+
+
+SilentBackend = FakeBackend
+
+
+class EvilBackend(FakeBackend):
+    """Completes the handshake, then sends a masked frame (servers must not mask)."""
+
+    def _serve(self, conn):
+        self._handshake(conn)
+        conn.sendall(frame(OP_TEXT, b"masked by a server", mask=True))
+
+
+class DeafBackend(FakeBackend):
+    """Completes the handshake, then never reads again: no echo, no pong."""
+
+    def _serve(self, conn):
+        self._handshake(conn)
 
 
 def test_backend_stuck_in_its_handshake_fails_without_stalling_others(processes):
@@ -272,64 +310,6 @@ def test_backend_breaking_the_protocol_is_failed_over(processes):
         ws.close()
     finally:
         evil.close()
-
-
-class EvilBackend:
-    """Completes the handshake, then sends a masked frame (servers must not mask)."""
-
-    def __init__(self):
-        import base64
-        import hashlib
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._b64, self._sha1 = base64, hashlib
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key"))
-            accept = self._b64.b64encode(self._sha1.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            conn.sendall(frame(OP_TEXT, b"masked by a server", mask=True))
-            self.last = conn
-
-    def close(self):
-        self.sock.close()
-
-
-class DeafBackend(EvilBackend):
-    """Completes the handshake, then never reads again: no echo, no pong."""
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(4096)
-            key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key"))
-            accept = self._b64.b64encode(self._sha1.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            self.last = conn  # kept open, never read
 
 
 def test_backend_that_never_answers_pings_is_failed_and_its_window_replayed(processes):
