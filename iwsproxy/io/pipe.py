@@ -11,9 +11,17 @@ Greenlets of one pipe (all kept in the pipe's ``Group``):
 
 Every session call that leads to a backend write happens under
 ``_backend_lock``, together with that write, so the order the session decided
-is the order on the wire. The backend reader never takes that lock (a writer
-blocked on a backend that is itself blocked writing to us would deadlock); it
-only posts events.
+is the order on the wire; ``_client_lock`` does the same for client writes.
+The backend reader never takes the backend lock (a writer blocked on a backend
+that is itself blocked writing to us would deadlock); it only posts events to
+the supervisor's mailbox. The supervisor sleeps until its next deadline or
+event; a reader whose write starts an earlier deadline (a new pong timeout)
+wakes it.
+
+A client that vanishes without a normal close is let go (its request ends)
+while the pipe lives on, detached; a new connection with the same id is
+handed to the pipe (:meth:`PersistentPipe.attach`) and gets a client reader of
+its own.
 """
 
 from __future__ import annotations
