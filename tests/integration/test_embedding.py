@@ -20,10 +20,11 @@ from iwsproxy.process import ChildProcess
 
 
 class LegacyApp(ChildProcess):
-    def __init__(self):
+    def __init__(self, module: str = "legacy_app", env: dict | None = None):
         super().__init__("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
-                         "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", "legacy_app:app",
-                         env={"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}, name="legacy")
+                         "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", f"{module}:app",
+                         env={"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **(env or {})},
+                         name=module)
 
 
 def test_extension_in_a_legacy_app(processes):
@@ -102,4 +103,17 @@ def test_backends_cli(processes):
                           proxy.http_url + "/admin", "--token", "wrong"], capture_output=True, text=True,
                          timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
     assert bad.returncode != 0 and "401" in bad.stderr
+    ws.close()
+
+
+def test_a_custom_client_id_extractor(processes):
+    backend = processes.echo()
+    app = processes.add(LegacyApp("custom_id_app", env={"IWSPROXY_BACKENDS": backend.url}))
+    ws = websocket.create_connection(f"{app.url}/user-42", timeout=5)
+    ws.send("custom id")
+    assert ws.recv() == "custom id"
+    assert stats(backend)["last_headers"]["x-iwsproxy-client-id"] == "user-42"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(f"{app.url}/{uuid.uuid4()}", timeout=5)
+    assert refused.value.status_code == 400
     ws.close()
