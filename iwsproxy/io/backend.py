@@ -19,6 +19,7 @@ import gevent
 import websocket
 
 from ..exceptions import BackendConnectError, BackendRejected
+from ..frames import MaskSource
 from .connection import Connection
 
 __all__ = ["ClientOffer", "BackendConnection", "connect_backend", "check_backend_url", "tls_options",
@@ -97,8 +98,9 @@ class BackendConnection(Connection):
     __slots__ = ("url", "subprotocol")
 
     def __init__(self, url: str, sock: socket.socket, subprotocol: str | None, *, max_message_size: int,
-                 max_fragments: int = 1024):
-        super().__init__(sock, server_side=False, max_message_size=max_message_size, max_fragments=max_fragments)
+                 max_fragments: int = 1024, mask_source: MaskSource | None = None):
+        super().__init__(sock, server_side=False, max_message_size=max_message_size, max_fragments=max_fragments,
+                         mask_source=mask_source)
         self.url = url
         self.subprotocol = subprotocol
 
@@ -113,7 +115,7 @@ def _target(url: str, query: str) -> str:
 
 def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s: float,
                     max_message_size: int, max_fragments: int = 1024, require_subprotocol: str | None = None,
-                    sslopt: dict | None = None) -> BackendConnection:
+                    sslopt: dict | None = None, mask_source: MaskSource | None = None) -> BackendConnection:
     """Open a backend connection for one pipe.
 
     The client's subprotocol offer is passed on (or only ``require_subprotocol``
@@ -156,4 +158,5 @@ def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s:
         sock.close()
         raise BackendConnectError(url, f"backend did not accept subprotocol {require_subprotocol!r}")
     sock.settimeout(None)  # create_connection leaves its timeout on the socket; reads must block
-    return BackendConnection(url, sock, chosen, max_message_size=max_message_size, max_fragments=max_fragments)
+    return BackendConnection(url, sock, chosen, max_message_size=max_message_size, max_fragments=max_fragments,
+                             mask_source=mask_source)

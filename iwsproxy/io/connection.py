@@ -31,13 +31,14 @@ class Connection:
                  "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
-                 max_fragments: int = 1024, prefix: bytes = b""):
+                 max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
         self.sock = sock
         self._recv = sock.recv
         self._prefix = prefix or None  # bytes that arrived with the HTTP request (client side)
         self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size,
                                    max_fragments=max_fragments)
-        self._mask = None if server_side else MaskSource()
+        # client role (towards backends): masks from a pool, best shared by the process's connections
+        self._mask = None if server_side else (mask_source or MaskSource())
         self._lock = Semaphore()
         self._error: ProtocolError | None = None
         self.close_sent = False

@@ -12,6 +12,7 @@ from gevent.pool import Group
 
 from ..exceptions import CapacityExceeded, DuplicateClient, ResumeRefused
 from ..buffer import Budget
+from ..frames import MaskSource
 from ..pool import BackendPool
 from ..metrics import Metrics
 from ..session import FailoverReport
@@ -43,6 +44,7 @@ class PipeManager:
                                 eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
         self.backend_sslopt = tls_options(verify=s.backend_tls_verify, ca_bundle=s.backend_ca_bundle)
+        self.mask_source = MaskSource()  # one pool of random mask keys for every backend connection
         self._pipes: dict[str, PersistentPipe] = {}
         self._per_ip: Counter = Counter()  # live pipes per client address
         self._waiting: set[PersistentPipe] = set()  # pipes woken when the pool changes

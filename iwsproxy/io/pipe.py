@@ -383,7 +383,7 @@ class PersistentPipe:
                                        timeout_s=manager.settings.connect_timeout_s,
                                        max_message_size=manager.settings.max_message_size_bytes,
                                        max_fragments=manager.settings.max_fragments,
-                                       sslopt=manager.backend_sslopt,
+                                       sslopt=manager.backend_sslopt, mask_source=manager.mask_source,
                                        require_subprotocol=None if self._first_connect else self.subprotocol)
             except BackendRejected as exc:
                 manager.release_backend(url, failed=not self._first_connect, cause=str(exc))
