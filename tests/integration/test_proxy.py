@@ -14,6 +14,13 @@ import websocket
 from conftest import recv_close, stats, wait_for
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def roundtrip(ws, payload):
     if isinstance(payload, bytes):
         ws.send_binary(payload)
@@ -212,7 +219,7 @@ def test_exclusive_policy_waits_buffering_when_asked(processes):
 
 def test_failing_backend_is_ejected_after_repeated_failures(processes):
     good = processes.echo()
-    dead_port = ChildPortHolder.free_port()
+    dead_port = free_port()
     dead = f"ws://127.0.0.1:{dead_port}"
     proxy = processes.proxy("--backend", dead, "--backend", good.url, "--max-failures", "2", "--eject-base", "30",
                             "--eject-max", "60")
@@ -223,16 +230,6 @@ def test_failing_backend_is_ejected_after_repeated_failures(processes):
     assert state[dead]["state"] == "ejected"
     assert state[dead]["total_failures"] == 2
     assert state[good.url]["clients"] == 4
-
-
-class ChildPortHolder:
-    @staticmethod
-    def free_port() -> int:
-        """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
 
 
 def test_backend_close_1000_ends_the_session_other_codes_fail_over(processes):
