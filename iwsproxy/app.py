@@ -16,6 +16,7 @@ from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 
 from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBackendAvailable, ResumeRefused
+from .frames import encode_close_payload
 from .io.backend import ClientOffer, check_backend_url, url_allowed
 from .io.client import UPGRADE_KEY, install_gunicorn_handler
 from .io.manager import PipeManager
@@ -70,7 +71,9 @@ def proxy(client_id: str):
         stock = request.environ.get("wsgi.websocket")
         log.error("upgrade reached iwsproxy without its ProxyHandler; serve with iwsproxy.io.client.ProxyHandler")
         if stock is not None:  # the stock handler already answered 101: all we can do is close
-            stock.close(1011, b"server misconfigured")
+            # (WebSocket.close() would put only the reason on the wire: build the payload ourselves)
+            stock.send_frame(encode_close_payload(1011, "server misconfigured"), stock.OPCODE_CLOSE)
+            stock.closed = True
             return ""
         return _text(500, "server misconfigured: WebSocket handler missing")
     settings = state.settings

@@ -117,3 +117,11 @@ def test_a_custom_client_id_extractor(processes):
         websocket.create_connection(f"{app.url}/{uuid.uuid4()}", timeout=5)
     assert refused.value.status_code == 400
     ws.close()
+
+
+def test_served_with_the_stock_handler_the_client_gets_a_clear_1011(processes):
+    server = processes.add(ChildProcess("stock_handler_server",
+                                        env={"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])},
+                                        name="stock"))
+    ws = websocket.create_connection(f"{server.url}/{uuid.uuid4()}", timeout=5)  # the stock handler said 101
+    assert recv_close(ws) == (1011, "server misconfigured")
