@@ -223,7 +223,7 @@ class EchoServer:
         """StreamServer handler: errors end this connection only, logged at debug level."""
         try:
             self._handle(sock)
-        except Exception:
+        except (OSError, ValueError, HandshakeError, ProtocolError):  # the peer's doing: end this one only
             log.debug("connection from %s ended with an error", address, exc_info=True)
         finally:
             sock.close()
@@ -349,7 +349,8 @@ class EchoServer:
                         return
                 if out:
                     if self.work_s:
-                        gevent.sleep(self.work_s)  # simulated processing time, read but not yet answered
+                        # ok-sleep: --work-ms simulates processing time (read but not yet answered)
+                        gevent.sleep(self.work_s)
                     conn.send(out[0] if len(out) == 1 else b"".join(out))
             data = recv(READ_CHUNK_BYTES)
             if not data:

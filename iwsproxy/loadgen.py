@@ -470,7 +470,7 @@ def worker_main(index: int, commands, results, barrier) -> None:
             barrier.wait(BARRIER_TIMEOUT_S)  # release: the parent has measured
         except BrokenBarrierError:
             results.put(PhaseResult(worker=index, error="aborted: another party failed"))
-        except BaseException:
+        except BaseException:  # report anything (this is a worker process) so the parent is not left waiting
             barrier.abort()
             results.put(PhaseResult(worker=index, error=traceback.format_exc()))
         finally:

@@ -80,7 +80,7 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)  # backoff between looks at another process's state, not synchronisation
+        time.sleep(delay)  # ok-sleep: backoff between looks at another process's HTTP state (bounded)
         delay = min(delay * 2, 0.2)
 
 

@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
+import threading
 
 __all__ = ["RedisServer", "redis_server_missing"]
 
@@ -34,33 +34,37 @@ class RedisServer:
         self.port = port or _free_port()
         self.proc: subprocess.Popen | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="iwsproxy-redis-")
-        self._log = None
+        self._lines: list[str] = []
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        """Start on ``self.port`` and return once it answers PING (bounded retry with backoff)."""
+        """Start on ``self.port``; return once redis logs that it accepts connections."""
         if self.running:
             raise RuntimeError("redis-server already running")
-        if self._log is not None:  # a restart: the old server's log goes
-            self._log.close()
-        self._log = tempfile.TemporaryFile()
+        self._lines = []
+        ready = threading.Event()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self._dir.name, "--daemonize", "no"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while not self._pong():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.log_text()}")
-            if time.monotonic() >= deadline:
-                self.kill()
-                raise RuntimeError(f"redis-server did not answer PING within {timeout} s:\n{self.log_text()}")
-            time.sleep(delay)  # the server is starting; no event to wait on but its port
-            delay = min(delay * 2, 0.2)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read_log, args=(self.proc, ready), daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.kill()
+            raise RuntimeError(f"redis-server did not start within {timeout} s:\n{self.log_text()}")
+        if not self._pong():
+            self.kill()
+            raise RuntimeError(f"redis-server is ready but does not answer PING:\n{self.log_text()}")
         return self
+
+    def _read_log(self, proc: subprocess.Popen, ready: threading.Event) -> None:
+        """Keep redis's log (it is also the readiness signal); set ``ready`` when it accepts, or at EOF."""
+        for line in proc.stdout:
+            self._lines.append(line)
+            if "Ready to accept connections" in line:
+                ready.set()
+        ready.set()
 
     def _pong(self) -> bool:
         try:
@@ -88,16 +92,10 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
         self._dir.cleanup()
 
     def log_text(self) -> str:
-        if self._log is None:
-            return ""
-        self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace")
+        return "".join(self._lines)
 
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, running={self.running}, pid={self.proc.pid if self.proc else None})"

@@ -356,6 +356,7 @@ def test_start_times_out_when_no_line_comes(monkeypatch):
     real_popen = subprocess.Popen
 
     def silent_popen(cmd, **kwargs):
+        # ok-sleep: the child's whole job is to stay silent until it is killed
         return real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", silent_popen)
