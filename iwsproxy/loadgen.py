@@ -181,6 +181,16 @@ class _Client:
             self.backlog = memoryview(data)[sent:]
             selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
 
+    def receive(self) -> list:
+        """The events of one non-blocking read ([] if nothing was ready); ConnectionError at EOF."""
+        try:
+            data = self.sock.recv(READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return []
+        if not data:
+            raise ConnectionError("server closed the connection without a close frame")
+        return self.parser.feed(data)
+
     def flush(self, selector: selectors.BaseSelector) -> None:
         backlog = self.backlog
         if backlog is None:
@@ -295,13 +305,7 @@ def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start
                     client.flush(selector)
                 if not mask & selectors.EVENT_READ:
                     continue
-                try:
-                    data = client.sock.recv(READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    raise ConnectionError("server closed the connection without a close frame")
-                events = client.parser.feed(data)
+                events = client.receive()
                 if not events:
                     continue
                 t = perf_counter()
@@ -378,13 +382,7 @@ def _exchange_one(clients: list[_Client], phase: Phase) -> None:
                 raise TimeoutError(f"{len(waiting)} idle connections did not echo their first message")
             for key, _ in selector.select(remaining):
                 client = key.data
-                try:
-                    data = client.sock.recv(READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    raise ConnectionError("server closed the connection without a close frame")
-                n, pongs = _read_events(client.parser.feed(data), phase.payload_bytes, masks)
+                n, pongs = _read_events(client.receive(), phase.payload_bytes, masks)
                 if pongs:
                     client.sock.sendall(pongs)  # non-blocking, but a few bytes always fit
                 if n:

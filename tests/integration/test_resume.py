@@ -54,17 +54,23 @@ def test_dropped_client_resumes_the_stream_in_order_and_the_backend_never_notice
     again.close()
 
 
-def test_grace_expiry_closes_the_backend(processes):
-    backend = processes.echo("--stream-interval-ms", "5")
-    proxy = processes.proxy("--backend", backend.url, "--resume-grace", "0.5")
+def end_while_detached(processes, stream_interval_ms: str, *proxy_args: str):
+    """A streaming session whose client drops and never comes back, until the proxy ends it."""
+    backend = processes.echo("--stream-interval-ms", stream_interval_ms)
+    proxy = processes.proxy("--backend", backend.url, *proxy_args)
     ws = proxy.connect()
     numbers(ws, 3)
     drop(ws)
     wait_for(lambda: stats(backend)["connections_open"] == 0, what="the backend connection to close")
     assert proxy.pipes() == []
+    return backend, proxy, ws.client_id
+
+
+def test_grace_expiry_closes_the_backend(processes):
+    backend, proxy, client_id = end_while_detached(processes, "5", "--resume-grace", "0.5")
     status = proxy.admin("GET", path="/admin/status")[1]
     assert status["counters"]["clients_expired"] == 1
-    fresh = proxy.connect(ws.client_id)             # a new session, not a resume
+    fresh = proxy.connect(client_id)                # a new session, not a resume
     assert int(fresh.recv()) == 1
     assert stats(backend)["connections_total"] == 2
     fresh.close()
@@ -151,12 +157,6 @@ def test_backend_kill_and_client_drop_in_one_session_lose_nothing(processes):
 
 
 def test_buffer_overflow_while_detached_ends_the_session_and_is_counted(processes):
-    backend = processes.echo("--stream-interval-ms", "1")
-    proxy = processes.proxy("--backend", backend.url, "--buffer-limit", "2KiB")
-    ws = proxy.connect()
-    numbers(ws, 3)
-    drop(ws)
-    wait_for(lambda: stats(backend)["connections_open"] == 0, what="the overflow to close the backend")
-    assert proxy.pipes() == []
+    _, proxy, _ = end_while_detached(processes, "1", "--buffer-limit", "2KiB")
     counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
     assert counters["clients_overflow"] == 1 and "clients_expired" not in counters
