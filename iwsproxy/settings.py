@@ -162,6 +162,9 @@ class Settings:
                                     "close a pipe with 1001 after this many seconds without a data message "
                                     "either way (0 = never: long idle sessions are what WebSockets are for)",
                                     "--idle-timeout")
+    park_after_s: float = setting(1.0, "IWSPROXY_PARK_AFTER", _parse_seconds,
+                                  "a connection without traffic for this many seconds gives up its reader "
+                                  "greenlet (about 8 KiB) until data arrives; 0 = never", "--park-after")
     global_buffer_limit_bytes: int = setting(1024 * 1024 * 1024, "IWSPROXY_GLOBAL_BUFFER_LIMIT", parse_size,
                                              "cap on bytes held for all pipes of this process together "
                                              "(new buffering past it: close 1013)", "--global-buffer-limit")

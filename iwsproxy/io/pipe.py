@@ -9,6 +9,10 @@ Greenlets of one pipe (all kept in the pipe's ``Group``):
 * one *backend reader* per backend connection block-reads the backend and writes
   to the client.
 
+A reader whose connection has had no traffic for ``park_after_s`` is parked by
+the supervisor: its greenlet ends and an idle watcher starts a new one when
+data arrives (:class:`_Reader`), so an idle pipe costs one greenlet, not three.
+
 Every session call that leads to a backend write happens under
 ``_backend_lock``, together with that write, so the order the session decided
 is the order on the wire; ``_client_lock`` does the same for client writes.
@@ -42,7 +46,7 @@ from ..frames import OP_CLOSE, OP_PING, OP_PONG, parse_close_payload
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import BackendConnection, ClientOffer, connect_backend
-from .connection import Connection, ConnectionLost
+from .connection import Connection, ConnectionLost, Parked
 
 if TYPE_CHECKING:
     from .manager import PipeManager
@@ -83,7 +87,10 @@ class PersistentPipe:
                                idle_timeout_s=settings.idle_timeout_s, budget=manager.budget)
         self.client: Connection | None = None   # None while detached
         self._client_released: dict[Connection, Event] = {}  # set when the pipe lets go of a connection
-        self._client_readers: dict[Connection, object] = {}
+        self._client_readers: dict[Connection, _Reader] = {}
+        self._backend_reader: _Reader | None = None
+        self._park_after = settings.park_after_s
+        self._park_at: float | None = None    # when the supervisor next looks for idle readers to park
         self.backend: BackendConnection | None = None
         self.subprotocol: str | None = None
         self.reconnects = 0          # backend connections made after the first
@@ -145,6 +152,8 @@ class PersistentPipe:
                  self.subprotocol)
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
+        if self._park_after:
+            self._park_at = monotonic() + self._park_after
         self._observe()
         try:
             self._supervise()
@@ -174,9 +183,7 @@ class PersistentPipe:
     def _use_client(self, client: Connection) -> None:
         self.client = client
         self._client_released.setdefault(client, Event())
-        reader = self._group.spawn(self._read_client, client)
-        reader.link_exception(self._crashed)
-        self._client_readers[client] = reader
+        self._client_readers[client] = _Reader(self, client, self._read_client)
 
     def _let_go(self, client: Connection, code: int | None = None, reason: str = "") -> None:
         """Stop using a client connection, closing it with ``code`` if given, then release its request.
@@ -187,13 +194,13 @@ class PersistentPipe:
         if self.client is client:
             self.client = None
         reader = self._client_readers.get(client)
-        if code is not None and client.send_close(code, reason) and reader is not None and not reader.dead:
+        if code is not None and client.send_close(code, reason) and reader is not None and not reader.finished:
             self._group.spawn(self._linger, client, reader)
             return
         self._release_client(client)
 
-    def _linger(self, client: Connection, reader) -> None:
-        reader.join(CLOSE_GRACE_S)  # the reader ends when the client's Close reply arrives
+    def _linger(self, client: Connection, reader: "_Reader") -> None:
+        reader.wait_finished(CLOSE_GRACE_S)  # the reader ends when the client's Close reply arrives
         self._release_client(client)
 
     def _release_client(self, client: Connection) -> None:
@@ -230,8 +237,10 @@ class PersistentPipe:
                 self._connect_round(now)
                 if session.needs_backend and not session.closed:
                     self._retry_at = monotonic() + next(self._delays_iter())
-            deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None)
-                         if d is not None]
+            if self._park_at is not None and now >= self._park_at:
+                self._park_idle_readers(now)
+            deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
+                                     self._park_at) if d is not None]
             self._armed = min(deadlines) if deadlines else _NEVER
             timeout = max(0.0, self._armed - monotonic()) if deadlines else None
             self._observe()
@@ -243,6 +252,32 @@ class PersistentPipe:
                 with self._backend_lock, self._client_lock:  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
+
+    def _readers(self) -> list["_Reader"]:
+        readers = list(self._client_readers.values())
+        if self._backend_reader is not None:
+            readers.append(self._backend_reader)
+        return readers
+
+    def _park_idle_readers(self, now: float) -> None:
+        """Park the readers that have not read since the last look (one ``park_after_s`` ago)."""
+        running = False
+        for reader in self._readers():
+            if reader.greenlet is None:
+                continue
+            running = True
+            reads = reader.conn.reads
+            if reads == reader.reads_seen:
+                reader.park()
+            reader.reads_seen = reads
+        self._park_at = now + self._park_after if running else None
+
+    def _reader_unparked(self) -> None:
+        """A parked reader got data: look again in ``park_after_s``."""
+        if self._park_after and self._park_at is None:
+            self._park_at = monotonic() + self._park_after
+            if self._park_at < self._armed:  # the supervisor sleeps past it
+                self._events.put(("reschedule",))
 
     def _observe(self, final: bool = False) -> None:
         """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
@@ -337,6 +372,9 @@ class PersistentPipe:
     def _on_stop(self, code: int, reason: str) -> None:
         with self._backend_lock:
             self._perform(self.session.close(code, reason))
+
+    def _on_reschedule(self) -> None:
+        """Nothing to do but recompute the next deadline (the loop does)."""
 
     def _on_wake(self) -> None:
         if self.session.needs_backend:
@@ -433,8 +471,7 @@ class PersistentPipe:
             self._spawn_backend_reader(conn, generation)
 
     def _spawn_backend_reader(self, conn: BackendConnection, generation: int) -> None:
-        reader = self._group.spawn(self._read_backend, conn, generation)
-        reader.link_exception(self._crashed)
+        self._backend_reader = _Reader(self, conn, self._read_backend, generation)
 
     # ---- actions ----
     def _perform(self, actions: list) -> None:
@@ -586,6 +623,8 @@ class PersistentPipe:
     # ---- teardown ----
     def _teardown(self) -> None:
         """Finish both close handshakes briefly, then drop sockets and greenlets; always runs."""
+        for reader in self._readers():
+            reader.wake()  # a parked reader may yet have a close handshake to finish
         current = gevent.getcurrent()
         others = [g for g in list(self._group) if g is not current]
         if others:
@@ -605,6 +644,66 @@ class PersistentPipe:
         self._stopped.set()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
+
+
+class _Reader:
+    """Runs a pipe's read loop for one connection: in a greenlet while the connection
+    has traffic, as an idle watcher while it is parked.
+
+    ``target(conn, *args)`` returns when the connection is done with; if it is
+    parked (:class:`Parked` raised from its read) a new greenlet runs it again
+    when data arrives.
+    """
+
+    __slots__ = ("conn", "_pipe", "_target", "_args", "greenlet", "finished", "reads_seen", "_done")
+
+    def __init__(self, pipe: PersistentPipe, conn: Connection, target, *args):
+        self.conn, self._pipe, self._target, self._args = conn, pipe, target, args
+        self.greenlet = None
+        self.finished = False
+        self.reads_seen = -1   # the connection's read count at the supervisor's last look
+        self._done: Event | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.greenlet = self._pipe._group.spawn(self._run)
+        self.greenlet.link_exception(self._pipe._crashed)
+
+    def _run(self) -> None:
+        parked = False
+        try:
+            self._target(self.conn, *self._args)
+        except Parked:
+            parked = True
+        finally:
+            self.greenlet = None
+            if not parked:
+                self.finished = True
+                if self._done is not None:
+                    self._done.set()
+        if parked:
+            self.conn.call_when_readable(self._unpark)
+
+    def _unpark(self) -> None:
+        self._spawn()
+        self._pipe._reader_unparked()
+
+    def park(self) -> None:
+        """Let go of the greenlet if it is waiting for data (else nothing happens)."""
+        if self.greenlet is not None and self.conn.can_park:
+            self.conn.park()
+
+    def wake(self) -> None:
+        """Run again now if parked."""
+        if self.conn.stop_watching():
+            self._spawn()
+
+    def wait_finished(self, timeout: float) -> bool:
+        if self.finished:
+            return True
+        if self._done is None:
+            self._done = Event()
+        return self._done.wait(timeout)
 
 
 class _Mailbox:

@@ -1,0 +1,72 @@
+"""Parked readers: an idle connection gives up its reader greenlet and gets one back when data arrives."""
+
+from __future__ import annotations
+
+import socket
+
+from conftest import stats, wait_for
+
+
+def greenlets(proxy) -> int:
+    return proxy.admin("GET", path="/admin/status")[1]["greenlets"]
+
+
+def echo(ws, payload: bytes) -> bytes:
+    ws.send_binary(payload)
+    return ws.recv()
+
+
+def park_all(proxy, pipes: int, base: int) -> None:
+    """Wait until each pipe is down to one greenlet (its supervisor): both readers parked."""
+    wait_for(lambda: greenlets(proxy) <= base + pipes, what="idle readers to be parked")
+
+
+def test_idle_readers_are_parked_and_traffic_wakes_them(processes):
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0.1")
+    base = greenlets(proxy)
+    clients = [proxy.connect() for _ in range(5)]
+    for i, ws in enumerate(clients):
+        assert echo(ws, b"first %d" % i) == b"first %d" % i
+    busy = greenlets(proxy)
+    assert busy >= base + 5 * 3  # supervisor, client reader and backend reader per pipe
+    park_all(proxy, 5, base)
+    for round_ in range(3):  # each round wakes both readers of every pipe, then they park again
+        for i, ws in enumerate(clients):
+            payload = b"round %d pipe %d " % (round_, i) + bytes(range(256)) * 40
+            assert echo(ws, payload) == payload
+        park_all(proxy, 5, base)
+    assert stats(a)["messages_total"] == 5 * 4
+
+
+def test_backend_killed_while_parked_fails_over_without_loss(processes):
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    proxy = processes.proxy("--backend", a.url, "--backend", b.url, "--park-after", "0.1")
+    base = greenlets(proxy)
+    ws = proxy.connect()
+    assert echo(ws, b"before") == b"before"
+    park_all(proxy, 1, base)
+    serving, other = (a, b) if proxy.pipes()[0]["backend"] == a.url else (b, a)
+    serving.kill()  # the parked backend reader is woken by the EOF
+    wait_for(lambda: proxy.pipes()[0]["backend"] == other.url, what="failover to the other backend")
+    assert echo(ws, b"after") == b"after"
+    assert proxy.pipes()[0]["failovers"] == 1
+
+
+def test_client_dropped_while_parked_detaches_and_resumes(processes):
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0.1", "--resume-grace", "10")
+    base = greenlets(proxy)
+    client_id = "6f1c1c1e-8d4b-4b6e-9a55-3f1d2b0c9a01"
+    ws = proxy.connect(client_id)
+    assert echo(ws, b"hello") == b"hello"
+    park_all(proxy, 1, base)
+    ws.sock.shutdown(socket.SHUT_RDWR)  # no Close frame: the parked client reader sees EOF
+    ws.sock.close()
+    wait_for(lambda: proxy.pipes()[0]["state"] == "detached", what="the session to detach")
+    again = proxy.connect(client_id)
+    assert again.recv() == b"hello"  # never acknowledged (this client answered no fence): delivered again
+    assert echo(again, b"back") == b"back"
+    again.close()
+    wait_for(lambda: proxy.pipes() == [], what="the pipe to end")
