@@ -9,6 +9,12 @@ or calls :meth:`ClientUpgrade.accept`, which sends the 101 and returns the
 client :class:`~iwsproxy.io.connection.Connection`; whatever the app returns
 after that is discarded.
 
+The connection then belongs to the app, not to the request: its socket is
+detached from the HTTP server, so the request's greenlet ends while the
+connection lives on (a pipe needs no greenlet while it is idle). A TLS socket
+cannot leave its server that way; for it the request waits until the
+connection is closed.
+
 The data phase does not go through gevent-websocket's ``WebSocket`` class
 (which unmasks byte by byte in Python): frames are parsed by
 :mod:`iwsproxy.frames` straight from the socket.
@@ -69,7 +75,9 @@ class ClientUpgrade:
         self.subprotocols = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
         address = handler.client_address
         self.remote_addr = address[0] if isinstance(address, tuple) else str(address or "")
+        self.server_pool = getattr(handler.server, "pool", None)  # where a shutdown can make the server wait
         self.connection: Connection | None = None
+        self.detached = False
 
     @property
     def accepted(self) -> bool:
@@ -90,8 +98,13 @@ class ClientUpgrade:
         handler = self._handler
         handler.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         handler.mark_upgraded()
-        self.connection = Connection(handler.socket, server_side=True, max_message_size=max_message_size,
-                                     max_fragments=max_fragments, prefix=handler.take_buffered_input())
+        prefix = handler.take_buffered_input()
+        sock = handler.socket
+        if not hasattr(sock, "do_handshake"):  # not TLS: take the descriptor; the server closes an empty shell
+            sock = type(sock)(fileno=sock.detach())
+            self.detached = True
+        self.connection = Connection(sock, server_side=True, max_message_size=max_message_size,
+                                     max_fragments=max_fragments, prefix=prefix)
         return self.connection
 
 
@@ -181,18 +194,24 @@ class ProxyHandler(WebSocketHandler):
             return self.start_response(status, headers, exc_info)
 
         result = None
+        taken = False
         try:
             result = self.application(environ, start_response)
             if not upgrade.accepted:
                 self.result = result
                 self.process_result()
+            taken = True
         finally:
             self.result = None
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-            if upgrade.connection is not None:
-                upgrade.connection.abort()
+            connection = upgrade.connection
+            if connection is not None:
+                if not taken:
+                    connection.abort()  # the app failed after accepting: nobody owns the connection
+                elif not upgrade.detached:
+                    connection.wait_closed()  # TLS: the socket lives as long as this request
         return None
 
     def log_request(self):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 
 from gevent import get_hub
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 from ..buffer import Message
@@ -40,7 +41,7 @@ class Parked(Exception):
 
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
-                 "reads", "_idle_watcher", "__weakref__")
+                 "reads", "_idle_watcher", "_closed_event", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -57,6 +58,7 @@ class Connection:
         self.closed = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
+        self._closed_event: Event | None = None  # made by wait_closed
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -169,12 +171,21 @@ class Connection:
                 return False
             return True
 
+    def wait_closed(self) -> None:
+        """Block until :meth:`abort` has been called."""
+        if not self.closed:
+            if self._closed_event is None:
+                self._closed_event = Event()
+            self._closed_event.wait()
+
     def abort(self) -> None:
         """Drop the connection at once (no close handshake); idempotent."""
         if self.closed:
             return
         self.closed = True
         self.stop_watching()  # before the descriptor closes
+        if self._closed_event is not None:
+            self._closed_event.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

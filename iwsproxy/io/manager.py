@@ -51,6 +51,7 @@ class PipeManager:
         self._tasks = Group()          # drain schedulers
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
+        self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         self.registry = registry or LocalRegistry()
@@ -177,14 +178,15 @@ class PipeManager:
             raise
         return pipe
 
-    def run_pipe(self, pipe: PersistentPipe, client: Connection) -> None:
+    def start_pipe(self, pipe: PersistentPipe, client: Connection) -> None:
         self.counters["pipes_opened"] += 1
         self.metrics.pipe_opened()
-        try:
-            pipe.run(client)
-        finally:
-            self._forget(pipe)
-            self.metrics.pipe_closed()
+        pipe.start(client)
+
+    def pipe_ended(self, pipe: PersistentPipe) -> None:
+        """Called by a pipe when it has torn down."""
+        self._forget(pipe)
+        self.metrics.pipe_closed()
 
     def abandon_pipe(self, pipe: PersistentPipe) -> None:
         """A pipe opened by :meth:`open_pipe` whose client will never be attached."""
@@ -196,14 +198,17 @@ class PipeManager:
 
     def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None, *,
                     token: str | None = None) -> None:
-        """Open a pipe for a client upgrade, answer the upgrade, and serve until the pipe ends.
+        """Open a pipe for a client upgrade, answer the upgrade, and hand the connection to the pipe.
 
-        Blocks for the pipe's life. If a pipe with this id is alive, the
-        connection resumes it (detached) or takes it over (attached, unless
-        ``on_duplicate`` is "refuse"). Refusals raise before the client is
+        Returns once the pipe runs (it owns the client connection from then
+        on). If a pipe with this id is alive, the connection resumes it
+        (detached) or takes it over (attached, unless ``on_duplicate`` is
+        "refuse"). Refusals raise before the client is
         answered: :class:`DuplicateClient` (409), :class:`ResumeRefused` (403),
         :class:`BackendRejected`, :class:`NoBackendAvailable` (503).
         """
+        if upgrade.server_pool is not None:
+            self._server_pools.add(upgrade.server_pool)
         existing = self._pipes.get(client_id)
         if existing is not None:
             self._rejoin(existing, upgrade, token)
@@ -217,10 +222,10 @@ class PipeManager:
         except BaseException:
             self.abandon_pipe(pipe)
             raise
-        self.run_pipe(pipe, client)
+        self.start_pipe(pipe, client)
 
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
-        """Attach a new connection to a live pipe; blocks until the pipe lets go of it."""
+        """Hand a new connection to a live pipe."""
         settings = self.settings
         if pipe.client_attached and settings.on_duplicate == "refuse":
             raise DuplicateClient(f"client {short_id(pipe.client_id)} already has a live session")
@@ -230,7 +235,7 @@ class PipeManager:
             raise ResumeRefused(f"the session speaks {pipe.subprotocol!r}; the connection must offer it")
         client = upgrade.accept(pipe.subprotocol, max_message_size=settings.max_message_size_bytes,
                                 max_fragments=settings.max_fragments)
-        pipe.attach(client).wait()
+        pipe.attach(client)
 
     def record_resume_event(self, kind: str) -> None:
         self.counters[f"clients_{kind}"] += 1
@@ -256,11 +261,19 @@ class PipeManager:
         self.metrics.client_closed(code, reason)
 
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
-        """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only."""
+        """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only.
+
+        The greenlet is also put in the pool of each server that opened pipes:
+        gunicorn's worker waits for its pool to empty before it exits, and pipes
+        (which outlive their requests) are not in it.
+        """
         if self._shutdown is None:
             log.info("shutting down: closing %d clients with %d", len(self._pipes), code)
             self._shutdown = gevent.spawn(self.close_all, code, reason)
             self._shutdown.link_exception(lambda g: log.error("shutdown failed", exc_info=g.exc_info))
+            for pool in self._server_pools:
+                if pool.free_count() > 0:  # never block a signal handler on a full pool
+                    pool.add(self._shutdown)
 
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""

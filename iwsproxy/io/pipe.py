@@ -1,17 +1,21 @@
 """PersistentPipe: one client session, driven through its :class:`~iwsproxy.session.Session`.
 
-Greenlets of one pipe (all kept in the pipe's ``Group``):
+A pipe runs in greenlets of its own, and only while they have work: the
+request that opened it hands the client socket over and ends.
 
-* the *supervisor* is the greenlet that called :meth:`PersistentPipe.run` (the
-  request's greenlet): it reacts to events (backend lost, client gone, wake-ups),
-  runs the reconnect loop with backoff and performs deadline actions;
+* the *supervisor* reacts to events posted to its mailbox (backend lost, client
+  gone, attach, drain, stop, wake-ups), runs the reconnect loop with backoff and
+  performs deadline actions (pong timeouts, keepalive fences, resume grace);
 * the *client reader* block-reads the client and writes to the backend;
 * one *backend reader* per backend connection block-reads the backend and writes
   to the client.
 
-A reader whose connection has had no traffic for ``park_after_s`` is parked by
-the supervisor: its greenlet ends and an idle watcher starts a new one when
-data arrives (:class:`_Reader`), so an idle pipe costs one greenlet, not three.
+After ``park_after_s`` without work each of them is given up: the supervisor
+hands over to a timer set for its next deadline and is spawned again by it or
+by the next event; a reader is parked (:class:`_Reader`) and an idle watcher
+spawns a new one when data arrives. An idle pipe is objects and watchers, no
+greenlet (a blocked greenlet costs about 8 KiB). ``park_after_s = 0`` keeps all
+three for the pipe's life.
 
 Every session call that leads to a backend write happens under
 ``_backend_lock``, together with that write, so the order the session decided
@@ -22,10 +26,9 @@ the supervisor's mailbox. The supervisor sleeps until its next deadline or
 event; a reader whose write starts an earlier deadline (a new pong timeout)
 wakes it.
 
-A client that vanishes without a normal close is let go (its request ends)
-while the pipe lives on, detached; a new connection with the same id is
-handed to the pipe (:meth:`PersistentPipe.attach`) and gets a client reader of
-its own.
+A client that vanishes without a normal close is let go while the pipe lives
+on, detached; a new connection with the same id is handed to the pipe
+(:meth:`PersistentPipe.attach`) and gets a client reader of its own.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent import get_hub
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Group
@@ -86,8 +90,7 @@ class PersistentPipe:
                                pong_timeout_s=settings.pong_timeout_s, resume_grace_s=settings.resume_grace_s,
                                idle_timeout_s=settings.idle_timeout_s, budget=manager.budget)
         self.client: Connection | None = None   # None while detached
-        self._client_released: dict[Connection, Event] = {}  # set when the pipe lets go of a connection
-        self._client_readers: dict[Connection, _Reader] = {}
+        self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
         self._backend_reader: _Reader | None = None
         self._park_after = settings.park_after_s
         self._park_at: float | None = None    # when the supervisor next looks for idle readers to park
@@ -99,6 +102,8 @@ class PersistentPipe:
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
         self._events = _Mailbox()
+        self._supervisor: gevent.Greenlet | None = None
+        self._timer = None                    # the supervisor's next deadline while it is not running
         self._group = Group()
         self._stopped = Event()
         self._retry_at: float | None = None
@@ -144,37 +149,30 @@ class PersistentPipe:
             raise NoBackendAvailable(tried)
         self.manager.wait_for_backend(self)
 
-    def run(self, client: Connection) -> None:
-        """Serve the pipe until it ends; blocks (this greenlet becomes the supervisor)."""
+    def start(self, client: Connection) -> None:
+        """Serve the pipe with its first client connection; returns at once (the pipe owns ``client``).
+
+        When the pipe ends it calls ``manager.pipe_ended(pipe)``.
+        """
         self._running = True
         self._use_client(client)
         log.info("pipe %s open: backend=%s subprotocol=%s", short_id(self.client_id), self.backend_url,
                  self.subprotocol)
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
+        if self.session.needs_backend:
+            self._retry_at = monotonic()
         if self._park_after:
             self._park_at = monotonic() + self._park_after
         self._observe()
-        try:
-            self._supervise()
-        finally:
-            self._teardown()
-            self._observe(final=True)
+        self._post(("reschedule",))
 
-    def attach(self, client: Connection) -> Event:
-        """Give the pipe a new client connection (resume or takeover), from the new request's greenlet.
-
-        Returns an Event set when the pipe lets go of that connection (the
-        client detached again, was taken over, or the pipe ended): the caller
-        keeps its request open until then.
-        """
-        released = Event()
+    def attach(self, client: Connection) -> None:
+        """Give the pipe a new client connection (resume or takeover); the pipe owns it from here."""
         if self._stopped.is_set():
-            released.set()
+            client.abort()
         else:
-            self._client_released[client] = released
-            self._events.put(("attach", client))
-        return released
+            self._post(("attach", client))
 
     @property
     def client_attached(self) -> bool:
@@ -182,11 +180,10 @@ class PersistentPipe:
 
     def _use_client(self, client: Connection) -> None:
         self.client = client
-        self._client_released.setdefault(client, Event())
         self._client_readers[client] = _Reader(self, client, self._read_client)
 
     def _let_go(self, client: Connection, code: int | None = None, reason: str = "") -> None:
-        """Stop using a client connection, closing it with ``code`` if given, then release its request.
+        """Stop using a client connection, closing it with ``code`` if given.
 
         After a Close the connection lingers (up to CLOSE_GRACE_S) so that the
         client's Close reply completes the handshake.
@@ -206,9 +203,6 @@ class PersistentPipe:
     def _release_client(self, client: Connection) -> None:
         client.abort()
         self._client_readers.pop(client, None)
-        released = self._client_released.pop(client, None)
-        if released is not None:
-            released.set()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until the pipe has torn down; False on timeout."""
@@ -216,21 +210,42 @@ class PersistentPipe:
 
     def stop(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
         """Ask the pipe to close its client with ``code`` (from any greenlet)."""
-        self._events.put(("stop", code, reason))
+        self._post(("stop", code, reason))
 
     def drain(self, url: str) -> None:
         """Move this pipe off ``url`` without loss or duplicates (from any greenlet)."""
-        self._events.put(("drain", url))
+        self._post(("drain", url))
 
     def wake(self) -> None:
         """Something changed (pool, fence due): let the supervisor look again."""
-        self._events.put(("wake",))
+        self._post(("wake",))
 
     # ---- supervisor ----
+    def _post(self, event: tuple) -> None:
+        """Put an event in the supervisor's mailbox, spawning the supervisor if it is not running."""
+        self._events.put(event)
+        if self._supervisor is None and self._running and not self._stopped.is_set():
+            self._cancel_timer()
+            self._supervisor = gevent.spawn(self._supervise)
+            self._supervisor.link_exception(self._crashed)
+
     def _supervise(self) -> None:
+        ended = True
+        try:
+            ended = self._work()
+        finally:
+            if ended:
+                self._teardown()
+                self._observe(final=True)
+                self.manager.pipe_ended(self)
+            self._supervisor = None
+
+    def _work(self) -> bool:
+        """Handle events and deadlines; True when the session has ended, False when idle for
+        ``park_after_s`` (a timer for the next deadline takes over)."""
         session = self.session
-        if session.needs_backend:
-            self._retry_at = monotonic()
+        busy_at = monotonic()
+        linger = self._park_after or _NEVER
         while not session.closed:
             now = monotonic()
             if session.needs_backend and self._retry_at is not None and now >= self._retry_at:
@@ -241,17 +256,38 @@ class PersistentPipe:
                 self._park_idle_readers(now)
             deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
                                      self._park_at) if d is not None]
-            self._armed = min(deadlines) if deadlines else _NEVER
-            timeout = max(0.0, self._armed - monotonic()) if deadlines else None
+            deadline = min(deadlines) if deadlines else _NEVER
             self._observe()
-            event = self._events.get(timeout)
+            if not self._events and now - busy_at >= linger and deadline > now:
+                self._arm_timer(deadline)
+                return False
+            self._armed = deadline
+            until = min(deadline, busy_at + linger)
+            event = self._events.get(None if until == _NEVER else max(0.0, until - monotonic()))
             self._armed = 0.0  # awake: readers need not wake us
             if event is not None:
+                busy_at = monotonic()
                 self._handle(event)
             if not session.closed:
                 with self._backend_lock, self._client_lock:  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
+        return True
+
+    def _arm_timer(self, deadline: float) -> None:
+        """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
+        self._armed = deadline
+        if deadline < _NEVER:
+            self._timer = get_hub().loop.timer(max(0.0, deadline - monotonic()))
+            self._timer.start(self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._post(("reschedule",))  # runs in the hub: only spawns
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.close()
 
     def _readers(self) -> list["_Reader"]:
         readers = list(self._client_readers.values())
@@ -277,7 +313,7 @@ class PersistentPipe:
         if self._park_after and self._park_at is None:
             self._park_at = monotonic() + self._park_after
             if self._park_at < self._armed:  # the supervisor sleeps past it
-                self._events.put(("reschedule",))
+                self._post(("reschedule",))
 
     def _observe(self, final: bool = False) -> None:
         """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
@@ -511,7 +547,7 @@ class PersistentPipe:
             cause = f"write failed: {exc}"
             lost = (("backend_lost", self.session.generation, cause) if direction == "to_backend"
                     else ("client_gone", conn, 1006, cause))
-            self._events.put(lost)
+            self._post(lost)
             return False
         if messages:
             self.manager.metrics.messages(direction, len(messages), sum(len(m[1]) for m in messages))
@@ -543,7 +579,7 @@ class PersistentPipe:
         except ProtocolError as exc:
             self._client_broke_protocol(client, exc)
         except ConnectionLost as exc:
-            self._events.put(("client_gone", client, 1006, str(exc)))
+            self._post(("client_gone", client, 1006, str(exc)))
 
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
@@ -570,13 +606,13 @@ class PersistentPipe:
             self._client_broke_protocol(client, exc)
             return
         client.send_close(code, reason)  # complete the close handshake (echo the code)
-        self._events.put(("client_gone", client, code or 1005, reason))
+        self._post(("client_gone", client, code or 1005, reason))
 
     def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
         log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
         self.manager.record_client_closed(exc.close_code, exc.reason)
         client.send_close(exc.close_code, exc.reason)
-        self._events.put(("client_gone", client, exc.close_code, exc.reason))
+        self._post(("client_gone", client, exc.close_code, exc.reason))
 
     def _read_backend(self, conn: BackendConnection, generation: int) -> None:
         session = self.session
@@ -592,7 +628,7 @@ class PersistentPipe:
                         if session.backend_pong(generation, payload, monotonic()):
                             self.wake()
                     elif op == OP_PING:
-                        self._events.put(("backend_ping", generation, payload))
+                        self._post(("backend_ping", generation, payload))
                     elif op == OP_CLOSE:
                         if data:
                             self._backend_data(data, lock, session)
@@ -600,15 +636,15 @@ class PersistentPipe:
                             code, reason = parse_close_payload(payload)
                         except ProtocolError as exc:
                             code, reason = exc.close_code, exc.reason
-                        self._events.put(("backend_closed", generation, code or 1005, reason))
+                        self._post(("backend_closed", generation, code or 1005, reason))
                         return
                 if data:
                     self._backend_data(data, lock, session)
         except ProtocolError as exc:
             conn.send_close(exc.close_code, exc.reason)
-            self._events.put(("backend_lost", generation, f"protocol error: {exc.reason}"))
+            self._post(("backend_lost", generation, f"protocol error: {exc.reason}"))
         except ConnectionLost as exc:
-            self._events.put(("backend_lost", generation, str(exc)))
+            self._post(("backend_lost", generation, str(exc)))
 
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
@@ -618,7 +654,7 @@ class PersistentPipe:
 
     def _crashed(self, greenlet) -> None:
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
-        self._events.put(("stop", 1011, "internal error"))
+        self._post(("stop", 1011, "internal error"))
 
     # ---- teardown ----
     def _teardown(self) -> None:
@@ -631,7 +667,7 @@ class PersistentPipe:
             gevent.joinall(others, timeout=CLOSE_GRACE_S)
         if self.backend is not None:
             self.backend.abort()
-        for client in list(self._client_released):
+        for client in list(self._client_readers):
             self._release_client(client)
         self._group.kill(timeout=CLOSE_GRACE_S)
         self._release_backend(failed=False)
@@ -641,7 +677,11 @@ class PersistentPipe:
             reason = session.close_reason.reason if session.close_reason else session.end_cause
             log.warning("pipe %s: session ended while detached: %s", short_id(self.client_id), reason)
             self.manager.record_resume_event("overflow" if session.end_cause == "overflow" else "expired")
+        self._cancel_timer()
         self._stopped.set()
+        for event in self._events.take_all():  # connections handed over too late
+            if event[0] == "attach":
+                event[1].abort()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
 
@@ -718,6 +758,13 @@ class _Mailbox:
     def put(self, item: tuple) -> None:
         self._items.append(item)
         self._ready.set()
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def take_all(self) -> list[tuple]:
+        items, self._items = self._items, []
+        return items
 
     def get(self, timeout: float | None) -> tuple | None:
         """The oldest item, waiting up to ``timeout`` for one; None if none came."""
