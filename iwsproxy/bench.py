@@ -17,7 +17,9 @@ Scenarios, in this order for each path (the idle ones first, on a fresh server):
 
 1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time;
 2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
-   open; the server's RSS (VmRSS, summed over its process tree) before and after, per pipe;
+   open; the server's RSS (VmRSS, summed over its process tree) before, and after the pipes
+   have been quiet for ``--idle-settle`` seconds (an idle pipe gives up its greenlets after
+   about three times ``--park-after``), per pipe;
 3. small messages: ``--connections`` connections, 100-byte binary messages, ``--window`` in
    flight per connection, for ``--duration`` seconds: echoes per second and RTT percentiles;
    the server's CPU time (user+sys from /proc, its whole process tree) over the phase divided
@@ -98,6 +100,7 @@ class Options:
     large_connections: int = 4
     rtt_count: int = 2000
     idle_pipes: int = 1000
+    idle_settle_s: float = 5.0
     workers: int = 2
     nginx: bool = True
     gunicorn: bool = False
@@ -137,6 +140,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--large-connections", type=int, help="connections of the 1 MiB phase (default 4)")
     parser.add_argument("--rtt-count", type=int, help="idle round trips (default 2000, quick 300)")
     parser.add_argument("--idle-pipes", type=int, help="idle connections for the memory phase (default 1000, quick 200)")
+    parser.add_argument("--idle-settle", type=float,
+                        help="seconds the idle pipes stay quiet before RSS is read (default 5, quick 3.5)")
     parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
     parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
@@ -150,6 +155,7 @@ def parse_args(argv: list[str] | None) -> Options:
         large_connections=args.large_connections if args.large_connections is not None else 4,
         rtt_count=args.rtt_count if args.rtt_count is not None else (300 if quick else 2000),
         idle_pipes=args.idle_pipes if args.idle_pipes is not None else (200 if quick else 1000),
+        idle_settle_s=args.idle_settle if args.idle_settle is not None else (3.5 if quick else 5.0),
         workers=args.workers if args.workers is not None else 2,
         nginx=not args.no_nginx,
         gunicorn=args.gunicorn,
@@ -159,8 +165,9 @@ def parse_args(argv: list[str] | None) -> Options:
     for name in ("connections", "window", "large_connections", "rtt_count", "workers"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if options.duration_s <= 0 or options.idle_pipes < 0:
-        parser.error("--duration must be positive and --idle-pipes not negative")
+    if options.duration_s <= 0 or options.idle_pipes < 0 or not 0 <= options.idle_settle_s < BARRIER_TIMEOUT_S / 2:
+        parser.error(f"--duration must be positive, --idle-pipes not negative and --idle-settle in [0, "
+                     f"{BARRIER_TIMEOUT_S / 2:g})")
     return options
 
 
@@ -441,8 +448,12 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
     if measured and options.idle_pipes:
         progress(f"{path.name}: {options.idle_pipes} idle pipes")
         rss: dict[str, int] = {"before": rss_kib(path.server_pids())}
-        loadgen.run(phases("idle", options.idle_pipes, payload_bytes=RTT_BYTES),
-                    at_ready=lambda: rss.__setitem__("after", rss_kib(path.server_pids())))
+
+        def after_quiet() -> None:
+            time.sleep(options.idle_settle_s)  # ok-sleep: "idle" means quiet this long; not a synchronisation
+            rss["after"] = rss_kib(path.server_pids())
+
+        loadgen.run(phases("idle", options.idle_pipes, payload_bytes=RTT_BYTES), at_ready=after_quiet)
         result.rss_kib_per_pipe = (rss["after"] - rss["before"]) / options.idle_pipes
         result.notes["rss_kib_before"], result.notes["rss_kib_after"] = rss["before"], rss["after"]
 
@@ -770,7 +781,8 @@ def report(results: list[PathResult], info: dict, options: Options) -> str:
     lines = [
         f"load: small {o.connections} conns x {SMALL_BYTES} B, window {o.window}, {o.duration_s:g} s; "
         f"large {o.large_connections} conns x 1 MiB, window 1, {o.duration_s:g} s; "
-        f"idle RTT {o.rtt_count} x {RTT_BYTES} B; {o.idle_pipes} idle pipes; {o.workers} load generator processes",
+        f"idle RTT {o.rtt_count} x {RTT_BYTES} B; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
+        f"{o.workers} load generator processes",
         "",
         format_table(results),
         "",
