@@ -47,8 +47,9 @@ class Metrics:
 
     def failover(self, duration_s: float, replayed: int, flushed_bytes: int) -> None: ...
 
-    def client_closed(self, code: int, reason: str) -> None:
-        """The proxy closed a client (1013 overflow, 1013 deadline, 1012 restart, 1002/1007/1009...)."""
+    def client_closed(self, code: int, cause: str | None = None) -> None:
+        """The proxy closed a client with ``code``; ``cause`` is the session's ``end_cause``
+        (it tells a 1013 for a full buffer from a 1013 for a missed reconnect deadline)."""
 
     def backend_error(self, url: str) -> None: ...
 
@@ -70,19 +71,16 @@ _REASON_BY_CODE = {1000: "backend_ended", 1001: "going_away", 1002: "protocol", 
                    1009: "too_big", 1011: "internal", 1012: "restart"}
 
 
-def close_reason_label(code: int, reason: str) -> str:
-    """The ``reason`` label for a client closed with ``code``/``reason``, from a fixed set.
+def close_reason_label(code: int, cause: str | None = None) -> str:
+    """The ``reason`` label for a client closed with ``code``, from a fixed set.
 
-    overflow, deadline (both 1013), restart (1012), going_away (1001), protocol
-    (1002, 1007), too_big (1009), internal (1011), backend_ended (1000 and the
-    application codes 3000-4999 passed on from a backend), other.
+    overflow (1013: its buffer or the process's budget is full), deadline (1013: no
+    backend in time), both from the session's ``cause``; restart (1012), going_away
+    (1001), protocol (1002, 1007), too_big (1009), internal (1011), backend_ended
+    (1000 and the application codes 3000-4999 passed on from a backend), other.
     """
     if code == 1013:
-        if "buffer limit" in reason:
-            return "overflow"
-        if "no backend within" in reason:
-            return "deadline"
-        return "other"
+        return cause if cause in ("overflow", "deadline") else "other"
     if 3000 <= code <= 4999:
         return "backend_ended"
     return _REASON_BY_CODE.get(code, "other")
@@ -203,8 +201,8 @@ class PrometheusMetrics(Metrics):
         if flushed_bytes:
             self._flushed.inc(flushed_bytes)
 
-    def client_closed(self, code: int, reason: str) -> None:
-        self._clients_closed.labels(close_code_label(code), close_reason_label(code, reason)).inc()
+    def client_closed(self, code: int, cause: str | None = None) -> None:
+        self._clients_closed.labels(close_code_label(code), close_reason_label(code, cause)).inc()
 
     def backend_error(self, url: str) -> None:
         self._backend_children(url)[0].inc()

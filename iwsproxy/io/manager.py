@@ -256,9 +256,9 @@ class PipeManager:
         self.counters["replayed"] += report.replayed
         self.metrics.failover(report.duration_s, report.replayed, report.flushed_bytes)
 
-    def record_client_closed(self, code: int, reason: str) -> None:
+    def record_client_closed(self, code: int, cause: str | None = None) -> None:
         self.closed_by_code[code] += 1
-        self.metrics.client_closed(code, reason)
+        self.metrics.client_closed(code, cause)
 
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
         """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only.

@@ -521,7 +521,7 @@ class PersistentPipe:
                     return
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
-                self.manager.record_client_closed(action.code, action.reason)
+                self.manager.record_client_closed(action.code, self.session.end_cause)
                 if self.client is not None:
                     self.client.send_close(action.code, action.reason)
             elif type(action) is CloseBackend:
@@ -610,7 +610,7 @@ class PersistentPipe:
 
     def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
         log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
-        self.manager.record_client_closed(exc.close_code, exc.reason)
+        self.manager.record_client_closed(exc.close_code, "protocol")
         client.send_close(exc.close_code, exc.reason)
         self._post(("client_gone", client, exc.close_code, exc.reason))
 

@@ -7,10 +7,12 @@ import base64
 import hashlib
 import socket
 import threading
+import urllib.request
 import uuid
 
 import pytest
 import websocket
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recv_close, wait_for
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
@@ -197,6 +199,11 @@ def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
     wait_for(lambda: sum(p["buffered_bytes"] for p in proxy.pipes()) >= 60 * 1024, what="a's buffer")
     b.send_binary(b"b" * 60 * 1024)                  # within b's cap, but past the process budget
     assert recv_close(b) == (1013, "proxy buffer budget exhausted")
+    with urllib.request.urlopen(proxy.http_url + "/metrics", timeout=5) as resp:
+        families = text_string_to_metric_families(resp.read().decode())
+    closed = {(s.labels["code"], s.labels["reason"]): s.value for family in families for s in family.samples
+              if s.name == "iwsproxy_clients_closed_total"}
+    assert closed == {("1013", "overflow"): 1}  # the process budget counts as an overflow, like a client's cap
     fresh = processes.echo(name="fresh")
     proxy.admin("POST", {"url": fresh.url})
     a.send("still here")
