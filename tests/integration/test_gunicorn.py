@@ -16,10 +16,10 @@ from iwsproxy.process import ChildProcess
 
 
 class Gunicorn(Proxy):
-    def __init__(self, *backends: str, workers: int = 2):
+    def __init__(self, *backends: str, workers: int = 2, args: tuple[str, ...] = ()):
         ChildProcess.__init__(
             self, "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", str(workers),
-            "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", "wsgi:app",
+            "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", *args, "wsgi:app",
             env={"IWSPROXY_BACKENDS": ",".join(backends),
                  "IWSPROXY_ADMIN_TOKEN": ADMIN_TOKEN}, name="gunicorn")
 

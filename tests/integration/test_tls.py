@@ -1,4 +1,5 @@
-"""wss:// backends: certificates are verified by default; a CA bundle setting trusts a private CA."""
+"""TLS: wss:// backends (verified by default; a CA bundle setting trusts a private CA), and clients
+of a gunicorn that terminates TLS itself."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import subprocess
 
 import pytest
 import websocket
+
+from conftest import recv_close, stats
+from test_gunicorn import Gunicorn
 
 
 @pytest.fixture
@@ -37,4 +41,23 @@ def test_wss_backend_verification(processes, certificate):
     ws = unverified.connect()
     ws.send("unverified")
     assert ws.recv() == "unverified"
+    ws.close()
+
+
+def test_gunicorn_terminating_tls_serves_pipes(processes, certificate):
+    """A TLS socket cannot be detached from its server: its request lasts as long as the pipe."""
+    cert, key = certificate
+    a = processes.echo(name="a")
+    b = processes.echo(name="b")
+    server = processes.add(Gunicorn(a.url, b.url, workers=1, args=("--certfile", str(cert), "--keyfile", str(key))))
+    url = server.url.replace("ws://", "wss://") + "/6f1c1c1e-8d4b-4b6e-9a55-3f1d2b0c9a02"
+    ws = websocket.create_connection(url, timeout=10, sslopt={"ca_certs": str(cert)})
+    ws.send("over tls")
+    assert ws.recv() == "over tls"
+    serving = a if stats(a)["messages_total"] else b
+    serving.kill()  # failover works behind a TLS client edge too
+    ws.send("after failover")
+    assert ws.recv() == "after failover"
+    ws.send_close(1000, b"bye")
+    assert recv_close(ws) == (1000, "bye")  # the proxy completes the close handshake
     ws.close()
