@@ -722,6 +722,7 @@ class _Reader:
                 if self._done is not None:
                     self._done.set()
         if parked:
+            self._pipe.manager.counters["readers_parked"] += 1
             self.conn.call_when_readable(self._unpark)
 
     def _unpark(self) -> None:

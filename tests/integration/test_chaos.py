@@ -4,7 +4,9 @@ At-least-once (the default) must lose nothing and keep each client's order of
 first deliveries; duplicates are counted and reported. The same run in
 at-most-once mode shows the loss that replay prevents. The backends take 20 ms
 per batch (``--work-ms``), as real backends take time to process, so messages
-are in flight when a backend dies.
+are in flight when a backend dies. A third run parks idle readers and supervisors
+after 5 ms, so that they are given up and brought back between nearly every
+message while the backends die.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ KILLS = 3
 INTERVAL_S = 0.01
 
 
-def run_chaos(processes, delivery: str) -> list[StreamingClient]:
+def run_chaos(processes, delivery: str, park_after_s: float = 1.0) -> list[StreamingClient]:
     backends = [processes.echo("--work-ms", "20", name=f"b{i}") for i in range(3)]
-    args = ["--delivery", delivery, "--pong-timeout", "5"]
+    args = ["--delivery", delivery, "--pong-timeout", "5", "--park-after", str(park_after_s)]
     for backend in backends:
         args += ["--backend", backend.url]
     proxy = processes.proxy(*args)
@@ -49,8 +51,11 @@ def run_chaos(processes, delivery: str) -> list[StreamingClient]:
         print(f"\n[{delivery}] failovers={status['counters'].get('failovers')} "
               f"replayed={status['counters'].get('replayed', 0)} "
               f"sent={sum(c.sent for c in clients)} lost={sum(c.lost() for c in clients)} "
-              f"duplicates={sum(c.duplicates() for c in clients)}")
+              f"duplicates={sum(c.duplicates() for c in clients)} "
+              f"readers_parked={status['counters'].get('readers_parked', 0)}")
         assert len(proxy.pipes()) == CLIENTS  # nobody was disconnected
+        if park_after_s < INTERVAL_S:
+            assert status["counters"]["readers_parked"] > CLIENTS * 10  # parked between messages, over and over
         return clients
     finally:
         stop.set()
@@ -58,8 +63,9 @@ def run_chaos(processes, delivery: str) -> list[StreamingClient]:
             c.close()
 
 
-def test_at_least_once_loses_nothing_through_three_sigkills(processes):
-    clients = run_chaos(processes, "at-least-once")
+@pytest.mark.parametrize("park_after_s", [1.0, 0.005], ids=["park-after-1s", "park-after-5ms"])
+def test_at_least_once_loses_nothing_through_three_sigkills(processes, park_after_s):
+    clients = run_chaos(processes, "at-least-once", park_after_s)
     for c in clients:
         assert c.error is None and c.closed_with is None
         assert c.lost() == 0, f"{c.client_id[:8]} lost {c.lost()} of {c.sent}"
