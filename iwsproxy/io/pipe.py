@@ -107,7 +107,7 @@ class PersistentPipe:
         self._group = Group()
         self._stopped = Event()
         self._retry_at: float | None = None
-        self._armed = 0.0                     # the deadline the supervisor sleeps until (0: awake)
+        self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
         self._delays = None
         self._first_connect = True
         self._lost_from: str | None = None
@@ -235,9 +235,12 @@ class PersistentPipe:
             ended = self._work()
         finally:
             if ended:
-                self._teardown()
-                self._observe(final=True)
-                self.manager.pipe_ended(self)
+                try:
+                    self._teardown()
+                    self._observe(final=True)
+                finally:
+                    self._stopped.set()  # even if tearing down failed: no supervisor is spawned again
+                    self.manager.pipe_ended(self)
             self._supervisor = None
 
     def _work(self) -> bool:

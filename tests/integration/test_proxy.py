@@ -312,7 +312,7 @@ def test_no_greenlet_or_socket_outlives_its_pipe_on_any_exit_path(processes):
         proxy.connect()                            # 4: refused before the upgrade (no backend)
     assert refused.value.status_code == 503
     wait_for(lambda: proxy.pipes() == [], what="all pipes to end")
-    # the request greenlets finish just after their pipes are forgotten
+    # the last greenlets of a pipe (its supervisor, a lingering close) finish just after it is forgotten
     wait_for(lambda: proxy.admin("GET", path="/admin/status")[1]["greenlets"] <= base_greenlets,
              what="pipe greenlets to end")
     wait_for(lambda: fds() <= base_fds, what="sockets to be closed")
