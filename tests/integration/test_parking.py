@@ -3,9 +3,10 @@ traffic, failures and deadlines bring them back."""
 
 from __future__ import annotations
 
+import signal
 import socket
 
-from conftest import stats, wait_for
+from conftest import recv_close, stats, wait_for
 
 
 def greenlets(proxy) -> int:
@@ -71,3 +72,19 @@ def test_client_dropped_while_parked_detaches_and_resumes(processes):
     assert echo(again, b"back") == b"back"
     again.close()
     wait_for(lambda: proxy.pipes() == [], what="the pipe to end")
+
+
+def test_sigterm_closes_idle_pipes_with_1012(processes):
+    """Pipes with no greenlet still get the close handshake of a graceful stop."""
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0.1")
+    base = greenlets(proxy)
+    clients = [proxy.connect() for _ in range(5)]
+    for ws in clients:
+        assert echo(ws, b"x") == b"x"
+    park_all(proxy, base)
+    proxy.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        assert recv_close(ws) == (1012, "proxy restarting")
+    assert proxy.proc.wait(10) == 0
+    assert stats(a)["connections_open"] == 0
