@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBackendAvailable, ResumeRefused
 from .frames import encode_close_payload
@@ -93,7 +94,7 @@ def proxy(client_id: str):
         query = urlencode([(k, v) for k, v in request.args.items(multi=True) if k != "token"])
     offer = ClientOffer(client_id=client_id, query=query,
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
-                        origin=request.headers.get("Origin"), remote_addr=upgrade.remote_addr)
+                        origin=request.headers.get("Origin"), remote_addr=request.remote_addr or "")
     try:
         state.manager.create_pipe(client_id, upgrade, offer, token=token)
     except DuplicateClient as exc:
@@ -256,7 +257,15 @@ class IWSProxy:
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn)."""
+    """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn).
+
+    With ``trusted_proxy_hops`` the client address is taken from
+    X-Forwarded-For by Werkzeug's ``ProxyFix`` (an app embedding the extension
+    applies ``ProxyFix`` itself, as it does for its own routes).
+    """
     app = Flask("iwsproxy", static_folder=None)  # the status page serves its own script
     IWSProxy(app, settings=settings)
+    hops = app.extensions[EXTENSION_KEY].settings.trusted_proxy_hops
+    if hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
     return app

@@ -65,6 +65,13 @@ def _parse_positive_int(value: Any) -> int:
     return number
 
 
+def _parse_count(value: Any) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
 def _parse_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items = value.split(",")
@@ -155,6 +162,11 @@ class Settings:
     max_pipes_per_ip: int = setting(1000, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
                                     "most concurrent pipes per client IP (more: HTTP 429); behind a load "
                                     "balancer every client has the balancer's address", "--max-pipes-per-ip")
+    trusted_proxy_hops: int = setting(0, "IWSPROXY_TRUSTED_PROXY_HOPS", _parse_count,
+                                      "load balancers in front that append the client's address to "
+                                      "X-Forwarded-For: the address that many entries from the end is the "
+                                      "client's (per-IP limit, admin throttling, X-Forwarded-For to backends); "
+                                      "0 = the peer address is the client's", "--trusted-proxy-hops")
     handshake_timeout_s: float = setting(10.0, "IWSPROXY_HANDSHAKE_TIMEOUT", _parse_seconds,
                                          "time allowed for a request line and headers (slower: dropped)",
                                          "--handshake-timeout")

@@ -179,6 +179,28 @@ def test_per_ip_limit_answers_429(processes):
     again.close()
 
 
+def test_per_ip_limit_trusts_x_forwarded_for_only_behind_trusted_proxies(processes):
+    backend = processes.echo()
+    direct = processes.proxy("--backend", backend.url, "--max-pipes-per-ip", "1")
+    spoofer = direct.connect(header=["X-Forwarded-For: 203.0.113.1"])
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        direct.connect(header=["X-Forwarded-For: 203.0.113.2"])  # a forged header changes nothing
+    assert refused.value.status_code == 429
+    spoofer.close()
+
+    behind = processes.proxy("--backend", backend.url, "--max-pipes-per-ip", "1", "--trusted-proxy-hops", "1")
+    # the balancer appends the address it saw; what the client sent before it is not trusted
+    one = behind.connect(header=["X-Forwarded-For: 198.51.100.9, 203.0.113.1"])
+    other = behind.connect(header=["X-Forwarded-For: 203.0.113.2"])
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        behind.connect(header=["X-Forwarded-For: 198.51.100.10, 203.0.113.1"])
+    assert refused.value.status_code == 429
+    for ws in (one, other):
+        ws.send("served")
+        assert ws.recv() == "served"
+        ws.close()
+
+
 def test_idle_timeout_closes_with_1001(processes):
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url, "--idle-timeout", "0.5")
