@@ -31,6 +31,7 @@ __all__ = [
     "apply_mask",
     "MaskSource",
     "encode_frame",
+    "encode_messages",
     "encode_close_payload",
     "parse_close_payload",
     "FrameParser",
@@ -141,6 +142,39 @@ def encode_frame(
         return header + payload
     key = mask_source.next_key()
     return header + key + apply_mask(payload, key)
+
+
+def encode_messages(messages: list[tuple[int, bytes]], mask_source: MaskSource | None = None,
+                    ping: bytes | None = None) -> bytes:
+    """A write batch: whole TEXT/BINARY messages, one frame each, then an optional Ping.
+
+    The same bytes as joining :func:`encode_frame` of each, built with one join
+    (no per-frame header + payload copy) and no per-frame keyword calls: this is
+    the proxy's hot path in both directions.
+    """
+    parts: list = []
+    append = parts.append
+    pack2, pack4, pack10 = _HEAD_2.pack, _HEAD_4.pack, _HEAD_10.pack
+    mask_bit = 0x80 if mask_source is not None else 0
+    for opcode, payload in messages:
+        if opcode != OP_TEXT and opcode != OP_BINARY:
+            raise ValueError(f"not a data opcode: {opcode:#x}")
+        n = len(payload)
+        if n < 126:
+            append(pack2(0x80 | opcode, mask_bit | n))
+        elif n < 0x10000:
+            append(pack4(0x80 | opcode, mask_bit | 126, n))
+        else:
+            append(pack10(0x80 | opcode, mask_bit | 127, n))
+        if mask_bit:
+            key = mask_source.next_key()
+            append(key)
+            append(apply_mask(payload, key))
+        else:
+            append(payload)
+    if ping is not None:
+        append(encode_frame(OP_PING, ping, mask_source=mask_source))
+    return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
 def encode_close_payload(code: int | None, reason: str = "") -> bytes:

@@ -24,7 +24,8 @@ from gevent.lock import Semaphore
 
 from ..buffer import Message
 from ..exceptions import ProtocolError
-from ..frames import OP_CLOSE, OP_PING, OP_PONG, FrameParser, MaskSource, encode_close_payload, encode_frame
+from ..frames import (OP_CLOSE, OP_PONG, FrameParser, MaskSource, encode_close_payload, encode_frame,
+                      encode_messages)
 
 __all__ = ["Connection", "ConnectionLost", "Parked"]
 
@@ -132,11 +133,7 @@ class Connection:
 
     # ---- writing (any greenlet; serialised) ----
     def encode(self, messages: list[Message], ping: bytes | None = None) -> bytes:
-        mask = self._mask
-        frames = [encode_frame(op, payload, mask_source=mask) for op, payload in messages]
-        if ping is not None:
-            frames.append(encode_frame(OP_PING, ping, mask_source=mask))
-        return frames[0] if len(frames) == 1 else b"".join(frames)
+        return encode_messages(messages, self._mask, ping)
 
     def send(self, messages: list[Message], ping: bytes | None = None) -> None:
         """Write data messages (and an optional trailing ping) in one write."""

@@ -27,6 +27,7 @@ from iwsproxy.frames import (
     apply_mask,
     encode_close_payload,
     encode_frame,
+    encode_messages,
     parse_close_payload,
 )
 
@@ -797,3 +798,43 @@ def test_c_masking_is_in_use_and_matches_the_python_one():
         data = os.urandom(size)
         assert frames.apply_mask(data, key) == frames.python_apply_mask(data, key)
         assert frames.apply_mask(memoryview(data), key) == frames.python_apply_mask(data, key)
+
+
+# --------------------------------------------------------------------------------------
+# encode_messages: the write batch of the hot path
+# --------------------------------------------------------------------------------------
+
+
+class RecordingMask(MaskSource):
+    """A MaskSource that remembers the keys it gave, so a batch can be compared frame by frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def next_key(self) -> bytes:
+        key = super().next_key()
+        self.keys.append(key)
+        return key
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]),
+                                   st.binary(max_size=300) | st.sampled_from([b"x" * 126, b"y" * 65536])),
+                         max_size=8),
+       masked=st.booleans(), ping=st.none() | st.binary(max_size=125))
+def test_encode_messages_equals_one_encode_frame_per_message(messages, masked, ping):
+    source = RecordingMask() if masked else None
+    batch = encode_messages(messages, source, ping)
+    keys = iter(source.keys if masked else [])
+    expected = b"".join(ref_encode(op, payload, next(keys) if masked else None) for op, payload in messages)
+    if ping is not None:
+        expected += ref_encode(OP_PING, ping, next(keys) if masked else None)
+    assert type(batch) is bytes and batch == expected
+
+
+def test_encode_messages_refuses_control_and_continuation_frames():
+    for opcode in (OP_CONT, OP_PING, OP_CLOSE):
+        with pytest.raises(ValueError):
+            encode_messages([(opcode, b"")])
+    assert encode_messages([]) == b""
