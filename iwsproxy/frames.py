@@ -320,15 +320,31 @@ class FrameParser:
         end = len(src)
         pos = 0
         need = 0
+        mask_bit = self._mask_bit
+        small = min(125, self._max_message_size)  # a whole small data frame needs none of the checks below
         try:
             with memoryview(src) as view:
                 while end - pos >= 2:
                     b0 = src[pos]
                     b1 = src[pos + 1]
+                    length = b1 & 0x7F
+                    if ((b0 == 0x82 or b0 == 0x81) and (b1 & 0x80) == mask_bit and length <= small
+                            and not self._msg_opcode):
+                        start = pos + (6 if mask_bit else 2)
+                        stop = start + length
+                        if stop > end:
+                            need = stop - pos
+                            break
+                        payload = (apply_mask(view[start:stop], src[start - 4 : start]) if mask_bit
+                                   else bytes(view[start:stop]))
+                        pos = stop
+                        if b0 == 0x81:
+                            self._check_text(payload)
+                        events.append((b0 & 0x0F, payload))
+                        continue
                     opcode = b0 & 0x0F
                     fin = b0 & 0x80
                     self._check_header(b0, b1, opcode, fin)
-                    length = b1 & 0x7F
                     start = pos + 2
                     if length == 126:
                         if end - pos < 4:
