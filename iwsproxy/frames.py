@@ -231,9 +231,12 @@ class FrameParser:
     is buffered); the parser is then dead and every later ``feed`` raises the same error.
     Events completed earlier in the chunk that raised are dropped with it.
     CLOSE payloads are passed through as they are: check them with ``parse_close_payload``.
+    ``data_only`` tells whether the events of the last ``feed`` are all data messages
+    (the usual case, which a caller can hand on without looking at each event).
     """
 
     __slots__ = (
+        "data_only",
         "_expect_masked",
         "_mask_bit",
         "_max_message_size",
@@ -259,6 +262,7 @@ class FrameParser:
         self._mask_bit = 0x80 if expect_masked else 0
         self._max_message_size = max_message_size
         self._max_fragments = max_fragments
+        self.data_only = True
         self._buf = bytearray()  # bytes received but not yet consumed
         self._need = 0  # len(_buf) needed before parsing is worth another try
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
@@ -270,6 +274,7 @@ class FrameParser:
         """Take any chunk of bytes; return the events it completes, in order."""
         if self._error is not None:
             raise self._error
+        self.data_only = True
         buf = self._buf
         if not buf:
             if type(data) is bytes:
@@ -381,6 +386,7 @@ class FrameParser:
                     pos = stop
                     if opcode >= 8:
                         events.append((opcode, payload))
+                        self.data_only = False
                     elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
                         if fin:
                             if opcode == OP_TEXT:

@@ -41,7 +41,7 @@ class Parked(Exception):
 
 
 class Connection:
-    __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
+    __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed", "data_only",
                  "reads", "_idle_watcher", "_closed_event", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
@@ -57,6 +57,7 @@ class Connection:
         self._error: ProtocolError | None = None
         self.close_sent = False
         self.closed = False
+        self.data_only = True  # the events of the last read are all data messages
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
@@ -81,14 +82,17 @@ class Connection:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
             if not data:
                 raise ConnectionLost("connection closed without a close frame")
+            parser = self._parser
             try:
-                events = self._parser.feed(data)
+                events = parser.feed(data)
             except ProtocolError as exc:
                 if not exc.events:
                     raise
                 self._error = exc  # deliver the good messages first; the next read raises
+                self.data_only = False
                 return exc.events
             if events:
+                self.data_only = parser.data_only
                 return events
 
     # ---- parking ----

@@ -563,6 +563,9 @@ class PersistentPipe:
         try:
             while True:
                 events = client.read()
+                if client.data_only:  # the usual batch: hand it on as it is
+                    self._client_data(events, lock, session)
+                    continue
                 data: list[Message] = []
                 for op, payload in events:
                     if op < OP_CLOSE:
@@ -623,6 +626,9 @@ class PersistentPipe:
         try:
             while True:
                 events = conn.read()
+                if conn.data_only:
+                    self._backend_data(events, lock, session)
+                    continue
                 data: list[Message] = []
                 for op, payload in events:
                     if op < OP_CLOSE:
