@@ -41,8 +41,8 @@ class Parked(Exception):
 
 
 class Connection:
-    __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed", "data_only",
-                 "reads", "_idle_watcher", "_closed_event", "__weakref__")
+    __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
+                 "data_only", "reads", "_idle_watcher", "_closed_event", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
