@@ -219,10 +219,12 @@ class PipeManager:
         try:
             client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes,
                                     max_fragments=self.settings.max_fragments)
+            self.start_pipe(pipe, client)
         except BaseException:
+            if upgrade.connection is not None:
+                upgrade.connection.abort()  # accepted, but the pipe never took it
             self.abandon_pipe(pipe)
             raise
-        self.start_pipe(pipe, client)
 
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
