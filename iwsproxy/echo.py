@@ -349,8 +349,7 @@ class EchoServer:
                         return
                 if out:
                     if self.work_s:
-                        # ok-sleep: --work-ms simulates processing time (read but not yet answered)
-                        gevent.sleep(self.work_s)
+                        gevent.sleep(self.work_s)  # ok-sleep: --work-ms simulates processing time
                     conn.send(out[0] if len(out) == 1 else b"".join(out))
             data = recv(READ_CHUNK_BYTES)
             if not data:

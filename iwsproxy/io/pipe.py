@@ -740,8 +740,7 @@ class _Reader:
 
     def park(self) -> None:
         """Let go of the greenlet if it is waiting for data (else nothing happens)."""
-        if self.greenlet is not None and self.conn.can_park:
-            self.conn.park()
+        self.conn.park()
 
     def wake(self) -> None:
         """Run again now if parked."""

@@ -356,8 +356,8 @@ def test_start_times_out_when_no_line_comes(monkeypatch):
     real_popen = subprocess.Popen
 
     def silent_popen(cmd, **kwargs):
-        # ok-sleep: the child's whole job is to stay silent until it is killed
-        return real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kwargs)
+        silent = "import time; time.sleep(30)"  # ok-sleep: the child's job is to stay silent until killed
+        return real_popen([sys.executable, "-c", silent], **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", silent_popen)
     echo = EchoProcess()
