@@ -6,10 +6,11 @@ neither gevent nor socket (a test checks that), so the same code serves the prox
 the echo backend and the tests.
 
 Performance is the point of most of the choices below: there is no per-byte Python
-loop anywhere. Masking XORs two big integers (C speed), headers are read with
-``struct``, unconsumed bytes live in one ``bytearray`` trimmed once per ``feed`` call,
-and the common case (one small complete unfragmented frame per chunk) takes a
-short path that allocates nothing but the payload.
+loop anywhere. Masking runs in C (python-websockets' ``apply_mask``, or two big
+integers XORed), headers are read with ``struct`` and those of small frames written
+from a table, a write batch takes its mask keys in one slice, unconsumed bytes live
+in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data frame
+(the usual one) skips every header check it cannot fail.
 """
 
 from __future__ import annotations
@@ -103,13 +104,31 @@ class MaskSource:
         self._pool = b""
         self._pos = 0
 
-    def next_key(self) -> bytes:
+    def keys(self, count: int) -> bytes:
+        """``count`` fresh 4-byte keys in one bytes object (a write batch takes its keys at once)."""
+        size = 4 * count
         pos = self._pos
-        if pos + 4 > len(self._pool):
+        if pos + size > len(self._pool):
+            if size > _MASK_POOL_BYTES:
+                return os.urandom(size)
             self._pool = os.urandom(_MASK_POOL_BYTES)
             pos = 0
-        self._pos = pos + 4
-        return self._pool[pos : pos + 4]
+        self._pos = pos + size
+        return self._pool[pos : pos + size]
+
+    def next_key(self) -> bytes:
+        return self.keys(1)
+
+
+def _small_headers(mask_bit: int) -> tuple:
+    """Header bytes of every whole TEXT/BINARY frame under 126 bytes, by opcode then length."""
+    table = [None] * 16
+    for opcode in _DATA_OPCODES:
+        table[opcode] = [_HEAD_2.pack(0x80 | opcode, mask_bit | n) for n in range(126)]
+    return tuple(table)
+
+
+_SMALL_HEADERS = {0: _small_headers(0), 0x80: _small_headers(0x80)}
 
 
 def encode_frame(
@@ -149,31 +168,44 @@ def encode_messages(messages: list[tuple[int, bytes]], mask_source: MaskSource |
     """A write batch: whole TEXT/BINARY messages, one frame each, then an optional Ping.
 
     The same bytes as joining :func:`encode_frame` of each, built with one join
-    (no per-frame header + payload copy) and no per-frame keyword calls: this is
-    the proxy's hot path in both directions.
+    (no per-frame header + payload copy), headers of small frames from a table
+    and the batch's mask keys taken at once: this is the proxy's hot path in
+    both directions.
     """
     parts: list = []
     append = parts.append
-    pack2, pack4, pack10 = _HEAD_2.pack, _HEAD_4.pack, _HEAD_10.pack
     mask_bit = 0x80 if mask_source is not None else 0
+    headers = _SMALL_HEADERS[mask_bit]
+    keys = mask_source.keys(len(messages) + (ping is not None)) if mask_bit else b""
+    k = 0
     for opcode, payload in messages:
-        if opcode != OP_TEXT and opcode != OP_BINARY:
+        table = headers[opcode] if 0 <= opcode < 16 else None
+        if table is None:
             raise ValueError(f"not a data opcode: {opcode:#x}")
         n = len(payload)
         if n < 126:
-            append(pack2(0x80 | opcode, mask_bit | n))
+            append(table[n])
         elif n < 0x10000:
-            append(pack4(0x80 | opcode, mask_bit | 126, n))
+            append(_HEAD_4.pack(0x80 | opcode, mask_bit | 126, n))
         else:
-            append(pack10(0x80 | opcode, mask_bit | 127, n))
+            append(_HEAD_10.pack(0x80 | opcode, mask_bit | 127, n))
         if mask_bit:
-            key = mask_source.next_key()
+            key = keys[k : k + 4]
+            k += 4
             append(key)
             append(apply_mask(payload, key))
         else:
             append(payload)
     if ping is not None:
-        append(encode_frame(OP_PING, ping, mask_source=mask_source))
+        if len(ping) > _MAX_CONTROL_PAYLOAD:
+            raise ValueError("control frames carry at most 125 bytes and are never fragmented")
+        append(_HEAD_2.pack(0x80 | OP_PING, mask_bit | len(ping)))
+        if mask_bit:
+            key = keys[k : k + 4]
+            append(key)
+            append(apply_mask(ping, key))
+        else:
+            append(ping)
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
@@ -322,31 +354,41 @@ class FrameParser:
     def _parse(self, src: bytes | bytearray) -> list[tuple[int, bytes]]:
         """Consume every complete frame of ``src`` (``self._buf`` or a fresh bytes chunk)."""
         events: list[tuple[int, bytes]] = []
+        append = events.append
         end = len(src)
         pos = 0
         need = 0
         mask_bit = self._mask_bit
-        small = min(125, self._max_message_size)  # a whole small data frame needs none of the checks below
+        # a whole small data frame (second header byte in [lo, hi]) needs none of the checks below;
+        # none qualifies while a fragmented message is open
+        lo = mask_bit
+        fast_hi = mask_bit + min(125, self._max_message_size)
+        hi = fast_hi if not self._msg_opcode else -1
+        head = 6 if mask_bit else 2
+        copy = bytes if type(src) is not bytes else None  # a slice of a bytearray must become bytes
         try:
             with memoryview(src) as view:
                 while end - pos >= 2:
                     b0 = src[pos]
                     b1 = src[pos + 1]
-                    length = b1 & 0x7F
-                    if ((b0 == 0x82 or b0 == 0x81) and (b1 & 0x80) == mask_bit and length <= small
-                            and not self._msg_opcode):
-                        start = pos + (6 if mask_bit else 2)
-                        stop = start + length
+                    if 0x81 <= b0 <= 0x82 and lo <= b1 <= hi:
+                        start = pos + head
+                        stop = start + b1 - lo
                         if stop > end:
                             need = stop - pos
                             break
-                        payload = (apply_mask(view[start:stop], src[start - 4 : start]) if mask_bit
-                                   else bytes(view[start:stop]))
+                        if mask_bit:
+                            payload = apply_mask(src[start:stop], src[start - 4 : start])
+                        elif copy is None:
+                            payload = src[start:stop]
+                        else:
+                            payload = copy(view[start:stop])
                         pos = stop
                         if b0 == 0x81:
                             self._check_text(payload)
-                        events.append((b0 & 0x0F, payload))
+                        append((b0 & 0x0F, payload))
                         continue
+                    length = b1 & 0x7F
                     opcode = b0 & 0x0F
                     fin = b0 & 0x80
                     self._check_header(b0, b1, opcode, fin)
@@ -385,15 +427,16 @@ class FrameParser:
                         payload = bytes(view[start:stop])
                     pos = stop
                     if opcode >= 8:
-                        events.append((opcode, payload))
+                        append((opcode, payload))
                         self.data_only = False
                     elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
                         if fin:
                             if opcode == OP_TEXT:
                                 self._check_text(payload)
-                            events.append((opcode, payload))
+                            append((opcode, payload))
                         else:
                             self._msg_opcode = opcode
+                            hi = -1
                             self._msg_parts = [payload]
                             self._msg_size = length
                     else:  # CONT
@@ -403,11 +446,12 @@ class FrameParser:
                             message = b"".join(self._msg_parts)
                             opcode = self._msg_opcode
                             self._msg_opcode = 0
+                            hi = fast_hi
                             self._msg_parts = []
                             self._msg_size = 0
                             if opcode == OP_TEXT:
                                 self._check_text(message)
-                            events.append((opcode, message))
+                            append((opcode, message))
         except ProtocolError as exc:
             exc.events = events  # what was complete before the violation: the caller may deliver it
             self._error = exc

@@ -145,8 +145,9 @@ class FixedMask(MaskSource):
         super().__init__()
         self._keys = list(keys)
 
-    def next_key(self) -> bytes:
-        return self._keys.pop(0)
+    def keys(self, count: int) -> bytes:
+        taken, self._keys = self._keys[:count], self._keys[count:]
+        return b"".join(taken)
 
 
 # --------------------------------------------------------------------------------------
@@ -218,6 +219,14 @@ def test_mask_source_gives_4_byte_keys_that_vary_across_pool_refills():
     keys = [source.next_key() for _ in range(3000)]  # crosses two refills of the 4096-byte pool
     assert all(type(k) is bytes and len(k) == 4 for k in keys)
     assert len(set(keys)) > 2900  # 32-bit random keys: collisions are rare
+
+
+def test_mask_source_gives_a_batch_its_keys_at_once_even_past_the_pool_size():
+    source = MaskSource()
+    batches = [source.keys(count) for count in (1, 1000, 3000, 7)]  # 3000 keys: more than one pool holds
+    assert [len(b) for b in batches] == [4, 4000, 12000, 28]
+    keys = [b[i : i + 4] for b in batches for i in range(0, len(b), 4)]
+    assert len(set(keys)) > len(keys) - 10
 
 
 # --------------------------------------------------------------------------------------
@@ -810,12 +819,12 @@ class RecordingMask(MaskSource):
 
     def __init__(self):
         super().__init__()
-        self.keys = []
+        self.given = []
 
-    def next_key(self) -> bytes:
-        key = super().next_key()
-        self.keys.append(key)
-        return key
+    def keys(self, count: int) -> bytes:
+        keys = super().keys(count)
+        self.given += [keys[i : i + 4] for i in range(0, len(keys), 4)]
+        return keys
 
 
 @settings(max_examples=200, deadline=None)
@@ -826,7 +835,7 @@ class RecordingMask(MaskSource):
 def test_encode_messages_equals_one_encode_frame_per_message(messages, masked, ping):
     source = RecordingMask() if masked else None
     batch = encode_messages(messages, source, ping)
-    keys = iter(source.keys if masked else [])
+    keys = iter(source.given if masked else [])
     expected = b"".join(ref_encode(op, payload, next(keys) if masked else None) for op, payload in messages)
     if ping is not None:
         expected += ref_encode(OP_PING, ping, next(keys) if masked else None)
