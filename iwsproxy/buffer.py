@@ -21,7 +21,12 @@ from .exceptions import BufferOverflow
 
 Message = tuple[int, bytes]  # (opcode, payload)
 
-__all__ = ["Message", "MessageBuffer", "Budget", "Ledger"]
+__all__ = ["Message", "MessageBuffer", "Budget", "Ledger", "payload_bytes"]
+
+
+def payload_bytes(messages: list[Message]) -> int:
+    """The payload bytes of ``messages`` (a write batch's size, counted once per batch)."""
+    return sum([len(m[1]) for m in messages])
 
 
 class Budget:
@@ -86,17 +91,20 @@ class MessageBuffer:
         if budget is not None and not budget.take(extra):
             raise BufferOverflow(budget.used_bytes + extra, budget.limit_bytes, scope="global")
 
-    def add_pending(self, messages: Iterable[Message]) -> None:
-        """Queue messages that cannot be written now; all or nothing on overflow."""
+    def add_pending(self, messages: Iterable[Message], nbytes: int | None = None) -> None:
+        """Queue messages that cannot be written now; all or nothing on overflow.
+
+        ``nbytes``, if given, is their :func:`payload_bytes`.
+        """
         messages = list(messages)
-        extra = sum(len(m[1]) for m in messages)
+        extra = payload_bytes(messages) if nbytes is None else nbytes
         self._check(extra)
         self._pending.extend(messages)
         self.pending_bytes += extra
 
-    def add_window(self, messages: list[Message]) -> None:
-        """Record messages written to the backend but not yet acknowledged."""
-        extra = sum(len(m[1]) for m in messages)
+    def add_window(self, messages: list[Message], nbytes: int | None = None) -> None:
+        """Record messages written to the backend but not yet acknowledged (``nbytes`` as above)."""
+        extra = payload_bytes(messages) if nbytes is None else nbytes
         self._check(extra)
         self._window.extend(messages)
         self.window_bytes += extra
@@ -180,14 +188,15 @@ class Ledger:
         self.next_fence = 1
         self.last_fence_at = now
 
-    def write(self, messages: list[Message], now: float) -> int | None:
-        """Record ``messages`` as written now; returns the fence to write after them (or None).
+    def write(self, messages: list[Message], now: float, nbytes: int | None = None) -> int | None:
+        """Record ``messages`` (of ``nbytes`` payload bytes, if known) as written now; returns the
+        fence to write after them (or None).
 
         Raises :class:`BufferOverflow` if the window would pass the cap.
         """
         if not self.keep:
             return None
-        self.buffer.add_window(messages)
+        self.buffer.add_window(messages, nbytes)
         self.sent_total += len(messages)
         return self.take_fence(now)
 

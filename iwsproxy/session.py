@@ -43,9 +43,9 @@ falls back to an ordinary loss (replay).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .buffer import Budget, Ledger, Message
+from .buffer import Budget, Ledger, Message, payload_bytes
 from .exceptions import BufferOverflow
 
 __all__ = [
@@ -72,16 +72,24 @@ class State(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SendToBackend:
-    """Write ``messages`` to the current backend, then a Ping carrying ``fence`` if it is set."""
+    """Write ``messages`` to the current backend, then a Ping carrying ``fence`` if it is set.
+
+    ``nbytes`` is their payload size, counted once by the session (it follows from ``messages``).
+    """
     messages: list[Message]
     fence: int | None = None
+    nbytes: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class SendToClient:
-    """Write ``messages`` to the attached client, then a Ping carrying ``fence`` if it is set."""
+    """Write ``messages`` to the attached client, then a Ping carrying ``fence`` if it is set.
+
+    ``nbytes`` is their payload size, counted once by the session (it follows from ``messages``).
+    """
     messages: list[Message]
     fence: int | None = None
+    nbytes: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,9 +223,10 @@ class Session:
             return []
         self.last_activity = now
         try:
+            nbytes = payload_bytes(messages)
             if self.state is State.CONNECTED:
-                return [SendToBackend(messages, self.to_backend.write(messages, now))]
-            self.to_backend.buffer.add_pending(messages)
+                return [SendToBackend(messages, self.to_backend.write(messages, now, nbytes), nbytes)]
+            self.to_backend.buffer.add_pending(messages, nbytes)
         except BufferOverflow as exc:
             return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc), cause="overflow")
         return []
@@ -256,8 +265,9 @@ class Session:
         else:
             self.to_client.rewind()  # takeover: the old connection's unacknowledged messages go again
         self.client_attached = True
+        nbytes = self.to_client.buffer.pending_bytes
         messages, fence = self.to_client.flush(now)
-        return [SendToClient(messages, fence)] if messages else []
+        return [SendToClient(messages, fence, nbytes)] if messages else []
 
     # ---- inputs from the backend side ----
     def backend_connected(self, now: float) -> tuple[int, list]:
@@ -276,7 +286,7 @@ class Session:
             self.last_failover = FailoverReport(now - self._waiting_since, self._replayed,
                                                 len(messages), flushed_bytes)
         self._replayed = 0
-        return self.generation, ([SendToBackend(messages, fence)] if messages else [])
+        return self.generation, ([SendToBackend(messages, fence, flushed_bytes)] if messages else [])
 
     def backend_messages(self, messages: list[Message], now: float) -> list:
         """The backend sent data messages for the client."""
@@ -285,9 +295,10 @@ class Session:
         self.last_activity = now
         ledger = self.to_client
         try:
+            nbytes = payload_bytes(messages)
             if self.client_attached:
-                return [SendToClient(messages, ledger.write(messages, now))]
-            ledger.buffer.add_pending(messages)
+                return [SendToClient(messages, ledger.write(messages, now, nbytes), nbytes)]
+            ledger.buffer.add_pending(messages, nbytes)
         except BufferOverflow as exc:
             return self._close(CLOSE_TRY_AGAIN_LATER, _overflow_reason(exc), cause="overflow")
         return []

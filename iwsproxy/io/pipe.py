@@ -553,7 +553,7 @@ class PersistentPipe:
             self._post(lost)
             return False
         if messages:
-            self.manager.metrics.messages(direction, len(messages), sum(len(m[1]) for m in messages))
+            self.manager.metrics.messages(direction, len(messages), action.nbytes)
         return True
 
     # ---- readers ----

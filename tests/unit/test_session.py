@@ -52,6 +52,19 @@ def test_each_write_batch_carries_its_own_fence():
     assert s.buffer.window_count == 3
 
 
+def test_every_send_action_knows_its_payload_bytes():
+    s = Session(buffer_limit_bytes=1000, now=0.0, resume_grace_s=5.0)
+    assert s.client_messages(msgs("ab", "cde"), 0.0) == []  # buffered: no backend yet
+    _, (flush,) = s.backend_connected(0.1)
+    live_up = s.client_messages(msgs("fghi"), 0.2)[0]
+    live_down = s.backend_messages(msgs("jk", "l"), 0.3)[0]
+    s.client_detached(0.4)
+    s.backend_messages(msgs("mnopq"), 0.5)
+    (resumed,) = s.client_attached_again(0.6)  # the unacknowledged "jk", "l", then the buffered "mnopq"
+    assert [(a.messages, a.nbytes) for a in (flush, live_up, live_down, resumed)] == [
+        (msgs("ab", "cde"), 5), (msgs("fghi"), 4), (msgs("jk", "l"), 3), (msgs("jk", "l", "mnopq"), 8)]
+
+
 def test_pong_acknowledges_what_was_written_before_its_fence():
     s = connected()
     s.client_messages(msgs("a", "b"), 1.0)
