@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import gevent
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -241,7 +242,7 @@ class IWSProxy:
             from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
 
             registry = RedisRegistry(settings.redis_url)
-        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics())
+        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later))
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)

@@ -117,9 +117,17 @@ class PrometheusMetrics(Metrics):
 
     The hooks on the hot path (:meth:`messages`, :meth:`buffered_bytes`,
     :meth:`pipe_state`) use label children bound once, here.
+
+    ``call_later(delay_s, fn)`` (e.g. ``gevent.spawn_later``), if given, lets
+    :meth:`messages`, the hook called for every write batch, tally in plain
+    integers and publish to its counters (a lock and, in multiprocess mode, a
+    file write each) at most ``MESSAGES_PUBLISH_S`` later; a scrape of this
+    process and every closed pipe publish at once.
     """
 
-    def __init__(self, registry=None):
+    MESSAGES_PUBLISH_S = 1.0
+
+    def __init__(self, registry=None, *, call_later=None):
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         if self.multiprocess_dir is not None and not os.path.isdir(self.multiprocess_dir):
             raise ConfigError(MULTIPROC_ENV, self.multiprocess_dir, "environment",
@@ -158,6 +166,9 @@ class PrometheusMetrics(Metrics):
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
+        self._call_later = call_later
+        self._tally = {d: [0, 0] for d in DIRECTIONS}  # messages and bytes not yet published
+        self._publish_due = False
         self._by_backend: dict[str, tuple] = {}
         self._resume = {kind: resume.labels(kind) for kind in RESUME_EVENTS + ("other",)}
         self._generate, self._content_type = generate_latest, CONTENT_TYPE_LATEST
@@ -177,6 +188,7 @@ class PrometheusMetrics(Metrics):
 
     def pipe_closed(self) -> None:
         self._pipes_active.dec()
+        self._publish_messages()
 
     def pipe_state(self, old: str | None, new: str | None) -> None:
         if old is not None:
@@ -219,13 +231,34 @@ class PrometheusMetrics(Metrics):
         return children
 
     def messages(self, direction: str, count: int, nbytes: int) -> None:
-        inc_messages, inc_bytes = self._by_direction[direction]
-        inc_messages(count)
-        inc_bytes(nbytes)
+        if self._call_later is None:
+            inc_messages, inc_bytes = self._by_direction[direction]
+            inc_messages(count)
+            inc_bytes(nbytes)
+            return
+        tally = self._tally[direction]
+        tally[0] += count
+        tally[1] += nbytes
+        if not self._publish_due:
+            self._publish_due = True
+            self._call_later(self.MESSAGES_PUBLISH_S, self._publish_due_messages)
+
+    def _publish_due_messages(self) -> None:
+        self._publish_due = False
+        self._publish_messages()
+
+    def _publish_messages(self) -> None:
+        for direction, tally in self._tally.items():
+            if tally[0]:
+                inc_messages, inc_bytes = self._by_direction[direction]
+                inc_messages(tally[0])
+                inc_bytes(tally[1])
+                tally[0] = tally[1] = 0
 
     def resume_event(self, kind: str) -> None:
         resume = self._resume
         resume.get(kind, resume["other"]).inc()
 
     def render(self) -> tuple[bytes, str]:
+        self._publish_messages()
         return self._generate(self._scrape_registry), self._content_type

@@ -183,6 +183,33 @@ def test_a_given_registry_is_used():
     assert registry.get_sample_value("iwsproxy_messages_total", {"direction": "to_client"}) == 1
 
 
+def test_message_counts_are_tallied_and_published_later_or_on_scrape():
+    later = []
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry, call_later=lambda delay, fn: later.append((delay, fn)))
+
+    def published(direction):
+        return registry.get_sample_value("iwsproxy_messages_total", {"direction": direction})
+
+    metrics.messages("to_backend", 3, 30)
+    metrics.messages("to_backend", 2, 20)
+    metrics.messages("to_client", 1, 5)
+    assert len(later) == 1 and later[0][0] == PrometheusMetrics.MESSAGES_PUBLISH_S  # one publish per period
+    assert published("to_backend") == 0
+    later.pop()[1]()
+    assert (published("to_backend"), published("to_client")) == (5, 1)
+    assert registry.get_sample_value("iwsproxy_bytes_total", {"direction": "to_backend"}) == 50
+
+    metrics.messages("to_client", 4, 8)  # a new period
+    assert len(later) == 1
+    assert value(samples(metrics), "iwsproxy_messages_total", direction="to_client") == 5  # a scrape publishes
+    metrics.messages("to_client", 1, 1)
+    metrics.pipe_closed()  # so does a closing pipe
+    assert published("to_client") == 6
+    later.pop()[1]()  # the timer still fires: nothing left to publish, nothing counted twice
+    assert published("to_client") == 6
+
+
 def test_importing_the_hooks_loads_no_metrics_library():
     code = "import sys, iwsproxy.metrics; print('prometheus_client' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
