@@ -261,14 +261,19 @@ class FrameParser:
     fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``
     (``MessageTooBig`` for the size limit, decided from the header before the payload
     is buffered); the parser is then dead and every later ``feed`` raises the same error.
-    Events completed earlier in the chunk that raised are dropped with it.
+    The events completed earlier in the chunk that raised are on the error, as ``events``.
     CLOSE payloads are passed through as they are: check them with ``parse_close_payload``.
-    ``data_only`` tells whether the events of the last ``feed`` are all data messages
-    (the usual case, which a caller can hand on without looking at each event).
+
+    With ``split_controls`` (the proxy's connections), ``feed`` returns only the data
+    messages, ready to be handed on as they are, and puts the control frames in
+    ``controls`` (empty in the usual case); parsing stops at a CLOSE, which is
+    therefore always the last control and follows every data message before it.
     """
 
     __slots__ = (
-        "data_only",
+        "controls",
+        "_split",
+        "_closed",
         "_expect_masked",
         "_mask_bit",
         "_max_message_size",
@@ -287,14 +292,17 @@ class FrameParser:
         expect_masked: bool,
         max_message_size: int = 64 * 1024 * 1024,
         max_fragments: int = 1024,
+        split_controls: bool = False,
     ):
         if max_message_size < 0 or max_fragments < 1:
             raise ValueError("max_message_size must be >= 0 and max_fragments >= 1")
+        self._split = split_controls
+        self.controls: list[tuple[int, bytes]] | tuple = ()  # the last feed's control frames (split mode)
+        self._closed = False  # split mode: a CLOSE was parsed, nothing after it is
         self._expect_masked = expect_masked
         self._mask_bit = 0x80 if expect_masked else 0
         self._max_message_size = max_message_size
         self._max_fragments = max_fragments
-        self.data_only = True
         self._buf = bytearray()  # bytes received but not yet consumed
         self._need = 0  # len(_buf) needed before parsing is worth another try
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
@@ -306,7 +314,10 @@ class FrameParser:
         """Take any chunk of bytes; return the events it completes, in order."""
         if self._error is not None:
             raise self._error
-        self.data_only = True
+        if self.controls:
+            self.controls = ()
+        if self._closed:
+            return []
         buf = self._buf
         if not buf:
             if type(data) is bytes:
@@ -427,8 +438,16 @@ class FrameParser:
                         payload = bytes(view[start:stop])
                     pos = stop
                     if opcode >= 8:
-                        append((opcode, payload))
-                        self.data_only = False
+                        if not self._split:
+                            append((opcode, payload))
+                            continue
+                        if not self.controls:
+                            self.controls = []
+                        self.controls.append((opcode, payload))
+                        if opcode == OP_CLOSE:
+                            self._closed = True
+                            pos = end  # what follows a CLOSE is not for us
+                            break
                     elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
                         if fin:
                             if opcode == OP_TEXT:

@@ -42,7 +42,7 @@ class Parked(Exception):
 
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
-                 "data_only", "reads", "_idle_watcher", "_closed_event", "__weakref__")
+                 "controls", "reads", "_idle_watcher", "_closed_event", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -50,14 +50,14 @@ class Connection:
         self._recv = sock.recv
         self._prefix = prefix or None  # bytes that arrived with the HTTP request (client side)
         self._parser = FrameParser(expect_masked=server_side, max_message_size=max_message_size,
-                                   max_fragments=max_fragments)
+                                   max_fragments=max_fragments, split_controls=True)
         # client role (towards backends): masks from a pool, best shared by the process's connections
         self._mask = None if server_side else (mask_source or MaskSource())
         self._lock = Semaphore()
         self._error: ProtocolError | None = None
         self.close_sent = False
         self.closed = False
-        self.data_only = True  # the events of the last read are all data messages
+        self.controls: list[Message] | tuple = ()  # the control frames of the last read (a CLOSE last)
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
@@ -68,9 +68,12 @@ class Connection:
 
     # ---- reading (one reader greenlet per connection) ----
     def read(self) -> list[Message]:
-        """Block until at least one complete event arrives; raise ConnectionLost at EOF.
+        """Block until at least one complete frame arrives; return the data messages.
 
-        Raises :class:`~iwsproxy.exceptions.ProtocolError` on a protocol violation.
+        The control frames that came with them are in ``controls``, in order;
+        a CLOSE is the last and comes after all the data (nothing after it is
+        parsed). Pings and pongs may be handled before the data. Raises ConnectionLost at EOF and
+        :class:`~iwsproxy.exceptions.ProtocolError` on a protocol violation.
         """
         if self._error is not None:
             raise self._error
@@ -86,13 +89,13 @@ class Connection:
             try:
                 events = parser.feed(data)
             except ProtocolError as exc:
-                if not exc.events:
+                self.controls = parser.controls
+                if not exc.events and not self.controls:
                     raise
-                self._error = exc  # deliver the good messages first; the next read raises
-                self.data_only = False
+                self._error = exc  # deliver the good frames first; the next read raises
                 return exc.events
-            if events:
-                self.data_only = parser.data_only
+            self.controls = controls = parser.controls
+            if events or controls:
                 return events
 
     # ---- parking ----

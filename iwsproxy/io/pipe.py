@@ -46,7 +46,7 @@ from gevent.pool import Group
 from ..backoff import backoff
 from ..buffer import Message
 from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
-from ..frames import OP_CLOSE, OP_PING, OP_PONG, parse_close_payload
+from ..frames import OP_PING, OP_PONG, parse_close_payload
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import BackendConnection, ClientOffer, connect_backend
@@ -562,26 +562,21 @@ class PersistentPipe:
         lock = self._backend_lock
         try:
             while True:
-                events = client.read()
-                if client.data_only:  # the usual batch: hand it on as it is
-                    self._client_data(events, lock, session)
-                    continue
-                data: list[Message] = []
-                for op, payload in events:
-                    if op < OP_CLOSE:
-                        data.append((op, payload))
-                    elif op == OP_PING:
+                data = client.read()
+                close = None
+                for op, payload in client.controls:  # usually none; pongs first: they free buffer space
+                    if op == OP_PING:
                         client.pong(payload)
                     elif op == OP_PONG:
                         if session.client_pong(payload, monotonic()):
                             self.wake()
-                    elif op == OP_CLOSE:
-                        if data:
-                            self._client_data(data, lock, session)
-                        self._client_closing(client, payload)
-                        return
-                if data:
+                    else:  # CLOSE, always the last
+                        close = payload
+                if data:  # handed on as it is
                     self._client_data(data, lock, session)
+                if close is not None:
+                    self._client_closing(client, close)
+                    return
         except ProtocolError as exc:
             self._client_broke_protocol(client, exc)
         except ConnectionLost as exc:
@@ -625,30 +620,25 @@ class PersistentPipe:
         lock = self._client_lock
         try:
             while True:
-                events = conn.read()
-                if conn.data_only:
-                    self._backend_data(events, lock, session)
-                    continue
-                data: list[Message] = []
-                for op, payload in events:
-                    if op < OP_CLOSE:
-                        data.append((op, payload))
-                    elif op == OP_PONG:
+                data = conn.read()
+                close = None
+                for op, payload in conn.controls:  # as above
+                    if op == OP_PONG:
                         if session.backend_pong(generation, payload, monotonic()):
                             self.wake()
                     elif op == OP_PING:
                         self._post(("backend_ping", generation, payload))
-                    elif op == OP_CLOSE:
-                        if data:
-                            self._backend_data(data, lock, session)
-                        try:
-                            code, reason = parse_close_payload(payload)
-                        except ProtocolError as exc:
-                            code, reason = exc.close_code, exc.reason
-                        self._post(("backend_closed", generation, code or 1005, reason))
-                        return
+                    else:
+                        close = payload
                 if data:
                     self._backend_data(data, lock, session)
+                if close is not None:
+                    try:
+                        code, reason = parse_close_payload(close)
+                    except ProtocolError as exc:
+                        code, reason = exc.close_code, exc.reason
+                    self._post(("backend_closed", generation, code or 1005, reason))
+                    return
         except ProtocolError as exc:
             conn.send_close(exc.close_code, exc.reason)
             self._post(("backend_lost", generation, f"protocol error: {exc.reason}"))

@@ -758,6 +758,61 @@ def test_valid_traffic_matches_reference(masked, frames, split_seed, split_mode)
     assert feed_in_chunks(parser, stream, chunk_sizes(split_seed, len(stream), split_mode)) == expected
 
 
+def split_expected(expected: list[tuple[int, bytes]]) -> tuple[list, list]:
+    """What split mode gives for the events ``expected`` in order: data and controls, up to the first CLOSE."""
+    data, controls = [], []
+    for op, payload in expected:
+        (controls if op >= 8 else data).append((op, payload))
+        if op == OP_CLOSE:
+            break
+    return data, controls
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    masked=st.booleans(),
+    frames=st.data(),
+    split_seed=st.integers(0, 2**32),
+    split_mode=st.sampled_from([0, 1, 2, 2, 2]),
+)
+def test_split_controls_gives_the_same_frames_data_and_controls_apart(masked, frames, split_seed, split_mode):
+    frames = frames.draw(valid_streams(masked=masked))
+    stream = b"".join(ref_encode(f.opcode, f.payload, f.key, f.fin) for f in frames)
+    expected, _ = ref_parse(stream, expect_masked=masked, max_message_size=2**26, max_fragments=1024)
+    if split_mode == 0 and len(stream) > 3000:
+        split_mode = 2
+    parser = FrameParser(expect_masked=masked, split_controls=True)
+    data, controls, pos = [], [], 0
+    for size in chunk_sizes(split_seed, len(stream), split_mode):
+        data += parser.feed(stream[pos : pos + size])
+        controls += parser.controls
+        pos += size
+    assert (data, controls) == split_expected(expected)
+
+
+def test_split_controls_stops_at_close_and_keeps_controls_in_order():
+    source = MaskSource()
+    frame = lambda op, payload: encode_frame(op, payload, mask_source=source)  # noqa: E731
+    parser = FrameParser(expect_masked=True, split_controls=True)
+    assert parser.feed(frame(OP_BINARY, b"a") + frame(OP_PONG, b"1") + frame(OP_TEXT, b"b")) == [
+        (OP_BINARY, b"a"), (OP_TEXT, b"b")]
+    assert parser.controls == [(OP_PONG, b"1")]
+    assert parser.feed(frame(OP_BINARY, b"c")) == [(OP_BINARY, b"c")] and parser.controls == ()
+    after_close = frame(OP_PING, b"2") + frame(OP_CLOSE, b"\x03\xe8") + frame(OP_BINARY, b"late")
+    assert parser.feed(after_close) == []
+    assert parser.controls == [(OP_PING, b"2"), (OP_CLOSE, b"\x03\xe8")]
+    assert parser.feed(frame(OP_BINARY, b"later") + b"\xff\xff") == [] and parser.controls == ()
+
+
+def test_split_controls_keeps_what_came_before_a_violation():
+    source = MaskSource()
+    good = encode_frame(OP_BINARY, b"a", mask_source=source) + encode_frame(OP_PING, b"p", mask_source=source)
+    parser = FrameParser(expect_masked=True, split_controls=True)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(good + encode_frame(OP_TEXT, b"\xff", mask_source=source))
+    assert info.value.events == [(OP_BINARY, b"a")] and parser.controls == [(OP_PING, b"p")]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     expect_masked=st.booleans(),
