@@ -376,106 +376,110 @@ class FrameParser:
         fast_hi = mask_bit + min(125, self._max_message_size)
         hi = fast_hi if not self._msg_opcode else -1
         head = 6 if mask_bit else 2
-        copy = bytes if type(src) is not bytes else None  # a slice of a bytearray must become bytes
+        # slices of a bytes chunk are taken from it; those of the buffer (a bytearray) through a
+        # memoryview, released before the buffer is trimmed
+        view = src if type(src) is bytes else memoryview(src)
         try:
-            with memoryview(src) as view:
-                while end - pos >= 2:
-                    b0 = src[pos]
-                    b1 = src[pos + 1]
-                    if 0x81 <= b0 <= 0x82 and lo <= b1 <= hi:
-                        start = pos + head
-                        stop = start + b1 - lo
-                        if stop > end:
-                            need = stop - pos
-                            break
-                        if mask_bit:
-                            payload = apply_mask(src[start:stop], src[start - 4 : start])
-                        elif copy is None:
-                            payload = src[start:stop]
-                        else:
-                            payload = copy(view[start:stop])
-                        pos = stop
-                        if b0 == 0x81:
-                            self._check_text(payload)
-                        append((b0 & 0x0F, payload))
-                        continue
-                    length = b1 & 0x7F
-                    opcode = b0 & 0x0F
-                    fin = b0 & 0x80
-                    self._check_header(b0, b1, opcode, fin)
-                    start = pos + 2
-                    if length == 126:
-                        if end - pos < 4:
-                            break
-                        (length,) = _U16.unpack_from(src, start)
-                        start += 2
-                    elif length == 127:
-                        if end - pos < 10:
-                            break
-                        (length,) = _U64.unpack_from(src, start)
-                        if length >> 63:
-                            raise ProtocolError("64-bit payload length has its top bit set", 1002)
-                        start += 8
-                    if opcode == OP_CONT:
-                        if self._msg_size + length > self._max_message_size:
-                            raise MessageTooBig(
-                                f"fragmented message passes {self._max_message_size} bytes", 1009
-                            )
-                    elif opcode < 8 and length > self._max_message_size:
-                        raise MessageTooBig(
-                            f"frame declares {length} bytes, limit is {self._max_message_size}",
-                            1009,
-                        )
-                    if self._mask_bit:
-                        start += 4
-                    stop = start + length
+            while end - pos >= 2:
+                b0 = src[pos]
+                b1 = src[pos + 1]
+                if 0x81 <= b0 <= 0x82 and lo <= b1 <= hi:
+                    start = pos + head
+                    stop = start + b1 - lo
                     if stop > end:
                         need = stop - pos
                         break
-                    if self._mask_bit:
+                    if mask_bit:
                         payload = apply_mask(view[start:stop], src[start - 4 : start])
+                    elif view is src:
+                        payload = src[start:stop]
                     else:
                         payload = bytes(view[start:stop])
                     pos = stop
-                    if opcode >= 8:
-                        if not self._split:
-                            append((opcode, payload))
-                            continue
-                        if not self.controls:
-                            self.controls = []
-                        self.controls.append((opcode, payload))
-                        if opcode == OP_CLOSE:
-                            self._closed = True
-                            pos = end  # what follows a CLOSE is not for us
-                            break
-                    elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
-                        if fin:
-                            if opcode == OP_TEXT:
-                                self._check_text(payload)
-                            append((opcode, payload))
-                        else:
-                            self._msg_opcode = opcode
-                            hi = -1
-                            self._msg_parts = [payload]
-                            self._msg_size = length
-                    else:  # CONT
-                        self._msg_parts.append(payload)
-                        self._msg_size += length
-                        if fin:
-                            message = b"".join(self._msg_parts)
-                            opcode = self._msg_opcode
-                            self._msg_opcode = 0
-                            hi = fast_hi
-                            self._msg_parts = []
-                            self._msg_size = 0
-                            if opcode == OP_TEXT:
-                                self._check_text(message)
-                            append((opcode, message))
+                    if b0 == 0x81:
+                        self._check_text(payload)
+                    append((b0 & 0x0F, payload))
+                    continue
+                length = b1 & 0x7F
+                opcode = b0 & 0x0F
+                fin = b0 & 0x80
+                self._check_header(b0, b1, opcode, fin)
+                start = pos + 2
+                if length == 126:
+                    if end - pos < 4:
+                        break
+                    (length,) = _U16.unpack_from(src, start)
+                    start += 2
+                elif length == 127:
+                    if end - pos < 10:
+                        break
+                    (length,) = _U64.unpack_from(src, start)
+                    if length >> 63:
+                        raise ProtocolError("64-bit payload length has its top bit set", 1002)
+                    start += 8
+                if opcode == OP_CONT:
+                    if self._msg_size + length > self._max_message_size:
+                        raise MessageTooBig(
+                            f"fragmented message passes {self._max_message_size} bytes", 1009
+                        )
+                elif opcode < 8 and length > self._max_message_size:
+                    raise MessageTooBig(
+                        f"frame declares {length} bytes, limit is {self._max_message_size}",
+                        1009,
+                    )
+                if self._mask_bit:
+                    start += 4
+                stop = start + length
+                if stop > end:
+                    need = stop - pos
+                    break
+                if self._mask_bit:
+                    payload = apply_mask(view[start:stop], src[start - 4 : start])
+                else:
+                    payload = bytes(view[start:stop])
+                pos = stop
+                if opcode >= 8:
+                    if not self._split:
+                        append((opcode, payload))
+                        continue
+                    if not self.controls:
+                        self.controls = []
+                    self.controls.append((opcode, payload))
+                    if opcode == OP_CLOSE:
+                        self._closed = True
+                        pos = end  # what follows a CLOSE is not for us
+                        break
+                elif opcode:  # TEXT or BINARY (header checks ruled out the rest)
+                    if fin:
+                        if opcode == OP_TEXT:
+                            self._check_text(payload)
+                        append((opcode, payload))
+                    else:
+                        self._msg_opcode = opcode
+                        hi = -1
+                        self._msg_parts = [payload]
+                        self._msg_size = length
+                else:  # CONT
+                    self._msg_parts.append(payload)
+                    self._msg_size += length
+                    if fin:
+                        message = b"".join(self._msg_parts)
+                        opcode = self._msg_opcode
+                        self._msg_opcode = 0
+                        hi = fast_hi
+                        self._msg_parts = []
+                        self._msg_size = 0
+                        if opcode == OP_TEXT:
+                            self._check_text(message)
+                        append((opcode, message))
         except ProtocolError as exc:
             exc.events = events  # what was complete before the violation: the caller may deliver it
             self._error = exc
             self._buf = bytearray()
             raise
+        finally:
+            if view is not src:
+                view.release()
         buf = self._buf
         if src is buf:
             if pos:
