@@ -4,8 +4,8 @@ Both sides of a pipe use it: the client side in the server role (reads masked
 frames, writes unmasked ones) and the backend side in the client role. Reads
 take whole chunks (many frames per ``recv``), and after a burst read whole the
 next one waits for readiness before it calls ``recv``; writes put every frame of
-a batch into one ``sendall``. Writers are serialised by a lock so that two greenlets can
-never interleave frames on one socket.
+a batch into one ``sendall``. Writers are serialised by a lock so that two
+greenlets can never interleave frames on one socket.
 
 An idle connection can be *parked*: :meth:`Connection.park` interrupts a
 reader blocked in :meth:`Connection.read` (and only there, so nothing read is
@@ -77,8 +77,9 @@ class Connection:
 
         The control frames that came with them are in ``controls``, in order;
         a CLOSE is the last and comes after all the data (nothing after it is
-        parsed). Pings and pongs may be handled before the data. Raises ConnectionLost at EOF and
-        :class:`~iwsproxy.exceptions.ProtocolError` on a protocol violation.
+        parsed). Pings and pongs may be handled before the data. Raises
+        ConnectionLost at EOF and :class:`~iwsproxy.exceptions.ProtocolError`
+        on a protocol violation.
         """
         if self._error is not None:
             raise self._error
