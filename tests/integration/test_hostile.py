@@ -103,6 +103,18 @@ def test_good_messages_before_a_violation_still_reach_the_backend(processes):
     wait_for(lambda: backend.stats()["messages_total"] == 2, what="the two good messages at the backend")
 
 
+def test_messages_before_a_close_in_the_same_write_are_delivered_and_nothing_after_it(processes):
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    client = upgraded(proxy)
+    wait_for(lambda: backend.stats()["connections_open"] == 1, what="the backend connection")
+    client.send(frame(OP_TEXT, b"first") + frame(OP_PING, b"p") + frame(OP_TEXT, b"second")
+                + frame(OP_CLOSE, (1000).to_bytes(2, "big")) + frame(OP_TEXT, b"after the close"))
+    assert client.close_code() == 1000
+    wait_for(lambda: backend.stats()["connections_open"] == 0, what="the backend closed after what came before")
+    assert backend.stats()["messages_total"] == 2
+
+
 @pytest.mark.parametrize("headers, status", [
     ({"Sec-WebSocket-Version": "8"}, 426),
     ({"Sec-WebSocket-Key": "short"}, 400),
