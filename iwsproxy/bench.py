@@ -743,7 +743,7 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
                 progress(f"proxy-gunicorn: master pid {guni.proc.pid}, port {guni.port}")
                 try:
                     path = _proxy_path("proxy-gunicorn", guni, backends)
-                    results.append(run_path(loadgen, path, dataclasses.replace(options, idle_pipes=0)))
+                    results.append(run_path(loadgen, path, options))
                 finally:
                     guni.terminate()
 
