@@ -24,6 +24,15 @@ def certificate(tmp_path):
     return cert, key
 
 
+def burst_arrives_whole(ws, count: int = 300) -> None:
+    """Many messages sent back to back (several frames per read, some messages spanning TLS
+    records) all come back, in order."""
+    sent = [(f"{n}:" + "x" * (n * 97 % 40000)) for n in range(count)]
+    for message in sent:
+        ws.send(message)
+    assert [ws.recv() for _ in sent] == sent
+
+
 def test_wss_backend_verification(processes, certificate):
     cert, key = certificate
     backend = processes.echo("--certfile", str(cert), "--keyfile", str(key))
@@ -36,6 +45,7 @@ def test_wss_backend_verification(processes, certificate):
     ws = trusting.connect()
     ws.send("over tls")
     assert ws.recv() == "over tls"
+    burst_arrives_whole(ws)
     ws.close()
     unverified = processes.proxy("--backend", url, env={"IWSPROXY_BACKEND_TLS_VERIFY": "false"})
     ws = unverified.connect()
@@ -54,6 +64,7 @@ def test_gunicorn_terminating_tls_serves_pipes(processes, certificate):
     ws = websocket.create_connection(url, timeout=10, sslopt={"ca_certs": str(cert)})
     ws.send("over tls")
     assert ws.recv() == "over tls"
+    burst_arrives_whole(ws)
     serving = a if stats(a)["messages_total"] else b
     serving.kill()  # failover works behind a TLS client edge too
     ws.send("after failover")
