@@ -15,7 +15,9 @@ started just before its scenarios and stopped right after:
 
 Scenarios, in this order for each path (the idle ones first, on a fresh server):
 
-1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time;
+1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time
+   (a round trip ends when the echo arrives; the pong that a proxy's ping fence asks for goes
+   out after it, as a browser's would, not inside the measurement);
 2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
    open; the server's RSS (VmRSS, summed over its process tree) before, and after the pipes
    have been quiet for ``--idle-settle`` seconds (an idle pipe gives up its greenlets after

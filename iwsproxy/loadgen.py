@@ -354,9 +354,10 @@ def _run_pingpong(clients: list[_Client], phase: Phase, result: PhaseResult) -> 
                 if not data:
                     raise ConnectionError("server closed the connection without a close frame")
                 n, pongs = _read_events(parser.feed(data), size, masks)
+                arrived = perf_counter()  # the round trip ends with the echo, before our own pong goes out
                 if pongs:
                     sock.sendall(pongs)
-            rtts.append(perf_counter() - t0)
+            rtts.append(arrived - t0)
             result.echoes += n
     result.echoed_bytes = result.echoes * size
     result.total_echoes = result.echoes
