@@ -150,6 +150,11 @@ class Settings:
     on_duplicate: str = setting("takeover", "IWSPROXY_ON_DUPLICATE", _choice("takeover", "refuse"),
                                 "a connection with the id of a live, attached session takes it over "
                                 "(the old one is closed with 4409) or is refused with 409", "--on-duplicate")
+    handoff_dir: str | None = setting(None, "IWSPROXY_HANDOFF_DIR", _parse_optional_str,
+                                      "a private directory shared by the proxy processes of one host (e.g. "
+                                      "gunicorn's workers): a client that reconnects to another process is "
+                                      "handed to the one holding its session; unset: each process on its own",
+                                      "--handoff-dir")
     resume_secret: str | None = setting(None, "IWSPROXY_RESUME_SECRET", _parse_optional_str,
                                         "if set, a resume or takeover must present token=HMAC-SHA256(secret, id) "
                                         "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import socket
 
 import gevent
@@ -33,6 +34,7 @@ from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler
 
 from .connection import Connection
+from .handoff import prefixed_reader
 
 __all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request", "install_gunicorn_handler"]
 
@@ -75,13 +77,37 @@ class ClientUpgrade:
         self.subprotocols = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
         address = handler.client_address
         self.remote_addr = address[0] if isinstance(address, tuple) else str(address or "")
+        self.server = handler.server
         self.server_pool = getattr(handler.server, "pool", None)  # where a shutdown can make the server wait
         self.connection: Connection | None = None
         self.detached = False
+        self.handed_in = handler.handed_in    # another process of this host sent us this request
+        self.handed_over = False              # this request went to another process, which answers it
 
     @property
     def accepted(self) -> bool:
         return self.connection is not None
+
+    def hand_over(self, send) -> bool:
+        """Give the unanswered request, socket and all, to another process of this host.
+
+        ``send(sock, address, request)`` passes them on (see :mod:`iwsproxy.io.handoff`); on
+        success this request ends without an answer and the socket is no longer ours. If it
+        fails, or the socket is TLS, the request is left as it was, to be served here.
+        """
+        handler = self._handler
+        if hasattr(handler.socket, "do_handshake"):
+            return False  # a TLS session cannot move to another process
+        head = handler.requestline + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in handler.headers.items())
+        buffered = handler.take_buffered_input()
+        sock = handler.socket
+        if not send(sock, handler.client_address, head.encode("latin-1") + b"\r\n" + buffered):
+            handler.rfile = prefixed_reader(buffered, sock)
+            return False
+        os.close(sock.detach())  # the other process has its own descriptor; the server closes an empty shell
+        handler.close_connection = True
+        self.handed_over = True
+        return True
 
     def accept(self, subprotocol: str | None = None, *, max_message_size: int,
                max_fragments: int = 1024) -> Connection:
@@ -117,6 +143,7 @@ class ProxyHandler(WebSocketHandler):
     """
 
     _handshake_timer: gevent.Timeout | None = None
+    handed_in = False  # set on a handler serving a request that another process handed over
 
     def _handshake_timeout_s(self) -> float:
         extensions = getattr(self.server.application, "extensions", {})
@@ -189,7 +216,7 @@ class ProxyHandler(WebSocketHandler):
         environ[UPGRADE_KEY] = upgrade
 
         def start_response(status, headers, exc_info=None):
-            if upgrade.accepted:
+            if upgrade.accepted or upgrade.handed_over:
                 return lambda data: None  # the HTTP exchange is over; the app's response is moot
             return self.start_response(status, headers, exc_info)
 
@@ -197,7 +224,7 @@ class ProxyHandler(WebSocketHandler):
         taken = False
         try:
             result = self.application(environ, start_response)
-            if not upgrade.accepted:
+            if not upgrade.accepted and not upgrade.handed_over:
                 self.result = result
                 self.process_result()
             taken = True

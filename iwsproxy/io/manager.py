@@ -19,8 +19,9 @@ from ..session import FailoverReport
 from ..settings import Settings
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
-from .client import ClientUpgrade
+from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
+from .handoff import Handoff, prefixed_reader
 from .pipe import PersistentPipe, short_id
 from .registry import LocalRegistry, Registry
 
@@ -52,6 +53,9 @@ class PipeManager:
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
+        self._http_server = None         # the server that handed us requests (serves handed-in ones too)
+        self.handoff = (Handoff(s.handoff_dir, holds=self._pipes.__contains__, serve_request=self._serve_handed_in)
+                        if s.handoff_dir else None)
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         self.registry = registry or LocalRegistry()
@@ -209,10 +213,21 @@ class PipeManager:
         """
         if upgrade.server_pool is not None:
             self._server_pools.add(upgrade.server_pool)
+        self._http_server = upgrade.server
         existing = self._pipes.get(client_id)
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
+        if self.handoff is not None:
+            self.handoff.start()  # before this process holds a session, peers have nothing to ask it
+            if not upgrade.handed_in:
+                holder = self.handoff.find_holder(client_id)
+                if holder is not None and upgrade.hand_over(
+                        lambda sock, address, request: self.handoff.hand_over(holder, sock, address, request)):
+                    log.info("client %s handed to the process holding its session (%s)", short_id(client_id),
+                             holder)
+                    self.counters["handed_over"] += 1
+                    return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
         pipe = self.open_pipe(client_id, offer)
@@ -225,6 +240,17 @@ class PipeManager:
                 upgrade.connection.abort()  # accepted, but the pipe never took it
             self.abandon_pipe(pipe)
             raise
+
+    def _serve_handed_in(self, sock, address, request: bytes) -> None:
+        """Serve a request that another process of this host handed over, as if we had read it."""
+        server = self._http_server
+        if server is None or self._closing.is_set():
+            sock.close()
+            return
+        self.counters["handed_in"] += 1
+        handler = ProxyHandler(sock, address, server, rfile=prefixed_reader(request, sock))
+        handler.handed_in = True
+        gevent.spawn(handler.handle)
 
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
@@ -280,6 +306,8 @@ class PipeManager:
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``."""
         self._closing.set()
+        if self.handoff is not None:
+            self.handoff.stop()
         self._tasks.kill(timeout=1)
         self.registry.stop()
         pipes = list(self._pipes.values())
