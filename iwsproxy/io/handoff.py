@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 
+import gevent
 from gevent.pool import Group
 from gevent.server import StreamServer
 
@@ -151,20 +152,21 @@ class Handoff:
         if not peers:
             return None
         group = Group()
-        asks = {path: group.spawn(_ask, path, client_id) for path in peers}
-        group.join(timeout=ASK_TIMEOUT_S * 2)
-        group.kill(block=False)
-        for path, ask in asks.items():
-            if ask.successful() and ask.value:
-                return path
-        return None
+        asks = {group.spawn(_ask, path, client_id): path for path in peers}
+        try:
+            for ask in gevent.iwait(list(asks), timeout=ASK_TIMEOUT_S * 2):
+                if ask.successful() and ask.value:
+                    return asks[ask]
+            return None
+        finally:
+            group.kill(block=False)
 
     @staticmethod
     def hand_over(path: str, sock: socket.socket, address, request: bytes) -> bool:
         """Send ``sock`` and the ``request`` it carried to the process at ``path``; False if it
         could not be reached (the caller serves the request itself)."""
-        header = json.dumps({"op": "take", "address": list(address or ("", 0))[:2],
-                             "size": len(request)}).encode()
+        host_port = list(address[:2]) if isinstance(address, (tuple, list)) else ["", 0]
+        header = json.dumps({"op": "take", "address": host_port, "size": len(request)}).encode()
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             peer.settimeout(ASK_TIMEOUT_S)

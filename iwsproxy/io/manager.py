@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 
@@ -10,7 +11,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from ..exceptions import CapacityExceeded, DuplicateClient, ResumeRefused
+from ..exceptions import CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
 from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import BackendPool
@@ -54,8 +55,13 @@ class PipeManager:
         self._shutdown: gevent.Greenlet | None = None
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
         self._http_server = None         # the server that handed us requests (serves handed-in ones too)
-        self.handoff = (Handoff(s.handoff_dir, holds=self._pipes.__contains__, serve_request=self._serve_handed_in)
-                        if s.handoff_dir else None)
+        self.handoff: Handoff | None = None
+        if s.handoff_dir:
+            if not os.path.isdir(s.handoff_dir):
+                raise ConfigError("IWSPROXY_HANDOFF_DIR", s.handoff_dir, "settings",
+                                  "not a directory (it must exist, private to the proxy's user)")
+            self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
+                                   serve_request=self._serve_handed_in)
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         self.registry = registry or LocalRegistry()
@@ -218,8 +224,7 @@ class PipeManager:
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
-        if self.handoff is not None:
-            self.handoff.start()  # before this process holds a session, peers have nothing to ask it
+        if self.handoff is not None and self._start_handoff():
             if not upgrade.handed_in:
                 holder = self.handoff.find_holder(client_id)
                 if holder is not None and upgrade.hand_over(
@@ -240,6 +245,16 @@ class PipeManager:
                 upgrade.connection.abort()  # accepted, but the pipe never took it
             self.abandon_pipe(pipe)
             raise
+
+    def _start_handoff(self) -> bool:
+        """Listen for peers (from the first pipe on: before it, they have nothing to ask us)."""
+        try:
+            self.handoff.start()
+            return True
+        except OSError as exc:
+            log.error("handoff: cannot listen in %s, turned off: %s", self.handoff.directory, exc)
+            self.handoff = None
+            return False
 
     def _serve_handed_in(self, sock, address, request: bytes) -> None:
         """Serve a request that another process of this host handed over, as if we had read it."""

@@ -109,3 +109,12 @@ def test_garbage_on_the_handoff_socket_is_logged_and_changes_nothing(processes, 
     assert ws.recv() == "still here"
     assert "handoff: bad message from a peer" in proxy.stderr_text()
     ws.close()
+
+
+def test_a_handoff_dir_that_does_not_exist_stops_the_proxy_at_start(tmp_path):
+    from iwsproxy.exceptions import ConfigError
+    from iwsproxy.io.manager import PipeManager
+    from iwsproxy.settings import Settings
+
+    with pytest.raises(ConfigError, match="IWSPROXY_HANDOFF_DIR"):
+        PipeManager(Settings(handoff_dir=str(tmp_path / "missing")))
