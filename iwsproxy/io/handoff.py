@@ -126,9 +126,14 @@ class Handoff:
                     if not chunk:
                         raise ValueError("handoff cut short")
                     request += chunk
-                client = socket.socket(fileno=fds.pop())
                 host, port = header.get("address") or ("", 0)
-                self._serve_request(client, (str(host), int(port)), bytes(request))
+                address = (str(host), int(port))
+                client = socket.socket(fileno=fds.pop())
+                try:
+                    self._serve_request(client, address, bytes(request))
+                except BaseException:
+                    client.close()
+                    raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("handoff: bad message from a peer: %s", exc)
         finally:
