@@ -75,7 +75,7 @@ class Handoff:
         """``holds(client_id) -> bool`` answers peers; ``serve_request(sock, address, request)``
         serves a handed-in connection (in its own greenlet)."""
         self.directory = directory
-        self.path = os.path.join(directory, f"{os.getpid()}.sock")
+        self.path: str | None = None  # ours, named when we start listening (after any fork)
         self._holds = holds
         self._serve_request = serve_request
         self._server: StreamServer | None = None
@@ -84,6 +84,7 @@ class Handoff:
     def start(self) -> None:
         if self._server is not None:
             return
+        self.path = os.path.join(self.directory, f"{os.getpid()}.sock")
         try:
             os.unlink(self.path)  # left by an earlier process with our pid
         except FileNotFoundError:
