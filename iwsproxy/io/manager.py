@@ -224,15 +224,8 @@ class PipeManager:
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
-        if self.handoff is not None and self._start_handoff():
-            if not upgrade.handed_in:
-                holder = self.handoff.find_holder(client_id)
-                if holder is not None and upgrade.hand_over(
-                        lambda sock, address, request: self.handoff.hand_over(holder, sock, address, request)):
-                    log.info("client %s handed to the process holding its session (%s)", short_id(client_id),
-                             holder)
-                    self.counters["handed_over"] += 1
-                    return
+        if self.handoff is not None and self._start_handoff() and self._hand_to_holder(client_id, upgrade):
+            return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
         pipe = self.open_pipe(client_id, offer)
@@ -245,6 +238,19 @@ class PipeManager:
                 upgrade.connection.abort()  # accepted, but the pipe never took it
             self.abandon_pipe(pipe)
             raise
+
+    def _hand_to_holder(self, client_id: str, upgrade: ClientUpgrade) -> bool:
+        """If another process of this host holds ``client_id``'s session, give it the upgrade."""
+        if upgrade.handed_in:
+            return False  # it was sent here by its holder's peer: serve it, never send it on
+        holder = self.handoff.find_holder(client_id)
+        if holder is None:
+            return False
+        if not upgrade.hand_over(lambda sock, address, request: Handoff.hand_over(holder, sock, address, request)):
+            return False
+        log.info("client %s handed to the process holding its session (%s)", short_id(client_id), holder)
+        self.counters["handed_over"] += 1
+        return True
 
     def _start_handoff(self) -> bool:
         """Listen for peers (from the first pipe on: before it, they have nothing to ask us)."""
