@@ -735,13 +735,21 @@ def chunk_sizes(seed: int, total: int, mode: int) -> Iterator[int]:
         yield size
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(
-    masked=st.booleans(),
-    frames=st.data(),
-    split_seed=st.integers(0, 2**32),
-    split_mode=st.sampled_from([0, 1, 2, 2, 2]),
-)
+def traffic_chunks(stream: bytes, split_seed: int, split_mode: int) -> Iterator[int]:
+    if split_mode == 0 and len(stream) > 3000:
+        split_mode = 2  # byte at a time on 70 kB is slow without adding anything
+    return chunk_sizes(split_seed, len(stream), split_mode)
+
+
+#: valid traffic, fed in chunks: byte by byte, whole, or at random
+valid_traffic = given(masked=st.booleans(), frames=st.data(), split_seed=st.integers(0, 2**32),
+                      split_mode=st.sampled_from([0, 1, 2, 2, 2]))
+traffic_settings = settings(max_examples=200, deadline=None,
+                            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@traffic_settings
+@valid_traffic
 def test_valid_traffic_matches_reference(masked, frames, split_seed, split_mode):
     frames = frames.draw(valid_streams(masked=masked))
     stream = b""
@@ -752,10 +760,8 @@ def test_valid_traffic_matches_reference(masked, frames, split_seed, split_mode)
         stream += encoded
     expected, error = ref_parse(stream, expect_masked=masked, max_message_size=2**26, max_fragments=1024)
     assert error is None
-    if split_mode == 0 and len(stream) > 3000:
-        split_mode = 2  # byte at a time on 70 kB is slow without adding anything
     parser = FrameParser(expect_masked=masked)
-    assert feed_in_chunks(parser, stream, chunk_sizes(split_seed, len(stream), split_mode)) == expected
+    assert feed_in_chunks(parser, stream, traffic_chunks(stream, split_seed, split_mode)) == expected
 
 
 def split_expected(expected: list[tuple[int, bytes]]) -> tuple[list, list]:
@@ -768,22 +774,15 @@ def split_expected(expected: list[tuple[int, bytes]]) -> tuple[list, list]:
     return data, controls
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(
-    masked=st.booleans(),
-    frames=st.data(),
-    split_seed=st.integers(0, 2**32),
-    split_mode=st.sampled_from([0, 1, 2, 2, 2]),
-)
+@traffic_settings
+@valid_traffic
 def test_split_controls_gives_the_same_frames_data_and_controls_apart(masked, frames, split_seed, split_mode):
     frames = frames.draw(valid_streams(masked=masked))
     stream = b"".join(ref_encode(f.opcode, f.payload, f.key, f.fin) for f in frames)
     expected, _ = ref_parse(stream, expect_masked=masked, max_message_size=2**26, max_fragments=1024)
-    if split_mode == 0 and len(stream) > 3000:
-        split_mode = 2
     parser = FrameParser(expect_masked=masked, split_controls=True)
     data, controls, pos = [], [], 0
-    for size in chunk_sizes(split_seed, len(stream), split_mode):
+    for size in traffic_chunks(stream, split_seed, split_mode):
         data += parser.feed(stream[pos : pos + size])
         controls += parser.controls
         pos += size
