@@ -170,7 +170,9 @@ class Handoff:
     @staticmethod
     def hand_over(path: str, sock: socket.socket, address, request: bytes) -> bool:
         """Send ``sock`` and the ``request`` it carried to the process at ``path``; False if it
-        could not be reached (the caller serves the request itself)."""
+        could not be reached or the request is too large for it (the caller serves it itself)."""
+        if len(request) > MAX_REQUEST_BYTES:
+            return False
         host_port = list(address[:2]) if isinstance(address, (tuple, list)) else ["", 0]
         header = json.dumps({"op": "take", "address": host_port, "size": len(request)}).encode()
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
