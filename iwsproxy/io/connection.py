@@ -61,7 +61,7 @@ class Connection:
         self.closed = False
         self.controls: list[Message] | tuple = ()  # the control frames of the last read (a CLOSE last)
         # a TLS socket may hold decrypted bytes that readiness does not report: there recv comes first
-        self._can_wait_first = getattr(sock, "_read_event", None) is not None and not hasattr(sock, "pending")
+        self._can_wait_first = self.can_park and not hasattr(sock, "pending")
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
@@ -121,7 +121,7 @@ class Connection:
     # ---- parking ----
     @property
     def can_park(self) -> bool:
-        """Only a gevent socket's wait can be interrupted safely (not a blocking stdlib socket)."""
+        """Only a gevent socket's wait can be interrupted or awaited (not a blocking stdlib socket's)."""
         return getattr(self.sock, "_read_event", None) is not None
 
     def park(self) -> None:
