@@ -16,6 +16,10 @@ the first message. ``{"op": "has", "id": ...}`` is answered with one byte,
 ``1`` or ``0``; ``{"op": "take", "address": [host, port], "size": n}`` is not
 answered (the socket is the receiver's from then on).
 
+A process publishes its socket under that name only once it listens, so a
+name whose connection is refused was left by a process that died without
+removing it (SIGKILL, say): the first peer to find it removes it.
+
 The directory must be private to the proxy's user: whoever can connect to
 these sockets can hand connections to the proxy and ask which ids it holds.
 """
@@ -85,17 +89,17 @@ class Handoff:
         if self._server is not None:
             return
         self.path = os.path.join(self.directory, f"{os.getpid()}.sock")
-        try:
-            os.unlink(self.path)  # left by an earlier process with our pid
-        except FileNotFoundError:
-            pass
+        binding = self.path + ".new"
+        _remove(binding)  # left by an earlier process with our pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o077)
         try:
-            listener.bind(self.path)
+            listener.bind(binding)
         finally:
             os.umask(old_umask)
         listener.listen(128)
+        # a "<pid>.sock" name is only ever seen listening, so a peer may take a refused one for stale
+        os.replace(binding, self.path)
         self._server = StreamServer(listener, self._handle)
         self._server.start()
         log.info("handoff: listening on %s", self.path)
@@ -104,10 +108,7 @@ class Handoff:
         server, self._server = self._server, None
         if server is not None:
             server.stop(timeout=1)
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            _remove(self.path)
 
     def _handle(self, conn: socket.socket, _address) -> None:
         fds: list[int] = []
@@ -210,12 +211,24 @@ def _ask(path: str, client_id: str) -> bool:
         peer.connect(path)
         peer.sendall(_LENGTH.pack(len(header)) + header)
         return peer.recv(1) == b"1"
+    except ConnectionRefusedError:
+        # nobody listens there: its process died without removing it (SIGKILL, say)
+        log.info("handoff: removing %s, left by a process that is gone", path)
+        _remove(path)
+        return False
     except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):  # a process that is gone: skip it quietly
+        if exc.errno != errno.ENOENT:  # removed by its process as it stopped: skip it quietly
             log.warning("handoff: no answer from %s: %s", path, exc)
         return False
     finally:
         peer.close()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def prefixed_reader(prefix: bytes, sock: socket.socket) -> io.BufferedReader:

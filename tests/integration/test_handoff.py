@@ -111,6 +111,29 @@ def test_garbage_on_the_handoff_socket_is_logged_and_changes_nothing(processes, 
     ws.close()
 
 
+def test_a_socket_left_by_a_killed_process_is_removed_by_the_first_process_asking(processes, tmp_path):
+    handoff = tmp_path / "handoff"
+    handoff.mkdir(mode=0o700)
+    backend = processes.echo()
+    holder = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
+    killed = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
+    killed.connect()  # a process names its socket when it first serves a pipe
+    ws = holder.connect()
+    assert len(os.listdir(handoff)) == 2
+    killed.kill()
+    drop(ws)
+    wait_for(lambda: holder.pipes()[0]["state"] == "detached", what="the pipe to detach")
+
+    other = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
+    again = other.connect(ws.client_id)  # asks both: the holder answers, the dead one is refused
+    again.send("back")
+    assert again.recv() == "back"
+    assert holder.pipes()[0]["resumes"] == 1
+    assert f"{killed.proc.pid}.sock" not in os.listdir(handoff)
+    assert len(os.listdir(handoff)) == 2  # the holder's and the asker's
+    again.close()
+
+
 def test_a_handoff_dir_that_does_not_exist_stops_the_proxy_at_start(tmp_path):
     from iwsproxy.exceptions import ConfigError
     from iwsproxy.io.manager import PipeManager
