@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import BrokenBarrierError
 
-from iwsproxy.loadgen import BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, Phase, PhaseResult, Target, worker_main
+from iwsproxy.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, Phase, PhaseResult, Target, ready_timeout_s,
+                              worker_main)
 from iwsproxy.process import ChildProcess
 
 __all__ = ["Options", "PathResult", "LoadGenerator", "run", "main"]
@@ -319,7 +320,7 @@ class LoadGenerator:
         for commands, phase in zip(self._commands, phases):
             commands.put(phase)
         try:
-            self._barrier.wait(BARRIER_TIMEOUT_S)  # ready
+            self._barrier.wait(max(p.ready_timeout_s for p in phases))  # ready
             if at_ready is not None:
                 at_ready()
             self._barrier.wait(BARRIER_TIMEOUT_S)  # go
@@ -353,7 +354,7 @@ class LoadGenerator:
             try:
                 result = self._results.get(timeout=STOP_TIMEOUT_S)
             except queue.Empty:
-                errors.append("(a worker reported nothing: did it die?)")
+                errors.append(f"(a worker reported nothing within {STOP_TIMEOUT_S:g} s: still connecting, or dead)")
                 continue
             if result.error:
                 errors.append(f"worker {result.worker}: {result.error}")
@@ -441,7 +442,8 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
     measured = path.server_pid is not None
 
     def phases(kind: str, n: int, **kwargs) -> list[Phase]:
-        return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
+        return [Phase(kind, tuple(targets), ready_timeout_s=ready_timeout_s(n), **kwargs)
+                for targets in _spread(path, n, workers)]
 
     progress(f"{path.name}: idle RTT, {options.rtt_count} round trips")
     rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))

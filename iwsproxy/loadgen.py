@@ -68,6 +68,7 @@ READ_CHUNK_BYTES = 256 * 1024
 MAX_HEAD_BYTES = 16 * 1024
 CONNECT_TIMEOUT_S = 10.0
 BARRIER_TIMEOUT_S = 180.0
+READY_S_PER_CONNECTION = 0.05  # the ready barrier also waits this long per connection of the phase
 DRAIN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 PINGPONG_TIMEOUT_S = 10.0  # per round trip
@@ -96,6 +97,7 @@ class Phase:
     window: int = 1
     duration_s: float = 0.0
     count: int = 0
+    ready_timeout_s: float = BARRIER_TIMEOUT_S  # for every worker to connect: see ready_timeout_s()
 
 
 @dataclass
@@ -109,6 +111,12 @@ class PhaseResult:
     cpu_s: float = 0.0  # this worker's user+sys CPU time during the timed part
     rtt_s: array = field(default_factory=lambda: array("d"))
     error: str | None = None
+
+
+def ready_timeout_s(connections: int) -> float:
+    """How long a phase of ``connections`` connections (all workers) may take to be ready: it grows
+    with the count, so a slow machine or an emulator can still open ten thousand of them."""
+    return BARRIER_TIMEOUT_S + connections * READY_S_PER_CONNECTION
 
 
 class HandshakeFailed(Exception):
@@ -431,7 +439,7 @@ def _run_phase(index: int, phase: Phase, clients: list[_Client], barrier) -> Pha
     result = PhaseResult(worker=index, connections=len(clients))
     if phase.kind == "idle":
         _exchange_one(clients, phase)
-    barrier.wait(BARRIER_TIMEOUT_S)  # ready: everything connected, the parent measures
+    barrier.wait(phase.ready_timeout_s)  # ready: everything connected, the parent measures
     barrier.wait(BARRIER_TIMEOUT_S)  # go
     cpu0 = _cpu_s()
     start = time.perf_counter()
