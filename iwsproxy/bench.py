@@ -16,8 +16,9 @@ started just before its scenarios and stopped right after:
 Scenarios, in this order for each path (the idle ones first, on a fresh server):
 
 1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time
-   (a round trip ends when the echo arrives; the pong that a proxy's ping fence asks for goes
-   out after it, as a browser's would, not inside the measurement);
+   (a round trip ends when the bytes of the echo arrive, before the client parses them: a
+   proxy's ping fence that came with the echo is answered after that, as a browser would, so
+   neither parsing it nor sending the pong is inside the measurement);
 2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
    open; the server's RSS (VmRSS, summed over its process tree) before, and after the pipes
    have been quiet for ``--idle-settle`` seconds (an idle pipe gives up its greenlets after
