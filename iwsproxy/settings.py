@@ -138,6 +138,9 @@ class Settings:
     pong_timeout_s: float = setting(10.0, "IWSPROXY_PONG_TIMEOUT", _parse_seconds,
                                     "a backend that does not answer a ping within this time is treated as failed",
                                     "--pong-timeout")
+    keepalive_s: float = setting(20.0, "IWSPROXY_KEEPALIVE", _parse_seconds,
+                                 "ping an idle backend this often, so a dead one is noticed (0 = never)",
+                                 "--keepalive")
     drain_window_s: float = setting(5.0, "IWSPROXY_DRAIN_WINDOW", _parse_seconds,
                                     "a drained backend's pipes move over this many seconds (no stampede)",
                                     "--drain-window")

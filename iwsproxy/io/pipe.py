@@ -87,7 +87,8 @@ class PersistentPipe:
         self.session = Session(buffer_limit_bytes=settings.buffer_limit_bytes,
                                replay=settings.delivery == "at-least-once", now=self.opened_at,
                                reconnect_deadline_s=settings.reconnect_deadline_s,
-                               pong_timeout_s=settings.pong_timeout_s, resume_grace_s=settings.resume_grace_s,
+                               pong_timeout_s=settings.pong_timeout_s, keepalive_s=settings.keepalive_s,
+                               resume_grace_s=settings.resume_grace_s,
                                idle_timeout_s=settings.idle_timeout_s, budget=manager.budget)
         self.client: Connection | None = None   # None while detached
         self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
