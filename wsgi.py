@@ -19,9 +19,9 @@ else:  # under gunicorn: log through gunicorn's error log, at its level
         logging.getLogger("iwsproxy").handlers = _gunicorn.handlers
         logging.getLogger("iwsproxy").setLevel(_gunicorn.level)
 
-import gevent  # noqa: E402
+from iwsproxy.io.server import tune_process  # noqa: E402
 
-gevent.config.track_greenlet_tree = False  # a spawn-tree record per greenlet costs KiBs per pipe
+tune_process()  # this process is the proxy's own: see tune_process
 
 from iwsproxy import create_app  # noqa: E402
 

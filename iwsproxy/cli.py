@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        import gevent
         from gevent import monkey
 
         monkey.patch_all()
-        gevent.config.track_greenlet_tree = False  # a spawn-tree record per greenlet: KiBs per pipe
+        from .io.server import tune_process
+
+        tune_process()
     _configure_logging(args.log_level)
     try:
         return args.func(args)

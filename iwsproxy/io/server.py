@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 
@@ -11,9 +12,26 @@ from gevent.pywsgi import WSGIServer
 
 from .client import ProxyHandler
 
-__all__ = ["make_server", "serve_forever", "install_gunicorn_graceful_stop"]
+__all__ = ["make_server", "serve_forever", "install_gunicorn_graceful_stop", "tune_process"]
 
 log = logging.getLogger(__name__)
+
+GC_YOUNG_THRESHOLD = 20_000  # allocations between collections of CPython's youngest generation (default 700)
+
+
+def tune_process() -> None:
+    """Process-wide tuning, for a process that is the proxy's own (``iwsproxy serve``, ``wsgi.py``),
+    not for an app that embeds the extension (it shares these with the app).
+
+    * gevent keeps no spawn-tree record per greenlet (KiBs per pipe).
+    * CPython's youngest generation is collected every 20,000 allocations, not 700. The
+      keepalives of thousands of quiet pipes otherwise move enough short-lived objects into the
+      oldest generation to start a full collection every few seconds, and a full collection
+      walks every object of every pipe: measured with 9,000 idle pipes, 0.55 s each, about
+      half of the process's CPU.
+    """
+    gevent.config.track_greenlet_tree = False
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def make_server(app, bind: tuple[str, int]) -> WSGIServer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -47,6 +48,9 @@ def test_extension_in_a_legacy_app(processes):
     listing = urllib.request.Request(app.http_url + "/ops/backends",
                                      headers={"Authorization": "Bearer legacy-token"})
     assert json.loads(urllib.request.urlopen(listing, timeout=5).read())["backends"][0]["url"] == backend.url
+    status = urllib.request.Request(app.http_url + "/ops/status", headers={"Authorization": "Bearer legacy-token"})
+    threshold = json.loads(urllib.request.urlopen(status, timeout=5).read())["gc"]["threshold"]
+    assert threshold == list(gc.get_threshold())  # CPython's defaults: the embedding app's own choice
     with pytest.raises(urllib.error.HTTPError) as plain:
         urllib.request.urlopen(f"{app.http_url}/ws/{uuid.uuid4()}", timeout=5)
     assert plain.value.code == 426

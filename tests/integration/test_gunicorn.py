@@ -12,6 +12,7 @@ import pytest
 import websocket
 
 from conftest import ADMIN_TOKEN, Proxy, recv_close, stats, wait_for
+from iwsproxy.io.server import GC_YOUNG_THRESHOLD
 from iwsproxy.process import ChildProcess
 
 
@@ -46,6 +47,7 @@ def test_gunicorn_worker_command(processes):
         ws.send(f"m{i}")
         assert ws.recv() == f"m{i}"
     ws.close()
+    assert server.admin("GET", path="/admin/status")[1]["gc"]["threshold"][0] == GC_YOUNG_THRESHOLD  # wsgi.py tuned it
 
 
 def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(processes):

@@ -12,6 +12,7 @@ import pytest
 import websocket
 
 from conftest import wait_for
+from iwsproxy.io.server import GC_YOUNG_THRESHOLD
 
 PIPES = 1000
 KIB_PER_IDLE_PIPE = 32  # the target (about 20 measured on a 2-core machine)
@@ -42,6 +43,7 @@ def test_max_pipes_then_503_and_the_rest_keep_working(processes, many_files):
     warm.close()
     wait_for(lambda: proxy.pipes() == [], what="warm-up pipe to end")
     base = greenlets()
+    assert proxy.admin("GET", path="/admin/status")[1]["gc"]["threshold"][0] == GC_YOUNG_THRESHOLD  # serve tuned it
     before = rss_kib(proxy.proc.pid)
     clients = [proxy.connect(timeout=30) for _ in range(PIPES)]
     wait_for(lambda: greenlets() <= base, timeout=30, what="the idle pipes to give up their greenlets")
