@@ -37,6 +37,9 @@ printed: a path limited by the generator shows a busiest worker near 100 %, a
 path limited by the server under test shows the server near 100 % (the proxy is
 one process: 100 % is all it can use).
 
+On a slow or emulated machine, ``IWSPROXY_BENCH_TIMEOUT_SCALE=N`` multiplies every timeout
+of the run (connecting, echoes, barriers, child start) by N.
+
 Progress goes to stderr, the report to stdout; ``--json PATH`` also writes every
 number (with the CPU figures and raw RSS/CPU readings) as JSON.
 """
@@ -65,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import BrokenBarrierError
 
-from iwsproxy.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, Phase, PhaseResult, Target, ready_timeout_s,
+from iwsproxy.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, TIMEOUT_SCALE, Phase, PhaseResult, Target,
                               worker_main)
 from iwsproxy.process import ChildProcess
 
@@ -76,8 +79,9 @@ SMALL_BYTES = 100
 LARGE_BYTES = 1024 * 1024
 RTT_BYTES = 32
 HOST = "127.0.0.1"
-RESULT_TIMEOUT_S = 120.0  # beyond the phase's own length
-STOP_TIMEOUT_S = 5.0
+RESULT_TIMEOUT_S = 120.0 * TIMEOUT_SCALE  # beyond the phase's own length
+STOP_TIMEOUT_S = 5.0 * TIMEOUT_SCALE
+START_TIMEOUT_S = 15.0 * TIMEOUT_SCALE  # for a child process to listen
 NGINX_BACKLOG = 4096
 
 COLUMNS = (
@@ -321,7 +325,7 @@ class LoadGenerator:
         for commands, phase in zip(self._commands, phases):
             commands.put(phase)
         try:
-            self._barrier.wait(max(p.ready_timeout_s for p in phases))  # ready
+            self._barrier.wait(BARRIER_TIMEOUT_S)  # ready
             if at_ready is not None:
                 at_ready()
             self._barrier.wait(BARRIER_TIMEOUT_S)  # go
@@ -443,8 +447,7 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
     measured = path.server_pid is not None
 
     def phases(kind: str, n: int, **kwargs) -> list[Phase]:
-        return [Phase(kind, tuple(targets), ready_timeout_s=ready_timeout_s(n), **kwargs)
-                for targets in _spread(path, n, workers)]
+        return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
 
     progress(f"{path.name}: idle RTT, {options.rtt_count} round trips")
     rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
@@ -493,7 +496,7 @@ def _child_env(extra: dict | None = None) -> dict:
     return {"PYTHONPATH": pythonpath, **(extra or {})}
 
 
-def _start(child: ChildProcess, started: list, timeout: float = 15.0) -> ChildProcess:
+def _start(child: ChildProcess, started: list, timeout: float = START_TIMEOUT_S) -> ChildProcess:
     started.append(child)
     try:
         return child.start(timeout)
@@ -539,7 +542,7 @@ def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -
                          env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
                                          "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
                          name="proxy-gunicorn")
-    return _start(proxy, started, timeout=30)
+    return _start(proxy, started, timeout=2 * START_TIMEOUT_S)
 
 
 _NGINX_CONFIG = """\

@@ -66,13 +66,27 @@ __all__ = ["Target", "Phase", "PhaseResult", "HandshakeFailed", "open_websocket"
 
 READ_CHUNK_BYTES = 256 * 1024
 MAX_HEAD_BYTES = 16 * 1024
-CONNECT_TIMEOUT_S = 10.0
-BARRIER_TIMEOUT_S = 180.0
-# the ready barrier also waits this long per connection of the phase (an emulator needs about 0.1)
-READY_S_PER_CONNECTION = 0.25
-DRAIN_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 5.0
-PINGPONG_TIMEOUT_S = 10.0  # per round trip
+
+
+def _timeout_scale() -> float:
+    raw = os.environ.get("IWSPROXY_BENCH_TIMEOUT_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = 0.0
+    if not scale > 0:
+        raise ValueError(f"IWSPROXY_BENCH_TIMEOUT_SCALE must be a number above 0, not {raw!r}")
+    return scale
+
+
+# Every timeout of the benchmark is multiplied by IWSPROXY_BENCH_TIMEOUT_SCALE (default 1), for a
+# slow or emulated machine; the load generator's worker processes inherit it.
+TIMEOUT_SCALE = _timeout_scale()
+CONNECT_TIMEOUT_S = 10.0 * TIMEOUT_SCALE
+BARRIER_TIMEOUT_S = 180.0 * TIMEOUT_SCALE
+DRAIN_TIMEOUT_S = 10.0 * TIMEOUT_SCALE
+CLOSE_TIMEOUT_S = 5.0 * TIMEOUT_SCALE
+PINGPONG_TIMEOUT_S = 10.0 * TIMEOUT_SCALE  # per round trip
 MAX_RTT_SAMPLES = 100_000  # per worker and phase; more are thinned evenly
 FRAME_POOL_BYTES = 8 * 1024 * 1024  # pre-encoded frames per phase, at most this many bytes...
 FRAME_POOL_MAX = 512  # ...and at most this many frames
@@ -98,7 +112,6 @@ class Phase:
     window: int = 1
     duration_s: float = 0.0
     count: int = 0
-    ready_timeout_s: float = BARRIER_TIMEOUT_S  # for every worker to connect: see ready_timeout_s()
 
 
 @dataclass
@@ -112,12 +125,6 @@ class PhaseResult:
     cpu_s: float = 0.0  # this worker's user+sys CPU time during the timed part
     rtt_s: array = field(default_factory=lambda: array("d"))
     error: str | None = None
-
-
-def ready_timeout_s(connections: int) -> float:
-    """How long a phase of ``connections`` connections (all workers) may take to be ready: it grows
-    with the count, so a slow machine or an emulator can still open ten thousand of them."""
-    return BARRIER_TIMEOUT_S + connections * READY_S_PER_CONNECTION
 
 
 class HandshakeFailed(Exception):
@@ -440,7 +447,7 @@ def _run_phase(index: int, phase: Phase, clients: list[_Client], barrier) -> Pha
     result = PhaseResult(worker=index, connections=len(clients))
     if phase.kind == "idle":
         _exchange_one(clients, phase)
-    barrier.wait(phase.ready_timeout_s)  # ready: everything connected, the parent measures
+    barrier.wait(BARRIER_TIMEOUT_S)  # ready: everything connected, the parent measures
     barrier.wait(BARRIER_TIMEOUT_S)  # go
     cpu0 = _cpu_s()
     start = time.perf_counter()
