@@ -20,16 +20,26 @@ def status_counters(proxy) -> dict:
     return proxy.admin("GET", path="/admin/status")[1]["counters"]
 
 
-def test_a_client_resuming_through_another_process_gets_its_session_back(processes, tmp_path):
-    handoff = tmp_path / "handoff"
-    handoff.mkdir(mode=0o700)
+@pytest.fixture
+def handoff(tmp_path):
+    """A handoff directory as the README asks for it: existing and private."""
+    directory = tmp_path / "handoff"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def drop_and_wait_detached(ws, holder) -> None:
+    drop(ws)
+    wait_for(lambda: holder.pipes()[0]["state"] == "detached", what="the pipe to detach")
+
+
+def test_a_client_resuming_through_another_process_gets_its_session_back(processes, handoff):
     backend = processes.echo("--stream-interval-ms", "5")
     holder = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
     other = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
     ws = holder.connect()
     before = numbers(ws, 50)
-    drop(ws)
-    wait_for(lambda: holder.pipes()[0]["state"] == "detached", what="the pipe to detach")
+    drop_and_wait_detached(ws, holder)
 
     again = other.connect(ws.client_id)  # the other process hands the connection over
     after = numbers(again, before[-1] + 100)
@@ -49,16 +59,13 @@ def test_a_client_resuming_through_another_process_gets_its_session_back(process
     fresh.close()
 
 
-def test_the_holder_answers_a_handed_over_request_with_its_own_refusals(processes, tmp_path):
-    handoff = tmp_path / "handoff"
-    handoff.mkdir(mode=0o700)
+def test_the_holder_answers_a_handed_over_request_with_its_own_refusals(processes, handoff):
     backend = processes.echo()
     secret = ("--resume-secret", "s3cret")
     holder = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff), *secret)
     other = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff), *secret)
     ws = holder.connect()
-    drop(ws)
-    wait_for(lambda: holder.pipes()[0]["state"] == "detached", what="the pipe to detach")
+    drop_and_wait_detached(ws, holder)
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
         other.connect(ws.client_id)  # no token: the holder refuses the resume, over the handed socket
     assert refused.value.status_code == 403
@@ -70,9 +77,7 @@ def test_the_holder_answers_a_handed_over_request_with_its_own_refusals(processe
     again.close()
 
 
-def test_gunicorn_workers_hand_a_returning_client_to_the_worker_holding_its_session(processes, tmp_path):
-    handoff = tmp_path / "handoff"
-    handoff.mkdir(mode=0o700)
+def test_gunicorn_workers_hand_a_returning_client_to_the_worker_holding_its_session(processes, handoff):
     backend = processes.echo("--stream-interval-ms", "5")
     server = Gunicorn(backend.url, workers=2)
     server.env["IWSPROXY_HANDOFF_DIR"] = str(handoff)
@@ -89,9 +94,7 @@ def test_gunicorn_workers_hand_a_returning_client_to_the_worker_holding_its_sess
     ws.close()
 
 
-def test_garbage_on_the_handoff_socket_is_logged_and_changes_nothing(processes, tmp_path):
-    handoff = tmp_path / "handoff"
-    handoff.mkdir(mode=0o700)
+def test_garbage_on_the_handoff_socket_is_logged_and_changes_nothing(processes, handoff):
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
     ws = proxy.connect()
@@ -111,9 +114,7 @@ def test_garbage_on_the_handoff_socket_is_logged_and_changes_nothing(processes, 
     ws.close()
 
 
-def test_a_socket_left_by_a_killed_process_is_removed_by_the_first_process_asking(processes, tmp_path):
-    handoff = tmp_path / "handoff"
-    handoff.mkdir(mode=0o700)
+def test_a_socket_left_by_a_killed_process_is_removed_by_the_first_process_asking(processes, handoff):
     backend = processes.echo()
     holder = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
     killed = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
@@ -121,8 +122,7 @@ def test_a_socket_left_by_a_killed_process_is_removed_by_the_first_process_askin
     ws = holder.connect()
     assert len(os.listdir(handoff)) == 2
     killed.kill()
-    drop(ws)
-    wait_for(lambda: holder.pipes()[0]["state"] == "detached", what="the pipe to detach")
+    drop_and_wait_detached(ws, holder)
 
     other = processes.proxy("--backend", backend.url, "--handoff-dir", str(handoff))
     again = other.connect(ws.client_id)  # asks both: the holder answers, the dead one is refused
