@@ -18,7 +18,13 @@ Scenarios, in this order for each path (the idle ones first, on a fresh server):
 1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time
    (a round trip ends when the bytes of the echo arrive, before the client parses them: a
    proxy's ping fence that came with the echo is answered after that, as a browser would, so
-   neither parsing it nor sending the pong is inside the measurement);
+   neither parsing it nor sending the pong is inside the measurement). With two CPUs or more
+   the load generator is pinned to one CPU and the servers (echo backends, proxy or nginx, with
+   their children) to another for this phase (``--no-pin``: left to the scheduler). Left to it,
+   the direct path's client and backend sometimes share a CPU and hand over without waking
+   another one (0.02 ms instead of 0.06 here); a path with a server in the middle cannot, so
+   its difference to direct then depends on where the scheduler put the processes, not on the
+   server. Pinned, every path crosses between the CPUs the same way, as between hosts;
 2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
    open; the server's RSS (VmRSS, summed over its process tree) before, and after the pipes
    have been quiet for ``--idle-settle`` seconds (an idle pipe gives up its greenlets after
@@ -112,6 +118,7 @@ class Options:
     workers: int = 2
     nginx: bool = True
     gunicorn: bool = False
+    pin: bool = True
     json_path: str | None = None
     quick: bool = False
 
@@ -153,6 +160,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
     parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave the idle RTT phase's processes to the scheduler (default: client and servers "
+                             "pinned to two different CPUs)")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -167,6 +177,7 @@ def parse_args(argv: list[str] | None) -> Options:
         workers=args.workers if args.workers is not None else 2,
         nginx=not args.no_nginx,
         gunicorn=args.gunicorn,
+        pin=not args.no_pin,
         json_path=args.json_path,
         quick=quick,
     )
@@ -219,6 +230,37 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3 (state)
         ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class pinned:
+    """Context manager: ``groups[i]`` (lists of pids) run on CPU number i of this process's
+    allowed CPUs, each process back on the CPUs it had afterwards; nothing happens (``active``
+    False) when there are fewer allowed CPUs than groups. A process that exits meanwhile is skipped."""
+
+    def __init__(self, *groups: list[int]):
+        self.groups = groups
+        cpus = sorted(os.sched_getaffinity(0))
+        self.active = bool(groups) and len(cpus) >= len(groups)
+        self._cpus = cpus
+        self._saved: dict[int, set[int]] = {}
+
+    def __enter__(self) -> "pinned":
+        if self.active:
+            for cpu, pids in zip(self._cpus, self.groups):
+                for pid in pids:
+                    try:
+                        self._saved[pid] = os.sched_getaffinity(pid)
+                        os.sched_setaffinity(pid, {cpu})
+                    except (ProcessLookupError, PermissionError):
+                        self._saved.pop(pid, None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pid, cpus in self._saved.items():
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -295,6 +337,9 @@ class LoadGenerator:
         for proc in self._procs:
             proc.start()
         return self
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs if proc.pid is not None]
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Ask every worker to exit, then terminate, then kill what is left."""
@@ -449,9 +494,13 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
     def phases(kind: str, n: int, **kwargs) -> list[Phase]:
         return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
 
-    progress(f"{path.name}: idle RTT, {options.rtt_count} round trips")
-    rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
+    servers = [pid for backend in path.backend_pids for pid in process_tree(backend)] + path.server_pids()
+    with pinned(loadgen.pids(), servers) if options.pin else pinned() as placement:
+        progress(f"{path.name}: idle RTT, {options.rtt_count} round trips"
+                 + (", load generator and servers on two CPUs" if placement.active else ""))
+        rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
     result.idle_p50_ms, result.idle_p99_ms = rtt_ms(rtt)
+    result.notes["idle_rtt_pinned"] = placement.active
 
     if measured and options.idle_pipes:
         progress(f"{path.name}: {options.idle_pipes} idle pipes")
@@ -786,10 +835,12 @@ def _nginx_version(binary: str | None) -> str | None:
 
 def report(results: list[PathResult], info: dict, options: Options) -> str:
     o = options
+    pinning = (" (load generator and servers pinned to two CPUs)"
+               if any(r.notes.get("idle_rtt_pinned") for r in results) else " (not pinned)")
     lines = [
         f"load: small {o.connections} conns x {SMALL_BYTES} B, window {o.window}, {o.duration_s:g} s; "
         f"large {o.large_connections} conns x 1 MiB, window 1, {o.duration_s:g} s; "
-        f"idle RTT {o.rtt_count} x {RTT_BYTES} B; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
+        f"idle RTT {o.rtt_count} x {RTT_BYTES} B{pinning}; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
         f"{o.workers} load generator processes",
         "",
         format_table(results),

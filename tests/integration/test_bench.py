@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from iwsproxy.bench import pinned
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 60
 HEADER = ("| path | small msg/s | small p50 ms | small p99 ms | proxy CPU us/msg | 1 MiB MB/s "
@@ -45,3 +49,26 @@ def test_quick_bench_prints_the_table(tmp_path):
 
     data = json.loads(json_path.read_text())
     assert [r["path"] for r in data["results"]] == ["direct", "proxy", "proxy-gunicorn"]
+    two_cpus = len(os.sched_getaffinity(0)) >= 2
+    assert [r["notes"]["idle_rtt_pinned"] for r in data["results"]] == [two_cpus] * 3
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pinned_puts_each_group_on_its_own_cpu_and_gives_the_cpus_back():
+    cpus = sorted(os.sched_getaffinity(0))
+    children = [subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+                for _ in range(3)]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(TIMEOUT_S)
+    try:
+        a, b, c = (child.pid for child in children)
+        with pinned([a], [b, c, gone.pid]) as placement:
+            assert placement.active
+            assert [os.sched_getaffinity(pid) for pid in (a, b, c)] == [{cpus[0]}, {cpus[1]}, {cpus[1]}]
+        assert all(os.sched_getaffinity(pid) == set(cpus) for pid in (a, b, c))
+        with pinned(*([a] for _ in range(len(cpus) + 1))) as placement:  # more groups than CPUs: not pinned
+            assert not placement.active and os.sched_getaffinity(a) == set(cpus)
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait(TIMEOUT_S)
