@@ -12,7 +12,8 @@ reader blocked in :meth:`Connection.read` (and only there, so nothing read is
 lost) with :class:`Parked`; the reader's greenlet then ends and
 :meth:`Connection.call_when_readable` brings a new one when data arrives. A
 blocked greenlet costs about 8 KiB (mostly its own Python frame stack), an idle
-watcher a few hundred bytes.
+watcher a few hundred bytes. A reader brought back by control frames alone (the
+pong to a keepalive) parks again by itself: see :meth:`Connection.resume`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_can_wait_first", "_wait_first", "_idle_watcher", "_closed_event",
-                 "__weakref__")
+                 "_resumed", "_repark", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -66,6 +67,8 @@ class Connection:
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
+        self._resumed = None  # set by resume() until the first frames arrive
+        self._repark = False  # the next read raises Parked at once
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -83,6 +86,9 @@ class Connection:
         """
         if self._error is not None:
             raise self._error
+        if self._repark:
+            self._repark = False
+            raise Parked()
         while True:
             self.reads += 1
             try:
@@ -107,11 +113,20 @@ class Connection:
                 return exc.events
             self.controls = controls = parser.controls
             if events or controls:
+                if self._resumed is not None:
+                    self._first_frames_since_resume(bool(events))
                 # a burst read whole (several frames, a short read) leaves nothing behind it: the
                 # next read waits for data instead of asking at once and being told EAGAIN (a
                 # system call and an exception, about 5% of the proxy's CPU under load)
                 self._wait_first = self._can_wait_first and len(events) > 1 and len(data) < READ_CHUNK
                 return events
+
+    def _first_frames_since_resume(self, data: bool) -> None:
+        on_data, self._resumed = self._resumed, None
+        if data:
+            on_data()
+        elif self._can_wait_first:  # a TLS socket may hold more than readiness reports: no shortcut
+            self._repark = True
 
     def _wait_readable(self) -> None:
         event = self.sock._read_event  # gevent's read watcher; None once closed (recv then says so)
@@ -133,6 +148,15 @@ class Connection:
         """
         if not self.closed and self.can_park:
             get_hub().cancel_wait(self.sock._read_event, Parked())
+
+    def resume(self, on_data) -> None:
+        """A parked reader runs again (call before its first read): if the first frames it reads
+        are control frames only (a keepalive's pong, a ping), its next read raises
+        :class:`Parked` at once, without waiting, so it goes back to an idle watcher
+        without anyone looking for idle readers; if they bring data, ``on_data()`` is
+        called and the reader stays until :meth:`park`."""
+        self._resumed = on_data
+        self._repark = False
 
     def call_when_readable(self, callback) -> None:
         """Call ``callback()`` (in the hub) once data or EOF arrives; for a reader that was parked."""

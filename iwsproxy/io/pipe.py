@@ -313,7 +313,7 @@ class PersistentPipe:
         self._park_at = now + self._park_after if running else None
 
     def _reader_unparked(self) -> None:
-        """A parked reader got data: look again in ``park_after_s``."""
+        """A reader brought back from parking got data: look again in ``park_after_s``."""
         if self._park_after and self._park_at is None:
             self._park_at = monotonic() + self._park_after
             if self._park_at < self._armed:  # the supervisor sleeps past it
@@ -726,8 +726,8 @@ class _Reader:
             self.conn.call_when_readable(self._unpark)
 
     def _unpark(self) -> None:
+        self.conn.resume(self._pipe._reader_unparked)  # a lone pong parks it again by itself
         self._spawn()
-        self._pipe._reader_unparked()
 
     def park(self) -> None:
         """Let go of the greenlet if it is waiting for data (else nothing happens)."""
