@@ -69,7 +69,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import BrokenBarrierError
@@ -232,33 +233,29 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-class pinned:
-    """Context manager: ``groups[i]`` (lists of pids) run on CPU number i of this process's
-    allowed CPUs, each process back on the CPUs it had afterwards; nothing happens (``active``
-    False) when there are fewer allowed CPUs than groups. A process that exits meanwhile is skipped."""
-
-    def __init__(self, *groups: list[int]):
-        self.groups = groups
-        cpus = sorted(os.sched_getaffinity(0))
-        self.active = bool(groups) and len(cpus) >= len(groups)
-        self._cpus = cpus
-        self._saved: dict[int, set[int]] = {}
-
-    def __enter__(self) -> "pinned":
-        if self.active:
-            for cpu, pids in zip(self._cpus, self.groups):
-                for pid in pids:
-                    try:
-                        self._saved[pid] = os.sched_getaffinity(pid)
-                        os.sched_setaffinity(pid, {cpu})
-                    except (ProcessLookupError, PermissionError):
-                        self._saved.pop(pid, None)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for pid, cpus in self._saved.items():
+@contextmanager
+def pinned(*groups: list[int]) -> Iterator[bool]:
+    """Run ``groups[i]`` (lists of pids) on CPU number i of this process's allowed CPUs, and put
+    each process back on the CPUs it had afterwards. Yields whether it did: not when there are
+    fewer allowed CPUs than groups, or no group. A process that exits meanwhile is skipped."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not groups or len(cpus) < len(groups):
+        yield False
+        return
+    saved: dict[int, set[int]] = {}
+    try:
+        for cpu, pids in zip(cpus, groups):
+            for pid in pids:
+                try:
+                    saved[pid] = os.sched_getaffinity(pid)
+                    os.sched_setaffinity(pid, {cpu})
+                except (ProcessLookupError, PermissionError):
+                    saved.pop(pid, None)
+        yield True
+    finally:
+        for pid, allowed in saved.items():
             try:
-                os.sched_setaffinity(pid, cpus)
+                os.sched_setaffinity(pid, allowed)
             except (ProcessLookupError, PermissionError):
                 pass
 
@@ -495,12 +492,12 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
         return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
 
     servers = [pid for backend in path.backend_pids for pid in process_tree(backend)] + path.server_pids()
-    with pinned(loadgen.pids(), servers) if options.pin else pinned() as placement:
+    with pinned(*([loadgen.pids(), servers] if options.pin else [])) as is_pinned:
         progress(f"{path.name}: idle RTT, {options.rtt_count} round trips"
-                 + (", load generator and servers on two CPUs" if placement.active else ""))
+                 + (", load generator and servers on two CPUs" if is_pinned else ""))
         rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
     result.idle_p50_ms, result.idle_p99_ms = rtt_ms(rtt)
-    result.notes["idle_rtt_pinned"] = placement.active
+    result.notes["idle_rtt_pinned"] = is_pinned
 
     if measured and options.idle_pipes:
         progress(f"{path.name}: {options.idle_pipes} idle pipes")

@@ -62,12 +62,14 @@ def test_pinned_puts_each_group_on_its_own_cpu_and_gives_the_cpus_back():
     gone.wait(TIMEOUT_S)
     try:
         a, b, c = (child.pid for child in children)
-        with pinned([a], [b, c, gone.pid]) as placement:
-            assert placement.active
+        with pinned([a], [b, c, gone.pid]) as is_pinned:
+            assert is_pinned
             assert [os.sched_getaffinity(pid) for pid in (a, b, c)] == [{cpus[0]}, {cpus[1]}, {cpus[1]}]
         assert all(os.sched_getaffinity(pid) == set(cpus) for pid in (a, b, c))
-        with pinned(*([a] for _ in range(len(cpus) + 1))) as placement:  # more groups than CPUs: not pinned
-            assert not placement.active and os.sched_getaffinity(a) == set(cpus)
+        with pinned(*([a] for _ in range(len(cpus) + 1))) as is_pinned:  # more groups than CPUs: not pinned
+            assert not is_pinned and os.sched_getaffinity(a) == set(cpus)
+        with pinned() as is_pinned:
+            assert not is_pinned
     finally:
         for child in children:
             child.stdin.close()
