@@ -236,28 +236,41 @@ def cpu_seconds(pids: list[int]) -> float:
 @contextmanager
 def pinned(*groups: list[int]) -> Iterator[bool]:
     """Run ``groups[i]`` (lists of pids) on CPU number i of this process's allowed CPUs, and put
-    each process back on the CPUs it had afterwards. Yields whether it did: not when there are
-    fewer allowed CPUs than groups, or no group. A process that exits meanwhile is skipped."""
+    each process back on the CPUs it had afterwards. Yields whether it did: not with fewer
+    allowed CPUs than groups, no group, or a pid that may not be moved (then nothing is moved).
+    A process that exits meanwhile is skipped."""
     cpus = sorted(os.sched_getaffinity(0))
-    if not groups or len(cpus) < len(groups):
-        yield False
-        return
     saved: dict[int, set[int]] = {}
     try:
-        for cpu, pids in zip(cpus, groups):
-            for pid in pids:
-                try:
-                    saved[pid] = os.sched_getaffinity(pid)
-                    os.sched_setaffinity(pid, {cpu})
-                except (ProcessLookupError, PermissionError):
-                    saved.pop(pid, None)
-        yield True
+        is_pinned = bool(groups) and len(cpus) >= len(groups) and _pin(groups, cpus, saved)
+        if not is_pinned:
+            _unpin(saved)
+        yield is_pinned
     finally:
-        for pid, allowed in saved.items():
+        _unpin(saved)
+
+
+def _pin(groups: tuple[list[int], ...], cpus: list[int], saved: dict[int, set[int]]) -> bool:
+    for cpu, pids in zip(cpus, groups):
+        for pid in pids:
             try:
-                os.sched_setaffinity(pid, allowed)
-            except (ProcessLookupError, PermissionError):
-                pass
+                allowed = os.sched_getaffinity(pid)
+                os.sched_setaffinity(pid, {cpu})
+            except ProcessLookupError:
+                continue  # exited meanwhile
+            except OSError:
+                return False  # not ours to move, or a cpuset that forbids it
+            saved[pid] = allowed
+    return True
+
+
+def _unpin(saved: dict[int, set[int]]) -> None:
+    for pid, allowed in saved.items():
+        try:
+            os.sched_setaffinity(pid, allowed)
+        except OSError:
+            pass  # exited meanwhile
+    saved.clear()
 
 
 def rss_kib(pids: list[int]) -> int:
