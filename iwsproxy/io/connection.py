@@ -19,6 +19,7 @@ pong to a keepalive) parks again by itself: see :meth:`Connection.resume`.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 from gevent import get_hub
 from gevent.event import Event
@@ -67,7 +68,7 @@ class Connection:
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
-        self._resumed = None  # set by resume() until the first frames arrive
+        self._resumed: Callable[[], None] | None = None  # set by resume() until the first frames arrive
         self._repark = False  # the next read raises Parked at once
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -149,7 +150,7 @@ class Connection:
         if not self.closed and self.can_park:
             get_hub().cancel_wait(self.sock._read_event, Parked())
 
-    def resume(self, on_data) -> None:
+    def resume(self, on_data: Callable[[], None]) -> None:
         """A parked reader runs again (call before its first read): if the first frames it reads
         are control frames only (a keepalive's pong, a ping), its next read raises
         :class:`Parked` at once, without waiting, so it goes back to an idle watcher
