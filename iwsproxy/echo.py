@@ -200,6 +200,7 @@ class EchoServer:
         self.work_s = work_ms / 1000.0
         self.connections_total = 0
         self.messages_total = 0
+        self.pings_total = 0
         self._open: set[_Connection] = set()
         self.last_headers: dict[str, str] = {}
         self.last_path = ""
@@ -215,6 +216,7 @@ class EchoServer:
             "connections_total": self.connections_total,
             "connections_open": self.connections_open,
             "messages_total": self.messages_total,
+            "pings_total": self.pings_total,
             "last_headers": dict(self.last_headers),
             "last_path": self.last_path,
         }
@@ -336,6 +338,7 @@ class EchoServer:
                         self.messages_total += 1
                         out.append(encode_frame(opcode, payload))
                     elif opcode == OP_PING:
+                        self.pings_total += 1
                         out.append(encode_frame(OP_PONG, payload))
                     elif opcode == OP_CLOSE:
                         try:

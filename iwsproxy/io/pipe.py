@@ -248,7 +248,7 @@ class PersistentPipe:
         """Handle events and deadlines; True when the session has ended, False when idle for
         ``park_after_s`` (a timer for the next deadline takes over)."""
         session = self.session
-        busy_at = monotonic()
+        busy_at = -_NEVER  # lingering is for events; a deadline alone is handled and left at once
         linger = self._park_after or _NEVER
         while not session.closed:
             now = monotonic()
@@ -258,9 +258,7 @@ class PersistentPipe:
                     self._retry_at = monotonic() + next(self._delays_iter())
             if self._park_at is not None and now >= self._park_at:
                 self._park_idle_readers(now)
-            deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
-                                     self._park_at) if d is not None]
-            deadline = min(deadlines) if deadlines else _NEVER
+            deadline = self._next_deadline()
             self._observe()
             if not self._events and now - busy_at >= linger and deadline > now:
                 self._arm_timer(deadline)
@@ -270,13 +268,20 @@ class PersistentPipe:
             event = self._events.get(None if until == _NEVER else max(0.0, until - monotonic()))
             self._armed = 0.0  # awake: readers need not wake us
             if event is not None:
-                busy_at = monotonic()
+                if event[0] != "reschedule":
+                    busy_at = monotonic()
                 self._handle(event)
             if not session.closed:
                 with self._backend_lock, self._client_lock:  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
         return True
+
+    def _next_deadline(self) -> float:
+        session = self.session
+        deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
+                                 self._park_at) if d is not None]
+        return min(deadlines) if deadlines else _NEVER
 
     def _arm_timer(self, deadline: float) -> None:
         """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
@@ -287,6 +292,16 @@ class PersistentPipe:
 
     def _timer_fired(self) -> None:
         self._post(("reschedule",))  # runs in the hub: only spawns
+
+    def _rearm_timer(self) -> None:
+        """A pong settled the fences a sleeping supervisor's timer was set for (their pong
+        timeout): set it for the next deadline instead, so that it neither fires for nothing nor
+        late (a keepalive shorter than the pong timeout)."""
+        if self._supervisor is None and self._timer is not None and not self._events:
+            deadline = self._next_deadline()
+            if deadline != self._armed:
+                self._cancel_timer()
+                self._arm_timer(deadline)
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -571,6 +586,8 @@ class PersistentPipe:
                     elif op == OP_PONG:
                         if session.client_pong(payload, monotonic()):
                             self.wake()
+                        elif self._timer is not None:
+                            self._rearm_timer()
                     else:  # CLOSE, always the last
                         close = payload
                 if data:  # handed on as it is
@@ -627,6 +644,8 @@ class PersistentPipe:
                     if op == OP_PONG:
                         if session.backend_pong(generation, payload, monotonic()):
                             self.wake()
+                        elif self._timer is not None:
+                            self._rearm_timer()
                     elif op == OP_PING:
                         self._post(("backend_ping", generation, payload))
                     else:

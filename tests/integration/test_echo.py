@@ -267,6 +267,7 @@ def test_stats_counts_connections_and_shows_the_last_upgrade(echo):
         "connections_total": 0,
         "connections_open": 0,
         "messages_total": 0,
+        "pings_total": 0,
         "last_headers": {},
         "last_path": "",
     }
@@ -286,6 +287,10 @@ def test_stats_counts_connections_and_shows_the_last_upgrade(echo):
     assert headers["authorization"] == "Bearer t0k"
     assert headers["cookie"] == "session=s1"
     assert headers["upgrade"] == "websocket"
+    first.ping(b"p")
+    opcode, frame = first.recv_data_frame(True)  # the pong: the ping has been counted
+    assert (opcode, frame.data) == (websocket.ABNF.OPCODE_PONG, b"p")
+    assert echo.stats()["pings_total"] == 1
     second.close()  # returns once the server's CLOSE came back: the count is already lowered
     stats = echo.stats()
     assert (stats["connections_total"], stats["connections_open"]) == (2, 1)

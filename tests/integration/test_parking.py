@@ -41,6 +41,19 @@ def test_idle_pipes_give_up_their_greenlets_and_traffic_brings_them_back(process
     assert stats(a)["messages_total"] == 5 * 4
 
 
+def test_an_idle_pipe_sends_its_keepalives_on_time(processes):
+    """Keepalives every 0.2 s, pong timeout 10 s: each pong must set the sleeping supervisor's
+    timer to the next keepalive, not leave it on the settled ping's pong timeout."""
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0.1", "--keepalive", "0.2", "--pong-timeout", "10")
+    ws = proxy.connect()
+    assert echo(ws, b"hello") == b"hello"
+    start = stats(a)["pings_total"]
+    wait_for(lambda: stats(a)["pings_total"] >= start + 8, timeout=5, what="eight keepalives (one per 0.2 s)")
+    assert echo(ws, b"still here") == b"still here"
+    assert stats(a)["messages_total"] == 2
+
+
 def test_backend_killed_while_parked_fails_over_without_loss(processes):
     a = processes.echo(name="a")
     b = processes.echo(name="b")
