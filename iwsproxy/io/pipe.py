@@ -245,8 +245,9 @@ class PersistentPipe:
             self._supervisor = None
 
     def _work(self) -> bool:
-        """Handle events and deadlines; True when the session has ended, False when idle for
-        ``park_after_s`` (a timer for the next deadline takes over)."""
+        """Handle events and deadlines; True when the session has ended, False when no event
+        came for ``park_after_s`` (a timer for the next deadline takes over; at once when only a
+        timer or a ``reschedule`` woke it)."""
         session = self.session
         busy_at = -_NEVER  # lingering is for events; a deadline alone is handled and left at once
         linger = self._park_after or _NEVER
