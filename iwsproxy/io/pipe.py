@@ -294,15 +294,30 @@ class PersistentPipe:
     def _timer_fired(self) -> None:
         self._post(("reschedule",))  # runs in the hub: only spawns
 
-    def _rearm_timer(self) -> None:
-        """A pong settled the fences a sleeping supervisor's timer was set for (their pong
-        timeout): set it for the next deadline instead, so that it neither fires for nothing nor
-        late (a keepalive shorter than the pong timeout)."""
-        if self._supervisor is None and self._timer is not None and not self._events:
-            deadline = self._next_deadline()
-            if deadline != self._armed:
-                self._cancel_timer()
-                self._arm_timer(deadline)
+    def _timer_fence(self, ledger) -> float | None:
+        """When the sleeping supervisor's timer is set for the pong timeout of ``ledger``'s oldest
+        fence (as after a keepalive), that fence's send time; else None. Cheap: readers ask it
+        for every Pong."""
+        if self._timer is None:
+            return None
+        oldest = ledger.oldest_fence_at()
+        timeout = self.session.pong_timeout_s
+        return oldest if oldest is not None and timeout and oldest + timeout == self._armed else None
+
+    def _settled(self, ledger, armed_for: float | None, keepalive_s: float) -> None:
+        """A Pong came for ``ledger`` while the supervisor sleeps on its timer. If it settled every
+        fence, and the timer was set for the pong timeout of one of them, or the next keepalive
+        (every ``keepalive_s``; 0: none) now falls before it, set the timer for the next deadline:
+        the supervisor then neither wakes for nothing nor sends the keepalive late. Under load the
+        timer is set for something else and this returns at once."""
+        if ledger.oldest_fence_at() is not None or self._supervisor is not None or self._events:
+            return
+        if armed_for is None and not (keepalive_s and ledger.last_fence_at + keepalive_s < self._armed):
+            return
+        deadline = self._next_deadline()
+        if deadline != self._armed:
+            self._cancel_timer()
+            self._arm_timer(deadline)
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -585,10 +600,11 @@ class PersistentPipe:
                     if op == OP_PING:
                         client.pong(payload)
                     elif op == OP_PONG:
+                        armed_for = self._timer_fence(session.to_client)
                         if session.client_pong(payload, monotonic()):
                             self.wake()
                         elif self._timer is not None:
-                            self._rearm_timer()
+                            self._settled(session.to_client, armed_for, 0.0)
                     else:  # CLOSE, always the last
                         close = payload
                 if data:  # handed on as it is
@@ -643,10 +659,11 @@ class PersistentPipe:
                 close = None
                 for op, payload in conn.controls:  # as above
                     if op == OP_PONG:
+                        armed_for = self._timer_fence(session.to_backend)
                         if session.backend_pong(generation, payload, monotonic()):
                             self.wake()
                         elif self._timer is not None:
-                            self._rearm_timer()
+                            self._settled(session.to_backend, armed_for, session.keepalive_s)
                     elif op == OP_PING:
                         self._post(("backend_ping", generation, payload))
                     else:

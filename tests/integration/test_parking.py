@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 import socket
 
+import pytest
+import websocket
+
 from conftest import recv_close, stats, wait_for
 
 
@@ -41,13 +44,18 @@ def test_idle_pipes_give_up_their_greenlets_and_traffic_brings_them_back(process
     assert stats(a)["messages_total"] == 5 * 4
 
 
-def test_an_idle_pipe_sends_its_keepalives_on_time(processes):
-    """Keepalives every 0.2 s, pong timeout 10 s: each pong must set the sleeping supervisor's
-    timer to the next keepalive, not leave it on the settled ping's pong timeout."""
+@pytest.mark.parametrize("client_answers", [True, False], ids=["client-answers-its-fence", "client-silent"])
+def test_an_idle_pipe_sends_its_keepalives_on_time(processes, client_answers):
+    """Keepalives every 0.2 s, pong timeout 10 s: each keepalive's Pong must set the sleeping
+    supervisor's timer to the next keepalive, whether the timer was set for that keepalive's
+    pong timeout or (a client that has not answered the fence sent with its echo) the client's."""
     a = processes.echo(name="a")
     proxy = processes.proxy("--backend", a.url, "--park-after", "0.1", "--keepalive", "0.2", "--pong-timeout", "10")
     ws = proxy.connect()
     assert echo(ws, b"hello") == b"hello"
+    if client_answers:
+        opcode, _ = ws.recv_data_frame(True)  # websocket-client answers the fence with a Pong
+        assert opcode == websocket.ABNF.OPCODE_PING
     start = stats(a)["pings_total"]
     wait_for(lambda: stats(a)["pings_total"] >= start + 8, timeout=5, what="eight keepalives (one per 0.2 s)")
     assert echo(ws, b"still here") == b"still here"
