@@ -3,7 +3,7 @@
 ::
 
     python -m iwsproxy.bench [--quick] [--duration S] [--connections N] [--window W]
-                             [--idle-pipes M] [--no-nginx] [--gunicorn] [--json PATH]
+                             [--idle-pipes M] [--no-nginx] [--gunicorn] [--no-pin] [--json PATH]
 
 Two echo backends (``python -m iwsproxy.echo``) serve every path; each path is
 started just before its scenarios and stopped right after:
