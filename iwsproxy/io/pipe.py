@@ -249,8 +249,10 @@ class PersistentPipe:
         came for ``park_after_s`` (a timer for the next deadline takes over; at once when only a
         timer or a ``reschedule`` woke it)."""
         session = self.session
-        busy_at = -_NEVER  # lingering is for events; a deadline alone is handled and left at once
         linger = self._park_after or _NEVER
+        # lingering is for events: woken by a deadline alone the supervisor does what is due and
+        # hands over to its timer at once (with parking off it never hands over)
+        busy_at = -_NEVER if self._park_after else monotonic()
         while not session.closed:
             now = monotonic()
             if session.needs_backend and self._retry_at is not None and now >= self._retry_at:
@@ -279,6 +281,8 @@ class PersistentPipe:
         return True
 
     def _next_deadline(self) -> float:
+        """When the supervisor must look again: the session's next deadline, a retry, or a look
+        for idle readers."""
         session = self.session
         deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
                                  self._park_at) if d is not None]

@@ -62,6 +62,18 @@ def test_an_idle_pipe_sends_its_keepalives_on_time(processes, client_answers):
     assert stats(a)["messages_total"] == 2
 
 
+def test_park_after_0_keeps_every_greenlet_for_the_pipes_life(processes):
+    a = processes.echo(name="a")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0", "--keepalive", "0")
+    base = greenlets(proxy)
+    clients = [proxy.connect() for _ in range(2)]  # and quiet: no event ever wakes their supervisors
+    # a supervisor, a client reader and a backend reader each (a supervisor that left after its
+    # first turn would leave 4, or 5 while the second pipe's runs)
+    wait_for(lambda: greenlets(proxy) == base + 6, what="three greenlets per pipe")
+    for i, ws in enumerate(clients):
+        assert echo(ws, b"x %d" % i) == b"x %d" % i
+
+
 def test_backend_killed_while_parked_fails_over_without_loss(processes):
     a = processes.echo(name="a")
     b = processes.echo(name="b")
