@@ -2,18 +2,18 @@
 
 ::
 
-    python -m iwsproxy.bench [--quick] [--duration S] [--connections N] [--window W]
+    python -m iwsproxy.bench [--quick] [--duration S] [--rounds R] [--connections N] [--window W]
                              [--idle-pipes M] [--no-nginx] [--gunicorn] [--no-pin] [--json PATH]
 
-Two echo backends (``python -m iwsproxy.echo``) serve every path; each path is
-started just before its scenarios and stopped right after:
+Two echo backends (``python -m iwsproxy.echo``) serve every path, and every path's
+server is started at the beginning and stopped at the end:
 
 ``direct``          the load generator talks to the echo backends (connections round robin)
 ``proxy``           ``python -m iwsproxy serve`` in front of both backends
 ``proxy-gunicorn``  the same app under gunicorn's gevent-websocket worker (``--gunicorn``)
 ``nginx``           nginx with a minimal WebSocket reverse-proxy config (if ``nginx`` is on PATH)
 
-Scenarios, in this order for each path (the idle ones first, on a fresh server):
+Scenarios: first the idle ones, path after path, each on a fresh server:
 
 1. idle RTT: one connection, ``--rtt-count`` round trips of a 32-byte message, one at a time
    (a round trip ends when the bytes of the echo arrive, before the client parses them: a
@@ -28,11 +28,17 @@ Scenarios, in this order for each path (the idle ones first, on a fresh server):
 2. memory per idle pipe: ``--idle-pipes`` connections, each exchanges one message and stays
    open; the server's RSS (VmRSS, summed over its process tree) before, and after the pipes
    have been quiet for ``--idle-settle`` seconds (an idle pipe gives up its greenlets after
-   about three times ``--park-after``), per pipe;
+   about three times ``--park-after``), per pipe.
+
+Then the throughput scenarios, in ``--rounds`` rounds of ``--duration`` / ``--rounds`` seconds
+per path; each round takes the paths in turn, starting one path later than the round before.
+A shared machine's load drifts over a run; taken in turns, every path sees the same drift, and
+the ratios are also given per round (lowest-highest), which shows how noisy the run was:
+
 3. small messages: ``--connections`` connections, 100-byte binary messages, ``--window`` in
-   flight per connection, for ``--duration`` seconds: echoes per second and RTT percentiles;
-   the server's CPU time (user+sys from /proc, its whole process tree) over the phase divided
-   by the round trips it carried (one round trip = one message);
+   flight per connection: echoes per second and RTT percentiles; the server's CPU time
+   (user+sys from /proc, its whole process tree) divided by the round trips it carried (one
+   round trip = one message);
 4. large messages: ``--large-connections`` connections, 1 MiB binary messages one at a time:
    echoed payload bytes per second (MB = 10**6 bytes).
 
@@ -109,7 +115,8 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class Options:
-    duration_s: float = 5.0
+    duration_s: float = 6.0   # per path and throughput scenario, over all rounds
+    rounds: int = 3
     connections: int = 50
     window: int = 16
     large_connections: int = 4
@@ -140,6 +147,8 @@ class PathResult:
     # phase -> who -> CPU use in % of one core: where the time went, so a bottleneck
     # other than the server under test (the generator, the echo backends) shows
     cpu_pct: dict = field(default_factory=dict)
+    # scenario -> its figure in each round (small: msg/s, large: MB/s), in round order
+    rounds: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
 
 
@@ -150,7 +159,10 @@ def parse_args(argv: list[str] | None) -> Options:
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="iwsproxy bench", description=__doc__.split("\n\n")[0].strip("`: "))
     parser.add_argument("--quick", action="store_true", help="smoke run for CI (< 20 s): shorter phases, fewer pipes")
-    parser.add_argument("--duration", type=float, help="seconds per throughput phase (default 5, quick 1.5)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds per path and throughput scenario, split over the rounds (default 6, quick 1.5)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds of the throughput scenarios, the paths in turn in each (default 3, quick 2)")
     parser.add_argument("--connections", type=int, help="connections of the small-message phase (default 50)")
     parser.add_argument("--window", type=int, help="messages in flight per connection (default 16)")
     parser.add_argument("--large-connections", type=int, help="connections of the 1 MiB phase (default 4)")
@@ -168,7 +180,8 @@ def parse_args(argv: list[str] | None) -> Options:
     args = parser.parse_args(argv)
     quick = args.quick
     options = Options(
-        duration_s=args.duration if args.duration is not None else (1.5 if quick else 5.0),
+        duration_s=args.duration if args.duration is not None else (1.5 if quick else 6.0),
+        rounds=args.rounds if args.rounds is not None else (2 if quick else 3),
         connections=args.connections if args.connections is not None else 50,
         window=args.window if args.window is not None else 16,
         large_connections=args.large_connections if args.large_connections is not None else 4,
@@ -182,7 +195,7 @@ def parse_args(argv: list[str] | None) -> Options:
         json_path=args.json_path,
         quick=quick,
     )
-    for name in ("connections", "window", "large_connections", "rtt_count", "workers"):
+    for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if options.duration_s <= 0 or options.idle_pipes < 0 or not 0 <= options.idle_settle_s < BARRIER_TIMEOUT_S / 2:
@@ -481,38 +494,42 @@ class _CpuMeter:
         self.end = self._read()
 
     @property
+    def wall_s(self) -> float:
+        return self.end[0] - self.start[0]
+
+    @property
     def server_cpu_s(self) -> float:
         return self.end[1] - self.start[1]
 
-    def percentages(self, results: list[PhaseResult]) -> dict[str, float | None]:
-        wall = self.end[0] - self.start[0]
-        server = self.server_cpu_s / wall * 100
-        return {
-            "loadgen_busiest": max(r.cpu_s for r in results) / wall * 100,
-            "loadgen_all": sum(r.cpu_s for r in results) / wall * 100,
-            "echo_backends": (self.end[2] - self.start[2]) / wall * 100,
-            "server": None if math.isnan(server) else server,
-        }
+    @property
+    def backends_cpu_s(self) -> float:
+        return self.end[2] - self.start[2]
 
 
-def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> PathResult:
-    """The scenarios on one path: idle RTT, idle pipes (not direct), small messages, 1 MiB messages."""
+@dataclass
+class _Round:
+    """One path's share of one round of a throughput scenario."""
+
+    results: list[PhaseResult]  # one per load generator worker
+    meter: _CpuMeter
+
+
+def _phases(loadgen: LoadGenerator, path: PathUnderTest, kind: str, n: int, **kwargs) -> list[Phase]:
+    return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, loadgen.workers)]
+
+
+def run_idle(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> PathResult:
+    """The idle scenarios on one path: idle RTT, then memory per idle pipe (not direct)."""
     result = PathResult(path.name)
-    workers = loadgen.workers
-    measured = path.server_pid is not None
-
-    def phases(kind: str, n: int, **kwargs) -> list[Phase]:
-        return [Phase(kind, tuple(targets), **kwargs) for targets in _spread(path, n, workers)]
-
     servers = [pid for backend in path.backend_pids for pid in process_tree(backend)] + path.server_pids()
     with pinned(*([loadgen.pids(), servers] if options.pin else [])) as is_pinned:
         progress(f"{path.name}: idle RTT, {options.rtt_count} round trips"
                  + (", load generator and servers on two CPUs" if is_pinned else ""))
-        rtt = loadgen.run(phases("pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
+        rtt = loadgen.run(_phases(loadgen, path, "pingpong", 1, payload_bytes=RTT_BYTES, count=options.rtt_count))
     result.idle_p50_ms, result.idle_p99_ms = rtt_ms(rtt)
     result.notes["idle_rtt_pinned"] = is_pinned
 
-    if measured and options.idle_pipes:
+    if path.server_pid is not None and options.idle_pipes:
         progress(f"{path.name}: {options.idle_pipes} idle pipes")
         rss: dict[str, int] = {"before": rss_kib(path.server_pids())}
 
@@ -520,33 +537,78 @@ def run_path(loadgen: LoadGenerator, path: PathUnderTest, options: Options) -> P
             time.sleep(options.idle_settle_s)  # ok-sleep: "idle" means quiet this long; not a synchronisation
             rss["after"] = rss_kib(path.server_pids())
 
-        loadgen.run(phases("idle", options.idle_pipes, payload_bytes=RTT_BYTES), at_ready=after_quiet)
+        loadgen.run(_phases(loadgen, path, "idle", options.idle_pipes, payload_bytes=RTT_BYTES),
+                    at_ready=after_quiet)
         result.rss_kib_per_pipe = (rss["after"] - rss["before"]) / options.idle_pipes
         result.notes["rss_kib_before"], result.notes["rss_kib_after"] = rss["before"], rss["after"]
-
-    progress(f"{path.name}: {options.connections} connections x {SMALL_BYTES} B, window {options.window}, "
-             f"{options.duration_s:g} s")
-    meter = _CpuMeter(path)
-    small = loadgen.run(phases("window", options.connections, payload_bytes=SMALL_BYTES, window=options.window,
-                               duration_s=options.duration_s),
-                        at_ready=meter.at_ready, at_done=meter.at_done)
-    result.small_msgs_per_s = sum(r.echoes for r in small) / options.duration_s
-    result.small_p50_ms, result.small_p99_ms = rtt_ms(small)
-    result.cpu_pct["small"] = meter.percentages(small)
-    if measured:
-        carried = sum(r.total_echoes for r in small)  # every round trip the server carried, drained ones too
-        result.cpu_us_per_msg = meter.server_cpu_s / carried * 1e6 if carried else None
-        result.notes["server_cpu_s"] = round(meter.server_cpu_s, 3)
-        result.notes["messages_carried"] = carried
-
-    progress(f"{path.name}: {options.large_connections} connections x 1 MiB, {options.duration_s:g} s")
-    meter = _CpuMeter(path)
-    large = loadgen.run(phases("window", options.large_connections, payload_bytes=LARGE_BYTES, window=1,
-                               duration_s=options.duration_s),
-                        at_ready=meter.at_ready, at_done=meter.at_done)
-    result.large_mb_per_s = sum(r.echoed_bytes for r in large) / options.duration_s / 1e6
-    result.cpu_pct["large"] = meter.percentages(large)
     return result
+
+
+def run_round(loadgen: LoadGenerator, path: PathUnderTest, scenario: str, options: Options) -> _Round:
+    """One round of a throughput scenario (``small`` or ``large``) on one path."""
+    seconds = options.duration_s / options.rounds
+    if scenario == "small":
+        n, size, window = options.connections, SMALL_BYTES, options.window
+        progress(f"{path.name}: {n} connections x {size} B, window {window}, {seconds:g} s")
+    else:
+        n, size, window = options.large_connections, LARGE_BYTES, 1
+        progress(f"{path.name}: {n} connections x 1 MiB, {seconds:g} s")
+    meter = _CpuMeter(path)
+    results = loadgen.run(_phases(loadgen, path, "window", n, payload_bytes=size, window=window, duration_s=seconds),
+                          at_ready=meter.at_ready, at_done=meter.at_done)
+    return _Round(results, meter)
+
+
+def add_rounds(result: PathResult, scenario: str, rounds: list[_Round], options: Options) -> None:
+    """Put one path's rounds of a scenario into its row: the mean over the rounds, each round's
+    figure in ``result.rounds``, and where the CPU went (all rounds together)."""
+    seconds = options.duration_s / options.rounds
+    results = [r for rnd in rounds for r in rnd.results]
+    wall = sum(rnd.meter.wall_s for rnd in rounds)
+    server_cpu = sum(rnd.meter.server_cpu_s for rnd in rounds)  # nan for direct
+    per_worker: dict[int, float] = {}
+    for r in results:
+        per_worker[r.worker] = per_worker.get(r.worker, 0.0) + r.cpu_s
+    result.cpu_pct[scenario] = {
+        "loadgen_busiest": max(per_worker.values()) / wall * 100,
+        "loadgen_all": sum(per_worker.values()) / wall * 100,
+        "echo_backends": sum(rnd.meter.backends_cpu_s for rnd in rounds) / wall * 100,
+        "server": None if math.isnan(server_cpu) else server_cpu / wall * 100,
+    }
+    if scenario == "small":
+        per_round = [sum(r.echoes for r in rnd.results) / seconds for rnd in rounds]
+        result.small_msgs_per_s = sum(per_round) / len(per_round)
+        result.small_p50_ms, result.small_p99_ms = rtt_ms(results)
+        if not math.isnan(server_cpu):
+            carried = sum(r.total_echoes for r in results)  # every round trip the server carried, drained ones too
+            result.cpu_us_per_msg = server_cpu / carried * 1e6 if carried else None
+            result.notes["server_cpu_s"] = round(server_cpu, 3)
+            result.notes["messages_carried"] = carried
+    else:
+        per_round = [sum(r.echoed_bytes for r in rnd.results) / seconds / 1e6 for rnd in rounds]
+        result.large_mb_per_s = sum(per_round) / len(per_round)
+    result.rounds[scenario] = per_round
+
+
+def in_turn(paths: list, round_number: int) -> list:
+    """The order of the paths in round ``round_number``: each round starts one path later."""
+    k = round_number % len(paths)
+    return paths[k:] + paths[:k]
+
+
+def run_paths(loadgen: LoadGenerator, paths: list[PathUnderTest], options: Options) -> list[PathResult]:
+    """Every scenario on every path: the idle ones path after path, then the throughput ones in rounds."""
+    results = {path.name: run_idle(loadgen, path, options) for path in paths}
+    for scenario in ("small", "large"):
+        rounds: dict[str, list[_Round]] = {path.name: [] for path in paths}
+        for number in range(options.rounds):
+            if options.rounds > 1:
+                progress(f"{scenario} messages, round {number + 1} of {options.rounds}")
+            for path in in_turn(paths, number):
+                rounds[path.name].append(run_round(loadgen, path, scenario, options))
+        for path in paths:
+            add_rounds(results[path.name], scenario, rounds[path.name], options)
+    return [results[path.name] for path in paths]
 
 
 # ---- servers ----
@@ -723,24 +785,38 @@ def format_table(results: list[PathResult]) -> str:
     return "\n".join([header, rule, *rows])
 
 
+_RATIOS = (("msg/s", "small_msgs_per_s", "small"), ("MB/s", "large_mb_per_s", "large"))
+
+
 def ratios(results: list[PathResult]) -> dict[str, float | None]:
+    """Each proxy against direct and nginx: throughput ratios (of the means over the rounds) and
+    the idle RTT it adds."""
     by = {r.path: r for r in results}
 
-    def ratio(a: str, b: str, key: str) -> float | None:
-        x, y = getattr(by.get(a), key, None), getattr(by.get(b), key, None)
-        return x / y if x is not None and y else None
+    def get(path: str, key: str) -> float | None:
+        return getattr(by.get(path), key, None)
 
-    def minus(a: str, b: str, key: str) -> float | None:
-        x, y = getattr(by.get(a), key, None), getattr(by.get(b), key, None)
-        return x - y if x is not None and y is not None else None
-
-    out = {}
+    out: dict[str, float | None] = {}
     for proxy in [p for p in ("proxy", "proxy-gunicorn") if p in by]:
-        out[f"{proxy}/direct msg/s"] = ratio(proxy, "direct", "small_msgs_per_s")
-        out[f"{proxy}/nginx msg/s"] = ratio(proxy, "nginx", "small_msgs_per_s")
-        out[f"{proxy}/direct MB/s"] = ratio(proxy, "direct", "large_mb_per_s")
-        out[f"{proxy}/nginx MB/s"] = ratio(proxy, "nginx", "large_mb_per_s")
-        out[f"{proxy} idle p50 minus direct ms"] = minus(proxy, "direct", "idle_p50_ms")
+        for other in ("direct", "nginx"):
+            for unit, key, _ in _RATIOS:
+                x, y = get(proxy, key), get(other, key)
+                out[f"{proxy}/{other} {unit}"] = x / y if x is not None and y else None
+        x, y = get(proxy, "idle_p50_ms"), get("direct", "idle_p50_ms")
+        out[f"{proxy} idle p50 minus direct ms"] = x - y if x is not None and y is not None else None
+    return out
+
+
+def round_ratios(results: list[PathResult]) -> dict[str, list[float]]:
+    """The throughput ratios of :func:`ratios` round by round (the paths of a round ran minutes
+    apart at most, so these pairs saw the same machine)."""
+    by = {r.path: r for r in results}
+    out: dict[str, list[float]] = {}
+    for proxy in [p for p in ("proxy", "proxy-gunicorn") if p in by]:
+        for other in [p for p in ("direct", "nginx") if p in by]:
+            for unit, _, scenario in _RATIOS:
+                pairs = zip(by[proxy].rounds.get(scenario, ()), by[other].rounds.get(scenario, ()))
+                out[f"{proxy}/{other} {unit}"] = [x / y for x, y in pairs if y]
     return out
 
 
@@ -760,7 +836,7 @@ def format_cpu(results: list[PathResult]) -> list[str]:
     return lines
 
 
-def format_ratios(values: dict[str, float | None]) -> str:
+def format_ratios(values: dict[str, float | None], per_round: dict[str, list[float]]) -> str:
     lines = []
     for name, value in values.items():
         if value is None:
@@ -770,6 +846,9 @@ def format_ratios(values: dict[str, float | None]) -> str:
             name = name[:-3]
         else:
             text = f"{value:.3f}"
+            rounds = per_round.get(name, [])
+            if len(rounds) > 1:
+                text += f" (rounds {min(rounds):.3f}-{max(rounds):.3f})"
         lines.append(f"- {name}: {text}")
     return "\n".join(lines)
 
@@ -783,7 +862,6 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
     nginx_binary = shutil.which("nginx") if options.nginx else None
     if options.nginx and nginx_binary is None:
         progress("nginx not on PATH: skipping the nginx path")
-    results: list[PathResult] = []
     started: list[ChildProcess] = []
     loadgen = LoadGenerator(options.workers)
     nginx: NginxProcess | None = None
@@ -792,38 +870,31 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
         try:
             loadgen.start()
             backends = start_echo_backends(2, started)
-            ports = [b.port for b in backends]
-            progress(f"echo backends on {', '.join(map(str, ports))}; {options.workers} load generator processes")
-            results.append(run_path(loadgen, _direct_path(backends), options))
-
+            progress(f"echo backends on {', '.join(str(b.port) for b in backends)}; "
+                     f"{options.workers} load generator processes")
+            paths = [_direct_path(backends)]
             proxy = start_proxy(backends, started)
             progress(f"proxy: pid {proxy.proc.pid}, port {proxy.port}")
-            try:
-                results.append(run_path(loadgen, _proxy_path("proxy", proxy, backends), options))
-            finally:
-                proxy.terminate()
-
+            paths.append(_proxy_path("proxy", proxy, backends))
             if options.gunicorn:
                 workdir = Path(tmp) / "gunicorn"
                 workdir.mkdir()
                 guni = start_gunicorn(backends, workdir, started)
                 progress(f"proxy-gunicorn: master pid {guni.proc.pid}, port {guni.port}")
-                try:
-                    path = _proxy_path("proxy-gunicorn", guni, backends)
-                    results.append(run_path(loadgen, path, options))
-                finally:
-                    guni.terminate()
-
+                paths.append(_proxy_path("proxy-gunicorn", guni, backends))
             if nginx_binary is not None:
                 workdir = Path(tmp) / "nginx"
                 workdir.mkdir()
                 connections = 2 * max(options.idle_pipes, options.connections) + 256
-                nginx = NginxProcess(nginx_binary, ports, workdir, connections).start()
+                nginx = NginxProcess(nginx_binary, [b.port for b in backends], workdir, connections).start()
                 progress(f"nginx: master pid {nginx.proc.pid}, port {nginx.port}")
-                try:
-                    results.append(run_path(loadgen, _nginx_path(nginx, backends), options))
-                except BenchError as exc:
+                paths.append(_nginx_path(nginx, backends))
+            try:
+                results = run_paths(loadgen, paths, options)
+            except BenchError as exc:
+                if nginx is not None and nginx.stderr_text().strip():
                     raise BenchError(f"{exc}\nnginx stderr:\n{nginx.stderr_text()}") from None
+                raise
         finally:
             if nginx is not None:
                 nginx.terminate()
@@ -848,14 +919,15 @@ def report(results: list[PathResult], info: dict, options: Options) -> str:
     pinning = (" (load generator and servers pinned to two CPUs)"
                if any(r.notes.get("idle_rtt_pinned") for r in results) else " (not pinned)")
     lines = [
-        f"load: small {o.connections} conns x {SMALL_BYTES} B, window {o.window}, {o.duration_s:g} s; "
-        f"large {o.large_connections} conns x 1 MiB, window 1, {o.duration_s:g} s; "
+        f"load: small {o.connections} conns x {SMALL_BYTES} B, window {o.window}; "
+        f"large {o.large_connections} conns x 1 MiB, window 1; {o.duration_s:g} s each per path, in "
+        f"{o.rounds} round{'s' if o.rounds > 1 else ''} with the paths in turn; "
         f"idle RTT {o.rtt_count} x {RTT_BYTES} B{pinning}; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
         f"{o.workers} load generator processes",
         "",
         format_table(results),
         "",
-        format_ratios(ratios(results)),
+        format_ratios(ratios(results), round_ratios(results)),
         "",
         *format_cpu(results),
         "",
@@ -874,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report(results, info, options), flush=True)
     if options.json_path:
-        data = {**info, "results": [dataclasses.asdict(r) for r in results], "ratios": ratios(results)}
+        data = {**info, "results": [dataclasses.asdict(r) for r in results], "ratios": ratios(results),
+                "round_ratios": round_ratios(results)}
         Path(options.json_path).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 

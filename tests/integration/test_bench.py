@@ -1,5 +1,5 @@
-"""The benchmark runs end to end in its quick mode, gunicorn path included, and prints its table
-(no timing asserts)."""
+"""The benchmark runs end to end in its quick mode, gunicorn path included, in rounds, and prints
+its table (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from iwsproxy.bench import pinned
+from iwsproxy.bench import in_turn, pinned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 60
@@ -44,13 +44,26 @@ def test_quick_bench_prints_the_table(tmp_path):
     assert set(rows) == {"direct", "proxy", "proxy-gunicorn"}, run.stdout
     for path in ("proxy", "proxy-gunicorn"):  # every cell measured, RSS per idle pipe included
         assert len(rows[path]) == 8 and all(_is_number(cell) for cell in rows[path]), rows[path]
-    assert any(line.startswith("- proxy/direct msg/s: ") for line in lines), run.stdout
+    # the throughput ratios come with their range over the rounds (quick: two)
+    assert any(line.startswith("- proxy/direct msg/s: ") and "(rounds " in line for line in lines), run.stdout
     assert any(line.startswith("machine: nproc ") for line in lines), run.stdout
 
     data = json.loads(json_path.read_text())
     assert [r["path"] for r in data["results"]] == ["direct", "proxy", "proxy-gunicorn"]
     two_cpus = len(os.sched_getaffinity(0)) >= 2
     assert [r["notes"]["idle_rtt_pinned"] for r in data["results"]] == [two_cpus] * 3
+    for r in data["results"]:  # every path ran in every round; the row is the mean of its rounds
+        assert [len(r["rounds"][s]) for s in ("small", "large")] == [2, 2], r
+        assert r["small_msgs_per_s"] == pytest.approx(sum(r["rounds"]["small"]) / 2)
+        assert r["large_mb_per_s"] == pytest.approx(sum(r["rounds"]["large"]) / 2)
+    assert len(data["round_ratios"]["proxy-gunicorn/direct msg/s"]) == 2
+
+
+def test_each_round_starts_one_path_later():
+    paths = ["direct", "proxy", "nginx"]
+    assert [in_turn(paths, n) for n in range(4)] == [
+        ["direct", "proxy", "nginx"], ["proxy", "nginx", "direct"], ["nginx", "direct", "proxy"],
+        ["direct", "proxy", "nginx"]]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
