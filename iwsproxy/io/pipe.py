@@ -22,7 +22,10 @@ Every session call that leads to a backend write happens under
 is the order on the wire; ``_client_lock`` does the same for client writes.
 The backend reader never takes the backend lock (a writer blocked on a backend
 that is itself blocked writing to us would deadlock); it only posts events to
-the supervisor's mailbox. The supervisor sleeps until its next deadline or
+the supervisor's mailbox. The supervisor is the only greenlet that takes both
+locks, and it never waits for one longer than ``--pong-timeout``: a write that
+holds it that long is stuck on a peer that stopped reading, and that peer's
+connection is dropped (:meth:`PersistentPipe._holding`). The supervisor sleeps until its next deadline or
 event; a reader whose write starts an earlier deadline (a new pong timeout)
 wakes it.
 
@@ -35,6 +38,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import gevent
@@ -275,7 +280,7 @@ class PersistentPipe:
                     busy_at = monotonic()
                 self._handle(event)
             if not session.closed:
-                with self._backend_lock, self._client_lock:  # poll may write either way
+                with self._holding(client=True, backend=True):  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
         return True
@@ -287,6 +292,41 @@ class PersistentPipe:
         deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
                                  self._park_at) if d is not None]
         return min(deadlines) if deadlines else _NEVER
+
+    @contextmanager
+    def _holding(self, *, client: bool = False, backend: bool = False) -> Iterator[None]:
+        """Hold the write locks of the given sides (the client's first: when both are stuck, a
+        client that stopped reading is the usual cause, as the backend then blocks writing to us).
+
+        A lock that a write has held for ``--pong-timeout`` means that the peer has taken none
+        of our bytes for that long: it stopped reading. Its connection is dropped, which fails
+        the stuck write (the writer reports the loss, as for any failed write) and frees the
+        lock. A client is then treated as gone without a Close (it could not be sent), a backend
+        as lost (failover, its unacknowledged messages replayed). With ``--pong-timeout 0``
+        the wait has no limit."""
+        held = []
+        try:
+            for wanted, lock, side in ((client, self._client_lock, "client"),
+                                       (backend, self._backend_lock, "backend")):
+                if wanted:
+                    self._take(lock, side)
+                    held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+
+    def _take(self, lock: Semaphore, side: str) -> None:
+        timeout = self.session.pong_timeout_s
+        if lock.acquire(timeout=timeout or None):
+            return
+        conn = self.client if side == "client" else self.backend
+        if conn is not None:
+            log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
+                        short_id(self.client_id), side, timeout)
+            self.manager.counters[side + "s_dropped_stuck"] += 1
+            conn.abort()  # the stuck writer fails at once and lets go of the lock
+        lock.acquire()
 
     def _arm_timer(self, deadline: float) -> None:
         """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
@@ -400,7 +440,7 @@ class PersistentPipe:
     def _on_backend_ping(self, generation: int, payload: bytes) -> None:
         if generation == self.session.generation and self.backend is not None:
             try:
-                with self._backend_lock:
+                with self._holding(backend=True):
                     self.backend.pong(payload)
             except ConnectionLost as exc:
                 self._lose_backend(generation, f"write failed: {exc}")
@@ -411,14 +451,14 @@ class PersistentPipe:
             return  # an earlier connection of this client (taken over): already let go
         if code in _DETACHES and session.resume_grace_s:
             self._let_go(client)
-            with self._client_lock:
+            with self._holding(client=True):
                 session.client_detached(monotonic())
             log.info("pipe %s: client detached (%s %s); holding the session for %g s",
                      short_id(self.client_id), code, reason, session.resume_grace_s)
             self.manager.record_resume_event("detached")
             return
         log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
-        with self._backend_lock:
+        with self._holding(backend=True):
             self._perform(session.client_closed())
 
     def _on_attach(self, client: Connection) -> None:
@@ -429,23 +469,28 @@ class PersistentPipe:
         old = self.client
         if old is not None:
             log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
+            if self._client_lock.locked():
+                # a write to the old connection waits for it to read (a non-blocking write never lets
+                # the supervisor run): no Close could get through; what it did not acknowledge goes
+                # to the new connection
+                old.abort()
             self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
             self.manager.record_resume_event("takeover")
         else:
             log.info("pipe %s: client resumed", short_id(self.client_id))
             self.manager.record_resume_event("resumed")
-        with self._client_lock:
+        with self._holding(client=True):
             self._use_client(client)
             self._perform(session.client_attached_again(monotonic()))
 
     def _on_drain(self, url: str) -> None:
         if self.backend_url == url and self.session.state is State.CONNECTED:
             log.info("pipe %s: draining backend %s", short_id(self.client_id), url)
-            with self._backend_lock:
+            with self._holding(backend=True):
                 self._perform(self.session.drain(monotonic()))
 
     def _on_stop(self, code: int, reason: str) -> None:
-        with self._backend_lock:
+        with self._holding(client=True, backend=True):  # closes both
             self._perform(self.session.close(code, reason))
 
     def _on_reschedule(self) -> None:
@@ -534,6 +579,10 @@ class PersistentPipe:
         with self._backend_lock:
             self.backend = conn
             generation, actions = session.backend_connected(monotonic())
+            if self._running:
+                # reading before the flush: a backend that answers what it reads (an echo) would
+                # otherwise stop reading a flush larger than the sockets hold, and the flush would wait for it
+                self._spawn_backend_reader(conn, generation)
             self._perform(actions)
         report = session.last_failover
         if report is not None and session.failovers == self.reconnects and not was_first:
@@ -542,8 +591,6 @@ class PersistentPipe:
                      report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
             self.last_move_ms = round(report.duration_s * 1000, 1)
             manager.record_failover(report)
-        if self._running and self.backend is conn:
-            self._spawn_backend_reader(conn, generation)
 
     def _spawn_backend_reader(self, conn: BackendConnection, generation: int) -> None:
         self._backend_reader = _Reader(self, conn, self._read_backend, generation)

@@ -1,0 +1,131 @@
+"""A peer that stops reading: its connection is dropped after --pong-timeout without progress,
+and the pipe goes on (failover for a backend; detach or end for a client), never frozen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import uuid
+
+from conftest import wait_for
+from rawws import frame
+
+from iwsproxy.frames import OP_BINARY
+
+CHUNK = 256 * 1024
+COUNT = 64   # 16 MiB: far more than the socket buffers of a peer that does not read
+
+
+def _payload(i: int) -> bytes:
+    return i.to_bytes(4, "big") * (CHUNK // 4)
+
+
+def _status(proxy) -> dict:
+    return proxy.admin("GET", path="/admin/status")[1]
+
+
+def test_a_frozen_backend_is_failed_over_with_nothing_lost(processes):
+    frozen = processes.echo(name="frozen")
+    good = processes.echo(name="good")
+    proxy = processes.proxy("--backend", frozen.url, "--pong-timeout", "1", "--buffer-limit", "64MiB")
+    ws = proxy.connect(timeout=30)
+    ws.send_binary(b"warm-up")
+    assert ws.recv() == b"warm-up"
+    proxy.admin("POST", {"url": good.url})
+    os.kill(frozen.proc.pid, signal.SIGSTOP)  # alive, connected, reading nothing
+    try:
+        sent = threading.Event()
+
+        def send_all():
+            for i in range(COUNT):
+                ws.send_binary(_payload(i))
+            sent.set()
+
+        threading.Thread(target=send_all, daemon=True).start()
+        # the proxy's writes to the frozen backend block; after --pong-timeout without progress it
+        # drops that connection, and everything unacknowledged goes to the good backend, in order
+        echoes = [ws.recv() for _ in range(COUNT)]
+        assert sent.wait(10)
+        assert [e[:4] for e in echoes] == [i.to_bytes(4, "big") for i in range(COUNT)]
+        assert echoes == [_payload(i) for i in range(COUNT)]
+        pipe = proxy.pipes()[0]
+        assert (pipe["backend"], pipe["failovers"]) == (good.url, 1)
+        assert _status(proxy)["counters"].get("backends_dropped_stuck") == 1
+        ws.close()
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+
+
+def _stuck_client(port: int, client_id: str) -> socket.socket:
+    """A WebSocket client that never reads, with a small receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall((f"GET /{client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # only the response head: the frames after it stay unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _flood(sock: socket.socket) -> threading.Thread:
+    """Send COUNT messages from a thread (its writes block once the proxy stops reading them)."""
+    def run():
+        try:
+            for i in range(COUNT):
+                sock.sendall(frame(OP_BINARY, _payload(i)))
+        except OSError:
+            pass  # the proxy dropped the connection
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_proxy_serves_on(processes):
+    echo = processes.echo()
+    proxy = processes.proxy("--backend", echo.url, "--pong-timeout", "1", "--resume-grace", "0",
+                            "--buffer-limit", "64MiB")
+    other = proxy.connect()
+    stuck = _stuck_client(proxy.port, str(uuid.uuid4()))
+    try:
+        flood = _flood(stuck)
+        # the echoes fill the stuck client's buffers; the pipe's writes to it block, and after
+        # --pong-timeout without progress the proxy drops it: the session ends (resume is off)
+        wait_for(lambda: _status(proxy)["counters"].get("clients_dropped_stuck") == 1, timeout=30,
+                 what="the stuck client to be dropped")
+        wait_for(lambda: len(proxy.pipes()) == 1, timeout=10, what="the stuck client's pipe to end")
+        flood.join(10)
+        assert not flood.is_alive()
+        for i in range(20):  # everyone else was served throughout
+            other.send(f"m{i}")
+            assert other.recv() == f"m{i}"
+        other.close()
+    finally:
+        stuck.close()
+
+
+def test_a_stuck_connection_is_taken_over_and_the_new_one_gets_everything(processes):
+    echo = processes.echo()
+    proxy = processes.proxy("--backend", echo.url, "--pong-timeout", "30", "--buffer-limit", "64MiB")
+    client_id = str(uuid.uuid4())
+    stuck = _stuck_client(proxy.port, client_id)
+    try:
+        flood = _flood(stuck)
+        # wait until the echoes have filled the stuck connection (its pipe holds them unacknowledged)
+        wait_for(lambda: proxy.pipes()[0]["buffered_to_client_bytes"] > 8 * CHUNK, timeout=30,
+                 what="echoes to pile up towards the stuck connection")
+        flood.join(30)
+        assert not flood.is_alive()
+        # a new connection with the same id takes the session over long before --pong-timeout
+        fresh = proxy.connect(client_id, timeout=30)
+        echoes = [fresh.recv() for _ in range(COUNT)]
+        assert [e[:4] for e in echoes] == [i.to_bytes(4, "big") for i in range(COUNT)]
+        assert _status(proxy)["counters"].get("clients_dropped_stuck") is None
+        fresh.close()
+    finally:
+        stuck.close()
