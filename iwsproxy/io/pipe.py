@@ -116,7 +116,8 @@ class PersistentPipe:
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
         self._delays = None
         self._first_connect = True
-        self._lost_from: str | None = None
+        self._lost_from: str | None = None    # the backend last lost (for the failover's log line)
+        self._avoid: str | None = None        # ... which the next connect round leaves out
         self._lost_cause = ""
         self._seen_state: str | None = None    # last state and buffer size reported to metrics
         self._seen_buffered = 0
@@ -177,8 +178,15 @@ class PersistentPipe:
         """Give the pipe a new client connection (resume or takeover); the pipe owns it from here."""
         if self._stopped.is_set():
             client.abort()
-        else:
-            self._post(("attach", client))
+            return
+        old = self.client
+        if old is not None and self._client_lock.locked():
+            # whoever holds the lock waits (greenlets switch only while waiting), most likely on a
+            # write to the old connection that it does not read: no Close could get through, and the
+            # supervisor may itself be waiting for the lock. The old connection is dropped now; what
+            # it did not acknowledge goes to the new one.
+            old.abort()
+        self._post(("attach", client))
 
     @property
     def client_attached(self) -> bool:
@@ -396,12 +404,15 @@ class PersistentPipe:
 
     def _observe(self, final: bool = False) -> None:
         """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
-        metrics = self.manager.metrics
-        state = None if final else self.session.state.value
+        metrics, session = self.manager.metrics, self.session
+        if final:
+            state = None
+        else:  # a detached pipe keeps its backend state, but is counted as detached
+            state = "detached" if not session.client_attached and not session.closed else session.state.value
         if state != self._seen_state:
             metrics.pipe_state(self._seen_state, state)
             self._seen_state = state
-        buffered = 0 if final else self.session.buffer.total_bytes
+        buffered = 0 if final else session.buffer.total_bytes
         if buffered != self._seen_buffered:
             metrics.buffered_bytes(buffered - self._seen_buffered)
             self._seen_buffered = buffered
@@ -432,13 +443,15 @@ class PersistentPipe:
         elif code in _ENDS_SESSION:
             log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
                      self.backend_url, code, reason)
+            self.backend.send_close(code, reason)  # complete its close handshake (echo the code)
             self._release_backend(failed=False)
             self._perform(session.backend_ended_session(code, reason))
         else:
             self._lose_backend(generation, f"backend closed with {code} {reason}".rstrip())
 
     def _on_backend_ping(self, generation: int, payload: bytes) -> None:
-        if generation == self.session.generation and self.backend is not None:
+        # after our Close (a drain) a ping needs no answer: the backend's Close reply is what we wait for
+        if generation == self.session.generation and self.backend is not None and not self.backend.close_sent:
             try:
                 with self._holding(backend=True):
                     self.backend.pong(payload)
@@ -469,11 +482,6 @@ class PersistentPipe:
         old = self.client
         if old is not None:
             log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
-            if self._client_lock.locked():
-                # a write to the old connection waits for it to read (a non-blocking write never lets
-                # the supervisor run): no Close could get through; what it did not acknowledge goes
-                # to the new connection
-                old.abort()
             self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
             self.manager.record_resume_event("takeover")
         else:
@@ -503,6 +511,7 @@ class PersistentPipe:
     def _retry_now(self, lost_from: str | None, cause: str) -> None:
         """The backend is gone: look for the next one at once, with a fresh backoff."""
         self._lost_from, self._lost_cause = lost_from, cause
+        self._avoid = lost_from
         self._delays = None
         self._retry_at = monotonic()
 
@@ -520,15 +529,20 @@ class PersistentPipe:
         self._retry_now(url, cause)
 
     def _release_backend(self, *, failed: bool, cause: str = "") -> None:
+        """Stop using the backend connection: close its socket and give its slot back to the pool."""
         conn, self.backend = self.backend, None
         if conn is None:
             return
+        conn.abort()
         self.manager.release_backend(conn.url, failed=failed, cause=cause)
 
     def _connect_round(self, now: float) -> list:
         """Try each usable backend once; returns [(url, error)] for those that failed."""
         manager, session = self.manager, self.session
-        exclude = {self._lost_from} if self._lost_from and manager.pool_size() > 1 else set()
+        # the backend just lost is not tried in the first round after the loss (if there is another);
+        # later rounds try every backend, or a pipe could never go back to it while the others are down
+        avoid, self._avoid = self._avoid, None
+        exclude = {avoid} if avoid and manager.pool_size() > 1 else set()
         tried: list = []
         while session.needs_backend and not session.closed:
             url = manager.acquire_backend(exclude)
@@ -617,8 +631,6 @@ class PersistentPipe:
                 log.warning("pipe %s: abandoning backend %s: %s", short_id(self.client_id), self.backend_url,
                             action.reason)
                 url = self.backend_url
-                if self.backend is not None:
-                    self.backend.abort()
                 self._release_backend(failed=True, cause=action.reason)
                 self._retry_now(url, action.reason)
 
@@ -761,10 +773,11 @@ class PersistentPipe:
         self._release_backend(failed=False)
         self.manager.stop_waiting(self)
         session = self.session
-        if not session.client_attached:  # ended while detached: the grace ran out, or the buffer filled up
+        if not session.client_attached and session.end_cause in ("grace_expired", "overflow"):
+            # the client never came back: the grace ran out, or its buffer filled up meanwhile
             reason = session.close_reason.reason if session.close_reason else session.end_cause
             log.warning("pipe %s: session ended while detached: %s", short_id(self.client_id), reason)
-            self.manager.record_resume_event("overflow" if session.end_cause == "overflow" else "expired")
+            self.manager.record_resume_event("expired" if session.end_cause == "grace_expired" else "overflow")
         self._cancel_timer()
         self._stopped.set()
         for event in self._events.take_all():  # connections handed over too late

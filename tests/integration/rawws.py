@@ -1,11 +1,14 @@
-"""A raw-socket WebSocket client for hostile-input tests: it sends exactly the bytes it is told to."""
+"""Raw-socket WebSocket peers for tests: a client that sends exactly the bytes it is told to, and
+backends that do exactly what a test makes them do."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import struct
+import threading
 import uuid
 
 from iwsproxy.frames import OP_CLOSE, FrameParser, apply_mask
@@ -89,4 +92,41 @@ class RawClient:
             return True
 
     def close(self) -> None:
+        self.sock.close()
+
+
+class FakeBackend:
+    """A listening socket on 127.0.0.1 that serves each connection with ``_serve`` (in a thread)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            self._serve(conn)
+
+    def _serve(self, conn):
+        """Accept TCP and never answer: a backend stuck before its handshake."""
+
+    def _handshake(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+    def close(self):
         self.sock.close()

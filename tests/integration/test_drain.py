@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 
 from conftest import stats, wait_for
+from rawws import FakeBackend, frame
 from streams import StreamingClient
+
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameParser
 
 
 def test_drain_moves_every_pipe_without_loss_or_duplicates(processes):
@@ -39,3 +42,47 @@ def test_drain_moves_every_pipe_without_loss_or_duplicates(processes):
     assert stats(a)["connections_total"] == 5
     for c in clients:
         c.close()
+
+
+class PingOnCloseBackend(FakeBackend):
+    """Echoes data; answers the proxy's Close with a Ping first, then its Close reply."""
+
+    def _serve(self, conn):
+        self._handshake(conn)
+        conn.settimeout(10)
+        parser = FrameParser(expect_masked=True)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for op, payload in parser.feed(data):
+                    if op in (OP_TEXT, OP_BINARY):
+                        conn.sendall(frame(op, payload, mask=False))
+                    elif op == OP_CLOSE:
+                        conn.sendall(frame(OP_PING, b"still there?", mask=False))
+                        conn.sendall(frame(OP_CLOSE, payload[:2], mask=False))
+        except OSError:
+            pass
+
+
+def test_a_ping_from_a_draining_backend_does_not_turn_the_drain_into_a_failover(processes):
+    pinging = PingOnCloseBackend()
+    try:
+        b = processes.echo(name="b")
+        proxy = processes.proxy("--backend", pinging.url)
+        ws = proxy.connect()
+        for i in range(5):
+            ws.send(f"m{i}")
+            assert ws.recv() == f"m{i}"
+        proxy.admin("POST", {"url": b.url})
+        assert proxy.admin("DELETE", {"url": pinging.url, "drain": True, "window_s": 0.1})[0] == 202
+        wait_for(lambda: proxy.pipes()[0]["backend"] == b.url, what="the pipe to move")
+        # the Close reply proved all five read: a clean move replays nothing (a failover would
+        # replay the five unacknowledged messages, and the client would get their echoes again)
+        assert proxy.pipes()[0]["replayed"] == 0
+        ws.send("after")
+        assert ws.recv() == "after"
+        assert stats(b)["messages_total"] == 1
+    finally:
+        pinging.close()

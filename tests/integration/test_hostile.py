@@ -3,8 +3,6 @@ well-behaved session through the same proxy loses nothing meanwhile."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import socket
 import threading
 import urllib.request
@@ -16,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recv_close, wait_for
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
-from rawws import RawClient, frame
+from rawws import FakeBackend, RawClient, frame
 from streams import StreamingClient
 
 
@@ -255,43 +253,6 @@ def test_admin_failures_are_rate_limited_and_urls_checked_against_the_allowlist(
     assert other.admin("POST", {"url": "ws://127.0.0.1:10/x"})[0] == 403
     assert other.admin("POST", {"url": "ws://127.0.0.1:9/x"})[0] == 201
     assert other.admin("POST", {"url": "ws://10.1.2.3:9000/"})[0] == 201
-
-
-class FakeBackend:
-    """A listening socket on 127.0.0.1 that serves each connection with ``_serve`` (in a thread)."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            self._serve(conn)
-
-    def _serve(self, conn):
-        """Accept TCP and never answer: a backend stuck before its handshake."""
-
-    def _handshake(self, conn):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += conn.recv(4096)
-        key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
-                   if line.lower().startswith(b"sec-websocket-key"))
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-
-    def close(self):
-        self.sock.close()
 
 
 SilentBackend = FakeBackend

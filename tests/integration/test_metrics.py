@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -149,6 +150,38 @@ def connect_retrying_503(server, attempts: int = 200) -> websocket.WebSocket:
 def every_scrape(server, times: int, check) -> bool:
     """Each scrape may be answered by either worker; in multiprocess mode each reports the sum."""
     return all(check(scrape(server)) for _ in range(times))
+
+
+def test_a_detached_pipe_is_counted_as_detached_until_it_resumes_or_expires(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--resume-grace", "30")
+    ws = proxy.connect()
+    assert exchange(ws, ["hello"]) == 1
+    ws.sock.shutdown(socket.SHUT_RDWR)  # the client's network drops: no Close
+    ws.sock.close()
+    m = scrape_until(proxy, lambda r: get(r, "iwsproxy_pipes_by_state", state="detached") == 1, "a detached pipe")
+    assert get(m, "iwsproxy_pipes_by_state", state="connected") == 0
+    back = proxy.connect(ws.client_id)
+    assert exchange(back, ["again"]) in (1, 2)  # 2: "hello" again, its fence was unanswered at the drop
+    m = scrape_until(proxy, lambda r: get(r, "iwsproxy_pipes_by_state", state="connected") == 1, "the pipe back")
+    assert get(m, "iwsproxy_pipes_by_state", state="detached") == 0
+    assert get(m, "iwsproxy_client_resume_events_total", event="detached") == 1
+    assert get(m, "iwsproxy_client_resume_events_total", event="resumed") == 1
+    back.close()
+    m = scrape_until(proxy, lambda r: get(r, "iwsproxy_pipes_active") == 0, "the pipe to end")
+    assert get(m, "iwsproxy_client_resume_events_total", event="expired") == 0
+
+
+def test_a_detached_session_ended_by_something_else_than_its_grace_is_not_counted_as_expired(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--resume-grace", "30", "--idle-timeout", "1")
+    ws = proxy.connect()
+    assert exchange(ws, ["hello"]) == 1
+    ws.sock.shutdown(socket.SHUT_RDWR)
+    ws.sock.close()
+    m = scrape_until(proxy, lambda r: get(r, "iwsproxy_pipes_active") == 0, "the idle timeout to end the session")
+    assert get(m, "iwsproxy_client_resume_events_total", event="detached") == 1
+    assert get(m, "iwsproxy_client_resume_events_total", event="expired") == 0
 
 
 def test_gunicorn_workers_report_the_sum(processes, tmp_path):

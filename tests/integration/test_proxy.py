@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import urllib.error
 import urllib.request
@@ -12,6 +13,10 @@ import pytest
 import websocket
 
 from conftest import recv_close, stats, wait_for
+from rawws import FakeBackend, frame
+
+from iwsproxy.echo import EchoProcess
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser
 
 
 def free_port() -> int:
@@ -326,3 +331,61 @@ def test_reconnect_deadline_closes_with_1013(processes):
     a.kill()
     assert recv_close(ws) == (1013, "no backend within 0.5 s")
     wait_for(lambda: proxy.pipes() == [], what="the pipe to end")
+
+
+class EndingBackend(FakeBackend):
+    """Ends the session with Close 1000 at the first message, then reports what the proxy sent
+    back: its Close reply, then the end of the connection."""
+
+    def __init__(self):
+        self.seen: queue.Queue = queue.Queue()
+        super().__init__()
+
+    def _serve(self, conn):
+        self._handshake(conn)
+        conn.settimeout(10)
+        parser = FrameParser(expect_masked=True)
+        try:
+            while not any(op in (OP_TEXT, OP_BINARY) for op, _ in parser.feed(conn.recv(65536))):
+                pass
+            conn.sendall(frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye", mask=False))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    self.seen.put("eof")
+                    return
+                for op, payload in parser.feed(data):
+                    if op == OP_CLOSE:
+                        self.seen.put(("close", int.from_bytes(payload[:2], "big")))
+        except OSError as exc:
+            self.seen.put(repr(exc))
+
+
+def test_backend_ending_the_session_gets_its_close_reply_and_its_socket_closed(processes):
+    ending = EndingBackend()
+    try:
+        proxy = processes.proxy("--backend", ending.url)
+        ws = proxy.connect()
+        ws.send("the last message")
+        assert recv_close(ws) == (1000, "bye")  # the application's code and reason
+        assert ending.seen.get(timeout=10) == ("close", 1000)  # the handshake completed
+        assert ending.seen.get(timeout=10) == "eof"  # and the proxy let go of the connection
+        wait_for(lambda: proxy.pipes() == [], what="the pipe to end")
+        assert proxy.backends()[ending.url]["clients"] == 0
+    finally:
+        ending.close()
+
+
+def test_a_pipe_goes_back_to_the_backend_it_lost_when_no_other_is_up(processes):
+    port = free_port()
+    a = processes.add(EchoProcess("--port", str(port), name="a"))
+    down = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    proxy = processes.proxy("--backend", a.url, "--backend", down)
+    ws = proxy.connect()
+    assert roundtrip(ws, "before")[1] == b"before"
+    a.kill()
+    # the first round after the loss tries the other backend only; the rounds after it try both
+    processes.add(EchoProcess("--port", str(port), name="a again"))
+    ws.send("after")
+    assert ws.recv() == "after"
+    assert proxy.pipes()[0]["backend"] == a.url
