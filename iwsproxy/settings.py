@@ -58,6 +58,13 @@ def _parse_seconds(value: Any) -> float:
     return seconds
 
 
+def _parse_positive_seconds(value: Any) -> float:
+    seconds = _parse_seconds(value)
+    if not seconds:
+        raise ValueError("must be a number of seconds > 0")
+    return seconds
+
+
 def _parse_positive_int(value: Any) -> int:
     number = int(value)
     if number < 1:
@@ -136,7 +143,9 @@ class Settings:
                                           "largest message accepted from either side (larger: close 1009)",
                                           "--max-message-size")
     pong_timeout_s: float = setting(10.0, "IWSPROXY_PONG_TIMEOUT", _parse_seconds,
-                                    "a backend that does not answer a ping within this time is treated as failed",
+                                    "a backend that does not answer a ping within this time is treated as failed, "
+                                    "and a peer that takes none of our writes for this long is dropped "
+                                    "(0 = no limit)",
                                     "--pong-timeout")
     keepalive_s: float = setting(20.0, "IWSPROXY_KEEPALIVE", _parse_seconds,
                                  "ping an idle backend this often, so a dead one is noticed (0 = never)",
@@ -176,7 +185,8 @@ class Settings:
                                       "client's (per-IP limit, admin throttling, X-Forwarded-For to backends); "
                                       "0 = the peer address is the client's", "--trusted-proxy-hops")
     handshake_timeout_s: float = setting(10.0, "IWSPROXY_HANDSHAKE_TIMEOUT", _parse_seconds,
-                                         "time allowed for a request line and headers (slower: dropped)",
+                                         "time allowed for a request line and headers (slower: dropped; "
+                                         "0 = no limit)",
                                          "--handshake-timeout")
     idle_timeout_s: float = setting(0.0, "IWSPROXY_IDLE_TIMEOUT", _parse_seconds,
                                     "close a pipe with 1001 after this many seconds without a data message "
@@ -214,9 +224,9 @@ class Settings:
     eject_base_s: float = setting(1.0, "IWSPROXY_EJECT_BASE", _parse_seconds,
                                   "first ejection time; doubles with each ejection", "--eject-base")
     eject_max_s: float = setting(60.0, "IWSPROXY_EJECT_MAX", _parse_seconds, "longest ejection time", "--eject-max")
-    connect_timeout_s: float = setting(5.0, "IWSPROXY_CONNECT_TIMEOUT", _parse_seconds,
+    connect_timeout_s: float = setting(5.0, "IWSPROXY_CONNECT_TIMEOUT", _parse_positive_seconds,
                                        "TCP + TLS + WebSocket handshake timeout for one backend", "--connect-timeout")
-    backoff_initial_s: float = setting(0.05, "IWSPROXY_BACKOFF_INITIAL", _parse_seconds,
+    backoff_initial_s: float = setting(0.05, "IWSPROXY_BACKOFF_INITIAL", _parse_positive_seconds,
                                        "first wait between rounds of reconnect attempts")
     backoff_max_s: float = setting(5.0, "IWSPROXY_BACKOFF_MAX", _parse_seconds,
                                    "longest wait between rounds of reconnect attempts")
@@ -253,6 +263,9 @@ class Settings:
             raise ConfigError("IWSPROXY_BIND", self.bind, "settings", "expected HOST:PORT")
         if self.eject_max_s < self.eject_base_s:
             raise ConfigError("IWSPROXY_EJECT_MAX", self.eject_max_s, "settings", "must be >= IWSPROXY_EJECT_BASE")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError("IWSPROXY_BACKOFF_MAX", self.backoff_max_s, "settings",
+                              "must be >= IWSPROXY_BACKOFF_INITIAL")
 
     def replace(self, **changes: Any) -> "Settings":
         return Settings.load(**{**dataclasses.asdict(self), **changes})

@@ -1,0 +1,68 @@
+"""Settings: sizes, layers, and a clear ConfigError for every value that would break the proxy later."""
+
+from __future__ import annotations
+
+import pytest
+
+from iwsproxy.exceptions import ConfigError
+from iwsproxy.settings import Settings, parse_size
+
+
+@pytest.mark.parametrize("text, size", [
+    ("65536", 65536), (123, 123), ("64KiB", 65536), ("5MiB", 5 * 1024 * 1024), ("10kB", 10_000),
+    ("1.5 MiB", 1572864), ("2g", 2_000_000_000), ("0", 0),
+])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5 MiBs", "-1", "1e3", True])
+def test_sizes_that_are_not(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_layers_defaults_config_environment_command_line_arguments():
+    assert Settings.load().buffer_limit_bytes == 5 * 1024 * 1024
+    config = {"IWSPROXY_BUFFER_LIMIT": "1MiB", "IWSPROXY_KEEPALIVE": "7"}
+    env = {"IWSPROXY_BUFFER_LIMIT": "2MiB", "IWSPROXY_POOL_POLICY": "exclusive"}
+    settings = Settings.load(config=config, env=env, cli={"buffer_limit_bytes": "3MiB"})
+    assert (settings.buffer_limit_bytes, settings.keepalive_s, settings.pool_policy) == (3 * 1024**2, 7.0, "exclusive")
+    assert Settings.load(env=env, buffer_limit_bytes=4096).buffer_limit_bytes == 4096
+    assert settings.replace(keepalive_s=0).keepalive_s == 0.0
+
+
+def test_an_invalid_value_names_its_key_value_and_source():
+    with pytest.raises(ConfigError) as error:
+        Settings.load(config={"IWSPROXY_KEEPALIVE": "soon"})
+    assert "IWSPROXY_KEEPALIVE" in str(error.value) and "soon" in str(error.value)
+    assert "Flask config" in str(error.value)
+    with pytest.raises(ConfigError, match="environment"):
+        Settings.load(env={"IWSPROXY_POOL_POLICY": "random"})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings.load(buffer_limit=1)
+
+
+@pytest.mark.parametrize("name", ["IWSPROXY_CONNECT_TIMEOUT", "IWSPROXY_BACKOFF_INITIAL"])
+def test_a_timeout_that_would_fail_every_connection_is_refused(name):
+    with pytest.raises(ConfigError, match=name):
+        Settings.load(env={name: "0"})
+
+
+@pytest.mark.parametrize("env", [
+    {"IWSPROXY_BACKOFF_INITIAL": "2", "IWSPROXY_BACKOFF_MAX": "1"},
+    {"IWSPROXY_EJECT_BASE": "10", "IWSPROXY_EJECT_MAX": "5"},
+    {"IWSPROXY_BIND": "8080"},
+    {"IWSPROXY_KEEPALIVE": "-1"},
+    {"IWSPROXY_MAX_PIPES": "0"},
+])
+def test_inconsistent_or_out_of_range_values_are_refused(env):
+    with pytest.raises(ConfigError):
+        Settings.load(env=env)
+
+
+def test_zero_turns_off_what_its_help_says_it_turns_off():
+    settings = Settings.load(env={"IWSPROXY_KEEPALIVE": "0", "IWSPROXY_RESUME_GRACE": "0", "IWSPROXY_PARK_AFTER": "0",
+                                  "IWSPROXY_HANDSHAKE_TIMEOUT": "0", "IWSPROXY_PONG_TIMEOUT": "0"})
+    assert (settings.keepalive_s, settings.resume_grace_s, settings.park_after_s) == (0.0, 0.0, 0.0)
+    assert (settings.handshake_timeout_s, settings.pong_timeout_s) == (0.0, 0.0)
