@@ -18,7 +18,9 @@ and every change records its cause in ``last_change``:
   Several pipes may probe at once; the first result decides.
 * **admin**: ``READY``, or ``DRAINING``: takes no new pipes, and is removed when its
   last client is released. ``remove()`` instead drops a backend at once; pipes
-  already on it keep their connection, and their later calls about it are no-ops.
+  already on it keep their connection, and their later calls about it are no-ops
+  (a URL added again is a new backend, with its own count of clients: a pipe
+  releases the :class:`Backend` that :meth:`BackendPool.acquire` gave it).
 
 Selection (``acquire``). Among the *usable* backends (admin ``READY``, and ``UP`` or
 with an expired ejection) not in ``exclude``:
@@ -185,6 +187,9 @@ class BackendPool:
     def __len__(self) -> int:
         return len(self._backends)
 
+    def get(self, url: str) -> Backend | None:
+        return self._backends.get(url)
+
     def urls(self) -> list[str]:
         """All URLs, draining ones included, in insertion order."""
         return list(self._backends)
@@ -218,15 +223,15 @@ class BackendPool:
                 return backend
         return candidates[0]
 
-    def release(self, url: str) -> None:
-        """A pipe left ``url``. Removes a DRAINING backend whose last client this was.
-        Unknown URLs (already removed) are ignored."""
-        backend = self._backends.get(url)
-        if backend is None:
+    def release(self, backend: Backend) -> None:
+        """A pipe left ``backend`` (as :meth:`acquire` returned it). Removes a DRAINING backend
+        whose last client this was. A backend removed since is ignored, even if its URL has been
+        added again (that is another backend, whose clients this pipe never was)."""
+        if self._backends.get(backend.url) is not backend:
             return
         backend.clients = max(0, backend.clients - 1)
         if backend.admin is Admin.DRAINING and backend.clients == 0:
-            self.remove(url)
+            self.remove(backend.url)
 
     # -- health -----------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from gevent.pool import Group
 from ..exceptions import CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
 from ..buffer import Budget
 from ..frames import MaskSource
-from ..pool import BackendPool
+from ..pool import Backend, BackendPool
 from ..metrics import Metrics
 from ..session import FailoverReport
 from ..settings import Settings
@@ -130,13 +130,14 @@ class PipeManager:
     def pool_size(self) -> int:
         return len(self.pool)
 
-    def acquire_backend(self, exclude: set[str]) -> str | None:
-        backend = self.pool.acquire(time.monotonic(), exclude=exclude)
-        return backend.url if backend is not None else None
+    def acquire_backend(self, exclude: set[str]) -> Backend | None:
+        """A backend for one pipe, counted as its client until :meth:`release_backend`."""
+        return self.pool.acquire(time.monotonic(), exclude=exclude)
 
-    def release_backend(self, url: str, *, failed: bool, cause: str = "") -> None:
+    def release_backend(self, backend: Backend, *, failed: bool, cause: str = "") -> None:
         now = time.monotonic()
-        self.pool.release(url)
+        url = backend.url
+        self.pool.release(backend)
         if failed:
             self.counters["backend_errors"] += 1
             self.metrics.backend_error(url)
@@ -200,10 +201,7 @@ class PipeManager:
 
     def abandon_pipe(self, pipe: PersistentPipe) -> None:
         """A pipe opened by :meth:`open_pipe` whose client will never be attached."""
-        if pipe.backend is not None:
-            pipe.backend.abort()
-            self.release_backend(pipe.backend.url, failed=False)
-            pipe.backend = None
+        pipe.abandon()
         self._forget(pipe)
 
     def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None, *,
@@ -221,6 +219,9 @@ class PipeManager:
             self._server_pools.add(upgrade.server_pool)
         self._http_server = upgrade.server
         existing = self._pipes.get(client_id)
+        if existing is not None and existing.ending:
+            self._forget(existing)  # its session is over and it is tearing down: this is a new one
+            existing = None
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
@@ -276,6 +277,8 @@ class PipeManager:
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
         settings = self.settings
+        if not pipe.running:  # its first connection waits for a backend: its outcome is not known yet
+            raise DuplicateClient(f"client {short_id(pipe.client_id)} is still connecting")
         if pipe.client_attached and settings.on_duplicate == "refuse":
             raise DuplicateClient(f"client {short_id(pipe.client_id)} already has a live session")
         if settings.resume_secret and not verify(settings.resume_secret, pipe.client_id, token):

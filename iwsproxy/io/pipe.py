@@ -52,6 +52,7 @@ from ..backoff import backoff
 from ..buffer import Message
 from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
 from ..frames import OP_PING, OP_PONG, parse_close_payload
+from ..pool import Backend
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import BackendConnection, ClientOffer, connect_backend
@@ -101,6 +102,7 @@ class PersistentPipe:
         self._park_after = settings.park_after_s
         self._park_at: float | None = None    # when the supervisor next looks for idle readers to park
         self.backend: BackendConnection | None = None
+        self._lease: Backend | None = None    # the pool's backend that self.backend counts against
         self.subprotocol: str | None = None
         self.reconnects = 0          # backend connections made after the first
         self.last_move_ms: float | None = None  # how long the last backend switch took
@@ -187,6 +189,16 @@ class PersistentPipe:
             # it did not acknowledge goes to the new one.
             old.abort()
         self._post(("attach", client))
+
+    @property
+    def running(self) -> bool:
+        """Serving a client connection (False while the first one waits for its backend)."""
+        return self._running
+
+    @property
+    def ending(self) -> bool:
+        """The session is over; the pipe is tearing down or has."""
+        return self.session.closed or self._stopped.is_set()
 
     @property
     def client_attached(self) -> bool:
@@ -531,10 +543,15 @@ class PersistentPipe:
     def _release_backend(self, *, failed: bool, cause: str = "") -> None:
         """Stop using the backend connection: close its socket and give its slot back to the pool."""
         conn, self.backend = self.backend, None
-        if conn is None:
-            return
-        conn.abort()
-        self.manager.release_backend(conn.url, failed=failed, cause=cause)
+        lease, self._lease = self._lease, None
+        if conn is not None:
+            conn.abort()
+        if lease is not None:
+            self.manager.release_backend(lease, failed=failed, cause=cause)
+
+    def abandon(self) -> None:
+        """Give back the backend of a pipe that will never start (its client was not answered)."""
+        self._release_backend(failed=False)
 
     def _connect_round(self, now: float) -> list:
         """Try each usable backend once; returns [(url, error)] for those that failed."""
@@ -545,9 +562,10 @@ class PersistentPipe:
         exclude = {avoid} if avoid and manager.pool_size() > 1 else set()
         tried: list = []
         while session.needs_backend and not session.closed:
-            url = manager.acquire_backend(exclude)
-            if url is None:
+            lease = manager.acquire_backend(exclude)
+            if lease is None:
                 break
+            url = lease.url
             exclude.add(url)
             try:
                 conn = connect_backend(url, self.offer,
@@ -558,21 +576,21 @@ class PersistentPipe:
                                        sslopt=manager.backend_sslopt, mask_source=manager.mask_source,
                                        require_subprotocol=None if self._first_connect else self.subprotocol)
             except BackendRejected as exc:
-                manager.release_backend(url, failed=not self._first_connect, cause=str(exc))
+                manager.release_backend(lease, failed=not self._first_connect, cause=str(exc))
                 if self._first_connect and 400 <= exc.status < 500:
                     raise  # the backend refused this client: it gets the same answer
                 tried.append((url, exc))
                 continue
             except BackendError as exc:
-                manager.release_backend(url, failed=True, cause=str(exc))
+                manager.release_backend(lease, failed=True, cause=str(exc))
                 tried.append((url, exc))
                 log.warning("pipe %s: backend %s failed: %s", short_id(self.client_id), url, exc.detail)
                 continue
             if session.closed:
                 conn.abort()
-                manager.release_backend(url, failed=False)
+                manager.release_backend(lease, failed=False)
                 break
-            self._attach(conn)
+            self._attach(conn, lease)
             return tried
         if tried and session.needs_backend and not self._first_connect:
             log.warning("pipe %s: no backend reachable (%d tried)", short_id(self.client_id), len(tried))
@@ -580,7 +598,7 @@ class PersistentPipe:
             manager.wait_for_backend(self)
         return tried
 
-    def _attach(self, conn: BackendConnection) -> None:
+    def _attach(self, conn: BackendConnection, lease: Backend) -> None:
         manager, session = self.manager, self.session
         manager.backend_succeeded(conn.url)
         manager.stop_waiting(self)
@@ -591,7 +609,7 @@ class PersistentPipe:
         was_first = self._first_connect and not self._running
         self._first_connect = False
         with self._backend_lock:
-            self.backend = conn
+            self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(monotonic())
             if self._running:
                 # reading before the flush: a backend that answers what it reads (an echo) would

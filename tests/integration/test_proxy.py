@@ -210,6 +210,23 @@ def test_exclusive_policy_one_client_per_backend(processes):
     assert roundtrip(second, "mine now")[1] == b"mine now"
 
 
+def test_a_backend_removed_and_added_again_keeps_an_exact_count_of_its_clients(processes):
+    a = processes.echo()
+    proxy = processes.proxy("--backend", a.url, "--pool-policy", "exclusive")
+    old = proxy.connect()
+    assert proxy.admin("DELETE", {"url": a.url})[0] == 200  # old keeps its connection
+    assert proxy.admin("POST", {"url": a.url})[0] == 201    # a new backend at the same URL
+    new = proxy.connect()
+    assert proxy.backends()[a.url]["clients"] == 1
+    old.close()  # leaves the removed backend, not the new one
+    wait_for(lambda: len(proxy.pipes()) == 1, what="the old pipe to end")
+    assert proxy.backends()[a.url]["clients"] == 1
+    with pytest.raises(websocket.WebSocketBadStatusException) as busy:
+        proxy.connect()  # still one client per backend
+    assert busy.value.status_code == 503
+    assert roundtrip(new, "still mine")[1] == b"still mine"
+
+
 def test_exclusive_policy_waits_buffering_when_asked(processes):
     a = processes.echo()
     proxy = processes.proxy("--backend", a.url, "--pool-policy", "exclusive", "--wait-for-backend")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import threading
+import uuid
 
 import pytest
 import websocket
 
 from conftest import recv_close, stats, wait_for
+from rawws import FakeBackend
 from iwsproxy.tokens import sign
 
 
@@ -160,3 +163,62 @@ def test_buffer_overflow_while_detached_ends_the_session_and_is_counted(processe
     _, proxy, _ = end_while_detached(processes, "1", "--buffer-limit", "2KiB")
     counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
     assert counters["clients_overflow"] == 1 and "clients_expired" not in counters
+
+
+class SlowBackend(FakeBackend):
+    """Completes its handshake only when ``go`` is set; then stays quiet."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        super().__init__()
+
+    def _serve(self, conn):
+        if self.go.wait(20):
+            self._handshake(conn)
+
+
+def test_a_second_connection_while_the_first_waits_for_its_backend_is_refused(processes):
+    slow = SlowBackend()
+    try:
+        proxy = processes.proxy("--backend", slow.url)
+        client_id = str(uuid.uuid4())
+        first: dict = {}
+        opening = threading.Thread(target=lambda: first.setdefault("ws", proxy.connect(client_id, timeout=20)))
+        opening.start()
+        wait_for(lambda: slow.connections, what="the first connection's backend handshake to start")
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            proxy.connect(client_id)  # no session to resume or take over yet: its outcome is not known
+        assert refused.value.status_code == 409
+        slow.go.set()
+        opening.join(20)
+        assert [p["state"] for p in proxy.pipes()] == ["connected"]  # the first got its session
+        first["ws"].close()
+    finally:
+        slow.go.set()
+        slow.close()
+
+
+class DeafBackend(FakeBackend):
+    """Completes the handshake, then never reads: a close handshake with it takes the full grace."""
+
+    def _serve(self, conn):
+        self._handshake(conn)
+
+
+def test_a_reconnect_while_the_old_session_tears_down_gets_a_new_session(processes):
+    deaf = DeafBackend()
+    try:
+        good = processes.echo(name="good")
+        proxy = processes.proxy("--backend", deaf.url)
+        client_id = str(uuid.uuid4())
+        ws = proxy.connect(client_id)
+        proxy.admin("POST", {"url": good.url})
+        proxy.admin("DELETE", {"url": deaf.url})
+        ws.close()  # the session ends; the pipe waits for the deaf backend's Close reply (2 s)
+        again = proxy.connect(client_id)
+        again.send("new session")
+        assert again.recv() == "new session"
+        assert stats(good)["last_headers"]["x-iwsproxy-reconnects"] == "0"  # a new session, not a resume
+        again.close()
+    finally:
+        deaf.close()

@@ -27,7 +27,7 @@ def picks(pool, n, now=0.0, release=False):
         backend = pool.acquire(now)
         out.append(backend and backend.url)
         if backend and release:
-            pool.release(backend.url)
+            pool.release(backend)
     return out
 
 
@@ -93,22 +93,37 @@ def test_add_dedupes_exact_strings():
 
 def test_remove_even_with_clients():
     pool = make_pool(A, B)
-    assert pool.acquire(0.0).url == A
+    a = pool.acquire(0.0)
+    assert a.url == A
     assert pool.remove(A) is True
     assert pool.remove(A) is False
     assert pool.urls() == [B]
     # the pipe that was on A reports back: all no-ops
-    pool.release(A)
+    pool.release(a)
     pool.record_success(A, 1.0)
     assert pool.record_failure(A, 1.0, "closed") is False
     assert pool.urls() == [B]
 
 
+def test_a_pipe_on_a_removed_backend_never_releases_the_backend_added_again_under_its_url():
+    pool = make_pool(A, policy="exclusive")
+    old = pool.acquire(0.0)
+    pool.remove(A)
+    pool.add(A)  # DELETE then POST: a new backend at the same URL
+    new = pool.acquire(0.0)
+    assert new is not old and new.url == A
+    pool.release(old)  # the first pipe leaves the old one at last
+    assert pool.snapshot(0.0)[0]["clients"] == 1
+    assert pool.acquire(0.0) is None  # still one client per backend
+    pool.release(new)
+    assert pool.acquire(0.0) is new
+
+
 def test_release_never_goes_below_zero():
     pool = make_pool(A)
     pool.acquire(0.0)
-    pool.release(A)
-    pool.release(A)
+    pool.release(pool.get(A))
+    pool.release(pool.get(A))
     assert pool.snapshot(0.0)[0]["clients"] == 0
 
 
@@ -120,9 +135,9 @@ def test_drain_lifecycle():
     assert pool.drain(A) is True
     assert pool.snapshot(0.0)[0]["state"] == "draining"
     assert picks(pool, 3) == [B, B, B]  # no new pipes on A, though B is busier
-    pool.release(A)
+    pool.release(pool.get(A))
     assert A in pool  # one client left
-    pool.release(A)
+    pool.release(pool.get(A))
     assert A not in pool
     assert pool.drain(A) is False
 
@@ -141,7 +156,7 @@ def test_re_adding_a_draining_backend_makes_it_ready_in_place():
     assert pool.urls() == [A, B]
     a = pool.snapshot(0.0)[0]
     assert (a["admin"], a["state"], a["clients"]) == ("ready", "up", 1)
-    pool.release(A)
+    pool.release(pool.get(A))
     assert A in pool
 
 
@@ -168,10 +183,10 @@ def test_round_robin_cursor_survives_adds_and_removes():
 def test_least_connections_sequence():
     pool = make_pool(A, B, C, policy="least_connections")
     assert picks(pool, 3) == [A, B, C]
-    pool.release(B)
+    pool.release(pool.get(B))
     assert picks(pool, 1) == [B]
-    pool.release(C)
-    pool.release(A)
+    pool.release(pool.get(C))
+    pool.release(pool.get(A))
     # A and C tied at 0 (B has 1): taken in insertion order from after the last pick (B)
     assert picks(pool, 2) == [C, A]
     # all tied at 1 now; ties rotate instead of always favouring the first backend
@@ -181,10 +196,10 @@ def test_least_connections_sequence():
 def test_exclusive_one_client_per_backend():
     pool = make_pool(A, B, policy="exclusive")
     assert picks(pool, 3) == [A, B, None]
-    pool.release(A)
+    pool.release(pool.get(A))
     assert picks(pool, 2) == [A, None]
-    pool.release(B)
-    pool.release(A)
+    pool.release(pool.get(B))
+    pool.release(pool.get(A))
     assert picks(pool, 2) == [B, A]  # rotates when several are free
 
 
@@ -192,7 +207,7 @@ def test_exclusive_one_client_per_backend():
 def test_exclude(policy):
     pool = make_pool(A, B, C, policy=policy)
     assert pool.acquire(0.0, exclude={A, B}).url == C
-    pool.release(C)
+    pool.release(pool.get(C))
     assert pool.acquire(0.0, exclude=[A, "ws://elsewhere/"]).url in (B, C)
     assert pool.acquire(0.0, exclude=(A, B, C)) is None
     assert pool.usable_count(0.0) == 3  # usable backends exist; the caller decides
