@@ -179,6 +179,7 @@ def status():
     manager = _state().manager
     live_greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and obj and not obj.dead)
     return jsonify(pipes=len(manager), greenlets=live_greenlets, counters=dict(manager.counters),
+                   buffered_bytes=manager.budget.used_bytes,
                    clients_closed_by_code={str(k): v for k, v in manager.closed_by_code.items()},
                    gc={"threshold": gc.get_threshold(),
                        "collections": [generation["collections"] for generation in gc.get_stats()]})

@@ -253,12 +253,14 @@ class PersistentPipe:
         if self._supervisor is None and self._running and not self._stopped.is_set():
             self._cancel_timer()
             self._supervisor = gevent.spawn(self._supervise)
-            self._supervisor.link_exception(self._crashed)
 
     def _supervise(self) -> None:
         ended = True
         try:
             ended = self._work()
+        except Exception:
+            log.exception("pipe %s: supervisor crashed", short_id(self.client_id))
+            self._end_after_crash()
         finally:
             if ended:
                 try:
@@ -304,6 +306,14 @@ class PersistentPipe:
                     self._perform(session.poll(monotonic()))
             self._observe()
         return True
+
+    def _end_after_crash(self) -> None:
+        """Close the session (its buffers go back to the process's budget) and the client with 1011."""
+        try:
+            with self._holding(client=True, backend=True):
+                self._perform(self.session.close(1011, "internal error"))
+        except Exception:
+            log.exception("pipe %s: closing after a crash failed too", short_id(self.client_id))
 
     def _next_deadline(self) -> float:
         """When the supervisor must look again: the session's next deadline, a retry, or a look
@@ -771,6 +781,7 @@ class PersistentPipe:
             self._check_pong_deadline(session.to_client)
 
     def _crashed(self, greenlet) -> None:
+        """A reader crashed: the supervisor ends the session (1011)."""
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
         self._post(("stop", 1011, "internal error"))
 

@@ -16,7 +16,8 @@ from http.cookiejar import CookieJar
 import pytest
 import websocket
 
-from conftest import ROOT, recv_close, stats
+from conftest import ROOT, recv_close, stats, wait_for
+from rawws import FakeBackend
 from iwsproxy.process import ChildProcess
 
 
@@ -129,3 +130,36 @@ def test_served_with_the_stock_handler_the_client_gets_a_clear_1011(processes):
                                         name="stock"))
     ws = websocket.create_connection(f"{server.url}/{uuid.uuid4()}", timeout=5)  # the stock handler said 101
     assert recv_close(ws) == (1011, "server misconfigured")
+
+
+class DeafBackend(FakeBackend):
+    """Completes the handshake, then reads nothing: what the proxy writes stays unacknowledged."""
+
+    def _serve(self, conn):
+        self._handshake(conn)
+
+
+def test_a_crashed_supervisor_closes_its_client_with_1011_and_gives_back_its_buffer(processes):
+    deaf = DeafBackend()
+    try:
+        app = processes.add(LegacyApp("faulty_app", env={"IWSPROXY_BACKENDS": deaf.url}))
+        admin = {"Authorization": "Bearer faulty-token", "Content-Type": "application/json"}
+
+        def call(path: str, method: str = "GET", body: dict | None = None) -> dict:
+            data = json.dumps(body).encode() if body is not None else b"" if method != "GET" else None
+            request = urllib.request.Request(app.http_url + path, data=data, headers=admin, method=method)
+            with urllib.request.urlopen(request, timeout=5) as response:
+                raw = response.read()
+            return json.loads(raw) if raw else {}
+
+        client_id = str(uuid.uuid4())
+        ws = websocket.create_connection(f"{app.url}/{client_id}", timeout=10)
+        ws.send("x" * 1000)  # held in the replay window: the deaf backend never acknowledges it
+        wait_for(lambda: call("/admin/status")["buffered_bytes"] == 1000, what="the message to be held")
+        call(f"/fault/{client_id}", "POST")
+        call("/admin/backends", "DELETE", {"url": deaf.url, "drain": True})  # an event: the supervisor runs
+        assert recv_close(ws) == (1011, "internal error")
+        wait_for(lambda: call("/admin/status")["pipes"] == 0, what="the pipe to end")
+        assert call("/admin/status")["buffered_bytes"] == 0
+    finally:
+        deaf.close()

@@ -64,12 +64,15 @@ def test_an_idle_pipe_sends_its_keepalives_on_time(processes, client_answers):
 
 def test_park_after_0_keeps_every_greenlet_for_the_pipes_life(processes):
     a = processes.echo(name="a")
-    proxy = processes.proxy("--backend", a.url, "--park-after", "0", "--keepalive", "0")
+    proxy = processes.proxy("--backend", a.url, "--park-after", "0", "--keepalive", "0.2")
     base = greenlets(proxy)
-    clients = [proxy.connect() for _ in range(2)]  # and quiet: no event ever wakes their supervisors
+    clients = [proxy.connect() for _ in range(2)]  # and quiet: only keepalives wake their supervisors
     # a supervisor, a client reader and a backend reader each (a supervisor that left after its
     # first turn would leave 4, or 5 while the second pipe's runs)
     wait_for(lambda: greenlets(proxy) == base + 6, what="three greenlets per pipe")
+    # still so after more than the default --park-after (1 s) of keepalives: 6 per pipe take 1.2 s
+    wait_for(lambda: stats(a)["pings_total"] >= 12, what="six keepalives per pipe")
+    assert greenlets(proxy) == base + 6
     for i, ws in enumerate(clients):
         assert echo(ws, b"x %d" % i) == b"x %d" % i
 
