@@ -369,24 +369,29 @@ class PersistentPipe:
         self._post(("reschedule",))  # runs in the hub: only spawns
 
     def _timer_fence(self, ledger) -> float | None:
-        """When the sleeping supervisor's timer is set for the pong timeout of ``ledger``'s oldest
-        fence (as after a keepalive), that fence's send time; else None. Cheap: readers ask it
-        for every Pong."""
-        if self._timer is None:
+        """When the waiting supervisor (on its timer, or in its greenlet) waits for the pong
+        timeout of ``ledger``'s oldest fence (as after a keepalive), that fence's send time; else
+        None. Cheap: readers ask it for every Pong."""
+        if not self._armed:
             return None
         oldest = ledger.oldest_fence_at()
         timeout = self.session.pong_timeout_s
         return oldest if oldest is not None and timeout and oldest + timeout == self._armed else None
 
     def _settled(self, ledger, armed_for: float | None, keepalive_s: float) -> None:
-        """A Pong came for ``ledger`` while the supervisor sleeps on its timer. If it settled every
-        fence, and the timer was set for the pong timeout of one of them, or the next keepalive
-        (every ``keepalive_s``; 0: none) now falls before it, set the timer for the next deadline:
-        the supervisor then neither wakes for nothing nor sends the keepalive late. Under load the
-        timer is set for something else and this returns at once."""
-        if ledger.oldest_fence_at() is not None or self._supervisor is not None or self._events:
+        """A Pong came for ``ledger`` while the supervisor waits. If it settled every fence, and
+        the wait was for the pong timeout of one of them, or the next keepalive (every
+        ``keepalive_s``; 0: none) now falls before its end, the supervisor must look again: a
+        supervisor sleeping on its timer gets the timer set for the next deadline, one waiting in
+        its greenlet (lingering, or always with ``--park-after 0``) is woken. It then neither wakes
+        for nothing nor sends the keepalive late. Under load the wait is for something else and
+        this returns at once."""
+        if ledger.oldest_fence_at() is not None or self._events:
             return
         if armed_for is None and not (keepalive_s and ledger.last_fence_at + keepalive_s < self._armed):
+            return
+        if self._supervisor is not None:
+            self._post(("reschedule",))
             return
         deadline = self._next_deadline()
         if deadline != self._armed:
@@ -694,7 +699,7 @@ class PersistentPipe:
                         armed_for = self._timer_fence(session.to_client)
                         if session.client_pong(payload, monotonic()):
                             self.wake()
-                        elif self._timer is not None:
+                        elif self._armed:
                             self._settled(session.to_client, armed_for, 0.0)
                     else:  # CLOSE, always the last
                         close = payload
@@ -753,7 +758,7 @@ class PersistentPipe:
                         armed_for = self._timer_fence(session.to_backend)
                         if session.backend_pong(generation, payload, monotonic()):
                             self.wake()
-                        elif self._timer is not None:
+                        elif self._armed:
                             self._settled(session.to_backend, armed_for, session.keepalive_s)
                     elif op == OP_PING:
                         self._post(("backend_ping", generation, payload))
