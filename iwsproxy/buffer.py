@@ -73,10 +73,6 @@ class MessageBuffer:
         return self.pending_bytes + self.window_bytes
 
     @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
-    @property
     def window_count(self) -> int:
         return len(self._window)
 

@@ -13,8 +13,7 @@
     ├── NoBackendAvailable       every backend was tried or none is usable (-> HTTP 503)
     └── BackendError             something went wrong with one backend
         ├── BackendConnectError  TCP/TLS/handshake failed or timed out
-        ├── BackendRejected      the backend answered the handshake with an HTTP error status
-        └── BackendClosed        an established backend connection ended
+        └── BackendRejected      the backend answered the handshake with an HTTP error status
 
 Third-party errors (socket, websocket-client) are translated into these once,
 in :mod:`iwsproxy.io`, with ``raise ... from exc``.
@@ -35,7 +34,6 @@ __all__ = [
     "BackendError",
     "BackendConnectError",
     "BackendRejected",
-    "BackendClosed",
 ]
 
 
@@ -124,11 +122,3 @@ class BackendRejected(BackendError):
     def __init__(self, url: str, status: int, detail: str = ""):
         self.status = status
         super().__init__(url, detail or f"handshake refused with HTTP {status}")
-
-
-class BackendClosed(BackendError):
-    """An established backend connection ended (``code`` is its close code, if any)."""
-
-    def __init__(self, url: str, detail: str, code: int | None = None):
-        self.code = code
-        super().__init__(url, detail)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
@@ -91,7 +91,6 @@ class ClientOffer:
     headers: tuple[tuple[str, str], ...] = ()
     origin: str | None = None
     remote_addr: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 class BackendConnection(Connection):
