@@ -187,34 +187,37 @@ class Session:
         """The earliest time at which :meth:`poll` has something to do."""
         if self.state is State.CLOSED:
             return None
-        deadlines = [self._backend_deadline(), self._client_deadline(),
-                     self.last_activity + self.idle_timeout_s if self.idle_timeout_s else None]
-        return min((d for d in deadlines if d is not None), default=None)
+        deadlines = [due[0] for due in (self._backend_due(), self._client_due()) if due is not None]
+        if self.idle_timeout_s:
+            deadlines.append(self.last_activity + self.idle_timeout_s)
+        return min(deadlines, default=None)
 
-    def _backend_deadline(self) -> float | None:
+    # What falls due when, one side at a time: (time, what). poll() acts on what is due and
+    # next_deadline() reports the earliest time, so the rules are written once.
+    def _backend_due(self) -> tuple[float, str] | None:
         timeout = self.pong_timeout_s
         if self.state is State.DRAINING:
-            return self._drain_started + timeout if timeout else None
+            return (self._drain_started + timeout, "no close reply") if timeout else None
         if self.state is State.CONNECTED:
             ledger = self.to_backend
             oldest = ledger.oldest_fence_at()
             if oldest is not None:
-                return oldest + timeout if timeout else None
+                return (oldest + timeout, "no pong") if timeout else None
             if ledger.fence_due:
-                return ledger.last_fence_at  # a fence is due now
-            return ledger.last_fence_at + self.keepalive_s if self.keepalive_s else None
+                return ledger.last_fence_at, "fence"  # now
+            return (ledger.last_fence_at + self.keepalive_s, "fence") if self.keepalive_s else None
         if self.needs_backend and self.reconnect_deadline_s:
-            return self._waiting_since + self.reconnect_deadline_s
+            return self._waiting_since + self.reconnect_deadline_s, "no backend"
         return None
 
-    def _client_deadline(self) -> float | None:
+    def _client_due(self) -> tuple[float, str] | None:
         if not self.client_attached:
-            return self._detached_at + self.resume_grace_s
+            return self._detached_at + self.resume_grace_s, "not resumed"
         ledger = self.to_client
         oldest = ledger.oldest_fence_at()
         if oldest is not None:
-            return oldest + self.pong_timeout_s if self.pong_timeout_s else None
-        return ledger.last_fence_at if ledger.fence_due else None
+            return (oldest + self.pong_timeout_s, "no pong") if self.pong_timeout_s else None
+        return (ledger.last_fence_at, "fence") if ledger.fence_due else None  # now
 
     # ---- inputs from the client side ----
     def client_messages(self, messages: list[Message], now: float) -> list:
@@ -357,45 +360,31 @@ class Session:
         """Act on deadlines: fences due, pong timeouts, the reconnect deadline, resume grace."""
         if self.state is State.CLOSED:
             return []
-        if not self.client_attached and now >= self._detached_at + self.resume_grace_s:
+        client = self._client_due()
+        if client is not None and client[1] == "not resumed" and now >= client[0]:
             return self._close(CLOSE_GOING_AWAY, f"client did not resume within {self.resume_grace_s:g} s",
                                cause="grace_expired")
         if self.idle_timeout_s and now >= self.last_activity + self.idle_timeout_s:
             return self._close(CLOSE_GOING_AWAY, f"idle for {self.idle_timeout_s:g} s", cause="idle")
-        actions = self._poll_backend(now)
-        if self.state is not State.CLOSED and self.client_attached:
-            client = self.to_client
-            oldest = client.oldest_fence_at()
-            if oldest is not None and self.pong_timeout_s and now >= oldest + self.pong_timeout_s:
+        backend = self._backend_due()
+        actions = self._backend_falls_due(backend[1], now) if backend is not None and now >= backend[0] else []
+        if self.state is not State.CLOSED and client is not None and now >= client[0]:
+            if client[1] == "no pong":
                 actions += self._close(CLOSE_GOING_AWAY, f"client did not answer a ping within "
                                                          f"{self.pong_timeout_s:g} s", cause="client_unresponsive")
-            elif client.fence_due:
-                actions.append(SendToClient([], client.take_fence(now)))
+            else:
+                actions.append(SendToClient([], self.to_client.take_fence(now)))
         return actions
 
-    def _poll_backend(self, now: float) -> list:
-        timeout = self.pong_timeout_s
-        if self.state is State.DRAINING:
-            if timeout and now >= self._drain_started + timeout:
-                generation = self.generation
-                self.backend_lost(generation, now)
-                return [AbandonBackend(generation, f"no close reply within {timeout:g} s")]
-            return []
-        if self.state is State.CONNECTED:
-            ledger = self.to_backend
-            oldest = ledger.oldest_fence_at()
-            if oldest is not None:
-                if timeout and now >= oldest + timeout:
-                    generation = self.generation
-                    self.backend_lost(generation, now)
-                    return [AbandonBackend(generation, f"no pong within {timeout:g} s")]
-                return []
-            due = ledger.fence_due or (self.keepalive_s and now >= ledger.last_fence_at + self.keepalive_s)
-            return [SendToBackend([], ledger.take_fence(now))] if due else []
-        if self.needs_backend and self.reconnect_deadline_s and now >= self._waiting_since + self.reconnect_deadline_s:
+    def _backend_falls_due(self, what: str, now: float) -> list:
+        if what == "fence":
+            return [SendToBackend([], self.to_backend.take_fence(now))]
+        if what == "no backend":
             return self._close(CLOSE_TRY_AGAIN_LATER, f"no backend within {self.reconnect_deadline_s:g} s",
                                cause="deadline")
-        return []
+        generation = self.generation  # "no pong" or "no close reply": the backend is lost
+        self.backend_lost(generation, now)
+        return [AbandonBackend(generation, f"{what} within {self.pong_timeout_s:g} s")]
 
     # ---- internals ----
     def _clear(self) -> None:
