@@ -46,7 +46,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_can_wait_first", "_wait_first", "_idle_watcher", "_closed_event",
-                 "_resumed", "_repark", "__weakref__")
+                 "_resumed", "_repark", "sends", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -66,6 +66,7 @@ class Connection:
         self._can_wait_first = self.can_park and not hasattr(sock, "pending")
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
+        self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
         self._resumed: Callable[[], None] | None = None  # set by resume() until the first frames arrive
@@ -197,12 +198,22 @@ class Connection:
             if self.close_sent:
                 raise ConnectionLost("close already sent")
             try:
-                # one send() usually takes it all; sendall() only for the rest (it costs a getsockopt per call)
-                sent = self.sock.send(data)
+                sent = self.sock.send(data)  # usually takes it all
+                self.sends += 1
                 if sent < len(data):
-                    self.sock.sendall(memoryview(data)[sent:])
+                    self._send_rest(memoryview(data)[sent:])
             except OSError as exc:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
+
+    def _send_rest(self, view: memoryview) -> None:
+        """Write the rest of a batch the peer is slow to take, counting each step (not sendall:
+        its progress could not be seen, and it costs a getsockopt per call)."""
+        send = self.sock.send
+        while view:
+            sent = send(view)  # waits until the socket takes some
+            if sent:
+                self.sends += 1
+                view = view[sent:]
 
     def pong(self, payload: bytes) -> None:
         self.send_raw(encode_frame(OP_PONG, payload, mask_source=self._mask))

@@ -328,8 +328,9 @@ class PersistentPipe:
         """Hold the write locks of the given sides (the client's first: when both are stuck, a
         client that stopped reading is the usual cause, as the backend then blocks writing to us).
 
-        A lock that a write has held for ``--pong-timeout`` means that the peer has taken none
-        of our bytes for that long: it stopped reading. Its connection is dropped, which fails
+        A lock held for ``--pong-timeout`` by a write that made no progress meanwhile means that
+        the peer has taken none of our bytes for that long: it stopped reading (a slow peer that
+        takes some is waited for). Its connection is dropped, which fails
         the stuck write (the writer reports the loss, as for any failed write) and frees the
         lock. A client is then treated as gone without a Close (it could not be sent), a backend
         as lost (failover, its unacknowledged messages replayed). With ``--pong-timeout 0``
@@ -347,16 +348,22 @@ class PersistentPipe:
                 lock.release()
 
     def _take(self, lock: Semaphore, side: str) -> None:
-        timeout = self.session.pong_timeout_s
-        if lock.acquire(timeout=timeout or None):
-            return
         conn = self.client if side == "client" else self.backend
-        if conn is not None:
+        timeout = self.session.pong_timeout_s
+        if conn is None or not timeout:
+            lock.acquire()
+            return
+        progress = conn.sends
+        while not lock.acquire(timeout=timeout):
+            if conn.sends != progress:  # a slow peer, but it takes our bytes: wait on
+                progress = conn.sends
+                continue
             log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
                         short_id(self.client_id), side, timeout)
             self.manager.counters[side + "s_dropped_stuck"] += 1
             conn.abort()  # the stuck writer fails at once and lets go of the lock
-        lock.acquire()
+            lock.acquire()
+            return
 
     def _arm_timer(self, deadline: float) -> None:
         """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""

@@ -8,11 +8,19 @@ import signal
 import socket
 import threading
 import uuid
+from collections import Counter
+from types import SimpleNamespace
+
+import gevent
+from gevent import socket as gsocket
+from gevent.lock import Semaphore
 
 from conftest import stats, wait_for
 from rawws import frame
 
 from iwsproxy.frames import OP_BINARY
+from iwsproxy.io.connection import Connection, ConnectionLost
+from iwsproxy.io.pipe import PersistentPipe
 
 CHUNK = 256 * 1024
 COUNT = 64   # 16 MiB: far more than the socket buffers of a peer that does not read
@@ -136,3 +144,85 @@ def test_a_stuck_connection_is_taken_over_and_the_new_one_gets_everything(proces
         fresh.close()
     finally:
         stuck.close()
+
+
+# The rule itself, in this process over a real loopback pair: a write that makes progress is
+# waited for however long it takes; one that makes none for --pong-timeout loses its connection.
+
+def _small_buffered_pair():
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    peer = gsocket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # no autotuning: writes block soon
+    peer.connect(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    return Connection(ours, server_side=False, max_message_size=1 << 20), peer
+
+
+def _pipe_with_backend(conn: Connection, pong_timeout_s: float) -> PersistentPipe:
+    """A pipe reduced to what taking its write locks uses: its backend connection, the timeout
+    and the counters."""
+    pipe = PersistentPipe.__new__(PersistentPipe)
+    pipe.client_id, pipe.client, pipe.backend = "in-process", None, conn
+    pipe.session = SimpleNamespace(pong_timeout_s=pong_timeout_s)
+    pipe.manager = SimpleNamespace(counters=Counter())
+    pipe._client_lock, pipe._backend_lock = Semaphore(), Semaphore()
+    return pipe
+
+
+def _write_under_lock(pipe: PersistentPipe, data: bytes, outcome: dict) -> gevent.Greenlet:
+    def write():
+        with pipe._backend_lock:
+            try:
+                pipe.backend.send_raw(data)
+                outcome["written"] = True
+            except ConnectionLost:
+                outcome["written"] = False
+    writer = gevent.spawn(write)
+    gevent.idle()  # the writer takes the lock and blocks in its write
+    assert pipe._backend_lock.locked()
+    return writer
+
+
+def test_a_slow_peer_that_takes_our_bytes_is_waited_for():
+    conn, peer = _small_buffered_pair()
+    try:
+        pipe = _pipe_with_backend(conn, pong_timeout_s=0.2)
+        data = bytes(1024 * 1024)
+        outcome: dict = {}
+        writer = _write_under_lock(pipe, data, outcome)
+
+        def slow_reader():
+            got = 0
+            while got < len(data):
+                got += len(peer.recv(16384))
+                gevent.sleep(0.01)  # ok-sleep: the pace of a slow peer (about 1.6 MB/s: 0.6 s), not a synchronisation
+            return got
+
+        reader = gevent.spawn(slow_reader)
+        with pipe._holding(backend=True):  # waits well past 0.2 s, through the whole slow write
+            assert outcome == {"written": True}
+        assert reader.get(timeout=10) == len(data)
+        assert not conn.closed and pipe.manager.counters == Counter()
+        writer.join(1)
+    finally:
+        conn.abort()
+        peer.close()
+
+
+def test_a_peer_that_takes_nothing_loses_its_connection_after_the_timeout():
+    conn, peer = _small_buffered_pair()
+    try:
+        pipe = _pipe_with_backend(conn, pong_timeout_s=0.2)
+        outcome: dict = {}
+        writer = _write_under_lock(pipe, bytes(512 * 1024), outcome)  # the peer never reads
+        with gevent.Timeout(5), pipe._holding(backend=True):
+            assert outcome == {"written": False} and conn.closed
+        assert pipe.manager.counters == Counter(backends_dropped_stuck=1)
+        writer.join(1)
+    finally:
+        conn.abort()
+        peer.close()
