@@ -75,10 +75,13 @@ def close_reason_label(code: int, cause: str | None = None) -> str:
     """The ``reason`` label for a client closed with ``code``, from a fixed set.
 
     overflow (1013: its buffer or the process's budget is full), deadline (1013: no
-    backend in time), both from the session's ``cause``; restart (1012), going_away
-    (1001), protocol (1002, 1007), too_big (1009), internal (1011), backend_ended
-    (1000 and the application codes 3000-4999 passed on from a backend), other.
+    backend in time), both from the session's ``cause``; takeover (4409: a new
+    connection took the session over); restart (1012), going_away (1001), protocol
+    (1002, 1007), too_big (1009), internal (1011), backend_ended (1000 and the
+    application codes 3000-4999 passed on from a backend), other.
     """
+    if cause == "takeover":
+        return "takeover"
     if code == 1013:
         return cause if cause in ("overflow", "deadline") else "other"
     if 3000 <= code <= 4999:

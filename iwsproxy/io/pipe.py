@@ -517,6 +517,7 @@ class PersistentPipe:
         if old is not None:
             log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
             self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
+            self.manager.record_client_closed(CLOSE_TAKEN_OVER, "takeover")
             self.manager.record_resume_event("takeover")
         else:
             log.info("pipe %s: client resumed", short_id(self.client_id))

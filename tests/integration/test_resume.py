@@ -105,7 +105,9 @@ def test_a_new_connection_takes_over_a_live_session(processes):
         got.append(new.recv())
     assert got[-1] == "from new"
     assert stats(backend)["connections_total"] == 1
-    assert proxy.admin("GET", path="/admin/status")[1]["counters"]["clients_takeover"] == 1
+    status = proxy.admin("GET", path="/admin/status")[1]
+    assert status["counters"]["clients_takeover"] == 1
+    assert status["clients_closed_by_code"] == {"4409": 1}
     new.close()
 
 

@@ -120,6 +120,7 @@ def test_messages_and_bytes_per_direction(metrics):
     (1011, "proxy", "internal"),
     (1000, "backend_ended", "backend_ended"),
     (4321, "backend_ended", "backend_ended"),
+    (4409, "takeover", "takeover"),
     (1014, None, "other"),
 ])
 def test_close_reasons_come_from_a_fixed_set(code, cause, label):
