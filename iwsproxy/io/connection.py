@@ -215,6 +215,11 @@ class Connection:
                 self.sends += 1
                 view = view[sent:]
 
+    @property
+    def writing(self) -> bool:
+        """A write is under way: seen from another greenlet, it waits for the peer to take bytes."""
+        return self._lock.locked()
+
     def pong(self, payload: bytes) -> None:
         self.send_raw(encode_frame(OP_PONG, payload, mask_source=self._mask))
 

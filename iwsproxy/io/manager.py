@@ -138,7 +138,7 @@ class PipeManager:
         now = time.monotonic()
         url = backend.url
         self.pool.release(backend)
-        if failed:
+        if failed and self.pool.get(url) is backend:  # not one removed since (even if its URL is back)
             self.counters["backend_errors"] += 1
             self.metrics.backend_error(url)
             if self.pool.record_failure(url, now, cause):

@@ -109,6 +109,8 @@ class PersistentPipe:
         self._backend_lock = Semaphore()      # session calls + backend writes, together
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
+        self._supervisor_waits = False        # for a write lock: readers yield between writes
+        self._closing = False                 # the client closed: a reconnect with its id is a new session
         self._events = _Mailbox()
         self._supervisor: gevent.Greenlet | None = None
         self._timer = None                    # the supervisor's next deadline while it is not running
@@ -182,11 +184,11 @@ class PersistentPipe:
             client.abort()
             return
         old = self.client
-        if old is not None and self._client_lock.locked():
-            # whoever holds the lock waits (greenlets switch only while waiting), most likely on a
-            # write to the old connection that it does not read: no Close could get through, and the
-            # supervisor may itself be waiting for the lock. The old connection is dropped now; what
-            # it did not acknowledge goes to the new one.
+        if old is not None and old.writing:
+            # a write to the old connection waits for it to take bytes (greenlets switch only while
+            # waiting): no Close could get through soon, and the supervisor may be waiting for
+            # that write. The old connection is dropped now; what it did not acknowledge goes to
+            # the new one.
             old.abort()
         self._post(("attach", client))
 
@@ -198,7 +200,7 @@ class PersistentPipe:
     @property
     def ending(self) -> bool:
         """The session is over; the pipe is tearing down or has."""
-        return self.session.closed or self._stopped.is_set()
+        return self._closing or self.session.closed or self._stopped.is_set()
 
     @property
     def client_attached(self) -> bool:
@@ -302,7 +304,7 @@ class PersistentPipe:
                     busy_at = monotonic()
                 self._handle(event)
             if not session.closed:
-                with self._holding(client=True, backend=True):  # poll may write either way
+                with self._holding(backend=True, client=True):  # poll may write either way
                     self._perform(session.poll(monotonic()))
             self._observe()
         return True
@@ -310,7 +312,7 @@ class PersistentPipe:
     def _end_after_crash(self) -> None:
         """Close the session (its buffers go back to the process's budget) and the client with 1011."""
         try:
-            with self._holding(client=True, backend=True):
+            with self._holding(backend=True, client=True):
                 self._perform(self.session.close(1011, "internal error"))
         except Exception:
             log.exception("pipe %s: closing after a crash failed too", short_id(self.client_id))
@@ -324,46 +326,71 @@ class PersistentPipe:
         return min(deadlines) if deadlines else _NEVER
 
     @contextmanager
-    def _holding(self, *, client: bool = False, backend: bool = False) -> Iterator[None]:
-        """Hold the write locks of the given sides (the client's first: when both are stuck, a
-        client that stopped reading is the usual cause, as the backend then blocks writing to us).
+    def _holding(self, *, backend: bool = False, client: bool = False) -> Iterator[None]:
+        """Hold the write locks of the given sides (the backend's first), never waiting on a
+        peer that has stopped reading.
 
-        A lock held for ``--pong-timeout`` by a write that made no progress meanwhile means that
-        the peer has taken none of our bytes for that long: it stopped reading (a slow peer that
-        takes some is waited for). Its connection is dropped, which fails
-        the stuck write (the writer reports the loss, as for any failed write) and frees the
-        lock. A client is then treated as gone without a Close (it could not be sent), a backend
-        as lost (failover, its unacknowledged messages replayed). With ``--pong-timeout 0``
-        the wait has no limit."""
+        While the supervisor waits for a lock, and while it holds them and writes itself (a
+        replay, a flush, a Close), every ``--pong-timeout`` it looks at the writes under way:
+        one that took no byte since the last look is stuck on a peer that stopped reading, and
+        that peer's connection is dropped (the client's first: when both are stuck, a client
+        that stopped reading is the usual cause, the backend then being blocked writing to us).
+        That fails the stuck write (its writer reports the loss, as for any failed write) and
+        frees the lock. A client is then treated as gone without a Close (it could not be
+        sent), a backend as lost (failover, its unacknowledged messages replayed). A slow peer
+        that takes bytes is waited for. With ``--pong-timeout 0`` the waits have no limit."""
         held = []
+        timeout = self.session.pong_timeout_s
+        seen: dict = {}
+        watchdog = None
         try:
-            for wanted, lock, side in ((client, self._client_lock, "client"),
-                                       (backend, self._backend_lock, "backend")):
+            for wanted, lock in ((backend, self._backend_lock), (client, self._client_lock)):
                 if wanted:
-                    self._take(lock, side)
+                    self._take(lock, timeout, seen)
                     held.append(lock)
+            if timeout:
+                self._note_writes(seen)
+                watchdog = get_hub().loop.timer(timeout, timeout)
+                watchdog.start(self._drop_stuck_writes, seen)
             yield
         finally:
+            if watchdog is not None:
+                watchdog.close()
             for lock in reversed(held):
                 lock.release()
 
-    def _take(self, lock: Semaphore, side: str) -> None:
-        conn = self.client if side == "client" else self.backend
-        timeout = self.session.pong_timeout_s
-        if conn is None or not timeout:
+    def _take(self, lock: Semaphore, timeout: float, seen: dict) -> None:
+        if not timeout:
             lock.acquire()
             return
-        progress = conn.sends
-        while not lock.acquire(timeout=timeout):
-            if conn.sends != progress:  # a slow peer, but it takes our bytes: wait on
-                progress = conn.sends
+        self._supervisor_waits = True  # the readers let it in between their writes
+        try:
+            self._note_writes(seen)
+            while not lock.acquire(timeout=timeout):
+                self._drop_stuck_writes(seen)
+        finally:
+            self._supervisor_waits = False
+
+    def _note_writes(self, seen: dict) -> None:
+        """Note in ``seen`` where each connection's writes stand."""
+        seen.clear()
+        for side, conn in (("client", self.client), ("backend", self.backend)):
+            if conn is not None:
+                seen[side] = (conn, conn.sends)
+
+    def _drop_stuck_writes(self, seen: dict) -> None:
+        """Drop the connection (at most one) whose write is under way and has taken no byte since
+        the last look, noted in ``seen``."""
+        for side, conn in (("client", self.client), ("backend", self.backend)):
+            if conn is None:
                 continue
-            log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
-                        short_id(self.client_id), side, timeout)
-            self.manager.counters[side + "s_dropped_stuck"] += 1
-            conn.abort()  # the stuck writer fails at once and lets go of the lock
-            lock.acquire()
-            return
+            if conn.writing and seen.get(side) == (conn, conn.sends):
+                log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
+                            short_id(self.client_id), side, self.session.pong_timeout_s)
+                self.manager.counters[side + "s_dropped_stuck"] += 1
+                conn.abort()  # the stuck writer fails at once and lets go of its lock
+                break
+        self._note_writes(seen)
 
     def _arm_timer(self, deadline: float) -> None:
         """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
@@ -477,7 +504,9 @@ class PersistentPipe:
         elif code in _ENDS_SESSION:
             log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
                      self.backend_url, code, reason)
-            self.backend.send_close(code, reason)  # complete its close handshake (echo the code)
+            if self.backend is not None:
+                with self._holding(backend=True):
+                    self.backend.send_close(code, reason)  # complete its close handshake (echo the code)
             self._release_backend(failed=False)
             self._perform(session.backend_ended_session(code, reason))
         else:
@@ -513,16 +542,16 @@ class PersistentPipe:
         if session.closed:
             self._let_go(client, 1001, "session ended")
             return
-        old = self.client
-        if old is not None:
-            log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
-            self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
-            self.manager.record_client_closed(CLOSE_TAKEN_OVER, "takeover")
-            self.manager.record_resume_event("takeover")
-        else:
-            log.info("pipe %s: client resumed", short_id(self.client_id))
-            self.manager.record_resume_event("resumed")
-        with self._holding(client=True):
+        with self._holding(client=True):  # no write to the old connection is under way after this
+            old = self.client
+            if old is not None:
+                log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
+                self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
+                self.manager.record_client_closed(CLOSE_TAKEN_OVER, "takeover")
+                self.manager.record_resume_event("takeover")
+            else:
+                log.info("pipe %s: client resumed", short_id(self.client_id))
+                self.manager.record_resume_event("resumed")
             self._use_client(client)
             self._perform(session.client_attached_again(monotonic()))
 
@@ -533,7 +562,7 @@ class PersistentPipe:
                 self._perform(self.session.drain(monotonic()))
 
     def _on_stop(self, code: int, reason: str) -> None:
-        with self._holding(client=True, backend=True):  # closes both
+        with self._holding(backend=True, client=True):  # closes both
             self._perform(self.session.close(code, reason))
 
     def _on_reschedule(self) -> None:
@@ -631,7 +660,7 @@ class PersistentPipe:
             self.reconnects += 1
         was_first = self._first_connect and not self._running
         self._first_connect = False
-        with self._backend_lock:
+        with self._holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(monotonic())
             if self._running:
@@ -724,6 +753,10 @@ class PersistentPipe:
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.client_messages(data, monotonic()))
+        if self._supervisor_waits:
+            # ok-sleep: a yield, not a wait: a Semaphore lets its releaser take it again before a
+            # waiter wakes, so under load the supervisor could wait for as long as data keeps coming
+            gevent.sleep(0)
         if self._armed:
             self._check_pong_deadline(session.to_backend)
 
@@ -746,6 +779,8 @@ class PersistentPipe:
             self._client_broke_protocol(client, exc)
             return
         client.send_close(code, reason)  # complete the close handshake (echo the code)
+        if client is self.client and not (code in _DETACHES and self.session.resume_grace_s):
+            self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
         self._post(("client_gone", client, code or 1005, reason))
 
     def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
@@ -790,6 +825,8 @@ class PersistentPipe:
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         with lock:
             self._perform(session.backend_messages(data, monotonic()))
+        if self._supervisor_waits:
+            gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, as above
         if self._armed:
             self._check_pong_deadline(session.to_client)
 

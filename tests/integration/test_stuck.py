@@ -37,7 +37,10 @@ def _status(proxy) -> dict:
 def test_a_frozen_backend_is_failed_over_with_nothing_lost(processes):
     frozen = processes.echo(name="frozen")
     good = processes.echo(name="good")
-    proxy = processes.proxy("--backend", frozen.url, "--pong-timeout", "1", "--buffer-limit", "64MiB")
+    # resume off: no pings to the client, whose websocket-client could not answer one (and so
+    # would stop reading) while its sending thread waits for the proxy to read
+    proxy = processes.proxy("--backend", frozen.url, "--pong-timeout", "1", "--buffer-limit", "64MiB",
+                            "--resume-grace", "0")
     ws = proxy.connect(timeout=30)
     ws.send_binary(b"warm-up")
     assert ws.recv() == b"warm-up"
