@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
-from gevent import get_hub
+from gevent import Timeout, get_hub
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -235,6 +235,19 @@ class Connection:
             except OSError:
                 return False
             return True
+
+    def linger(self, timeout: float) -> None:
+        """After the close handshake: end our side of the stream (the peer reads our Close, then
+        the end), then read and drop whatever still comes until the peer closes too (or
+        ``timeout``). Closing with unread data (a late Pong) would reset the connection, and the
+        reset can take with it what is still on its way to the peer: our Close."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            with Timeout(timeout, False):
+                while self.sock.recv(READ_CHUNK):
+                    pass
+        except OSError:
+            pass
 
     def wait_closed(self) -> None:
         """Block until :meth:`abort` has been called."""

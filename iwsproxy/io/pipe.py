@@ -778,10 +778,12 @@ class PersistentPipe:
         except ProtocolError as exc:
             self._client_broke_protocol(client, exc)
             return
-        client.send_close(code, reason)  # complete the close handshake (echo the code)
+        echoed = client.send_close(code, reason)  # complete the close handshake (echo the code)
         if client is self.client and not (code in _DETACHES and self.session.resume_grace_s):
             self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
         self._post(("client_gone", client, code or 1005, reason))
+        if echoed:  # the client closed first: its late frames (a Pong) must not reset our reply
+            client.linger(CLOSE_GRACE_S)
 
     def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
         log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)

@@ -406,3 +406,4 @@ def test_a_pipe_goes_back_to_the_backend_it_lost_when_no_other_is_up(processes):
     ws.send("after")
     assert ws.recv() == "after"
     assert proxy.pipes()[0]["backend"] == a.url
+
