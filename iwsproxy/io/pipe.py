@@ -23,11 +23,11 @@ is the order on the wire; ``_client_lock`` does the same for client writes.
 The backend reader never takes the backend lock (a writer blocked on a backend
 that is itself blocked writing to us would deadlock); it only posts events to
 the supervisor's mailbox. The supervisor is the only greenlet that takes both
-locks, and it never waits for one longer than ``--pong-timeout``: a write that
-holds it that long is stuck on a peer that stopped reading, and that peer's
-connection is dropped (:meth:`PersistentPipe._holding`). The supervisor sleeps until its next deadline or
-event; a reader whose write starts an earlier deadline (a new pong timeout)
-wakes it.
+locks; while it waits for one, or writes itself, a write that has taken no byte
+for ``--pong-timeout`` is stuck on a peer that stopped reading, and that peer's
+connection is dropped (:meth:`PersistentPipe._holding`). The supervisor sleeps
+until its next deadline or event; a reader whose write starts an earlier
+deadline (a new pong timeout) wakes it.
 
 A client that vanishes without a normal close is let go while the pipe lives
 on, detached; a new connection with the same id is handed to the pipe
