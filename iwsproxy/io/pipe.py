@@ -754,9 +754,9 @@ class PersistentPipe:
         with lock:
             self._perform(session.client_messages(data, monotonic()))
         if self._supervisor_waits:
-            # ok-sleep: a yield, not a wait: a Semaphore lets its releaser take it again before a
-            # waiter wakes, so under load the supervisor could wait for as long as data keeps coming
-            gevent.sleep(0)
+            # a Semaphore lets its releaser take it again before a waiter wakes: without this yield
+            # the supervisor could wait for as long as data keeps coming
+            gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, not a wait
         if self._armed:
             self._check_pong_deadline(session.to_backend)
 

@@ -130,3 +130,11 @@ class FakeBackend:
 
     def close(self):
         self.sock.close()
+
+
+class DeafBackend(FakeBackend):
+    """Completes the handshake, then never reads again: no echo, no pong, no Close reply; what
+    the proxy writes to it stays unacknowledged."""
+
+    def _serve(self, conn):
+        self._handshake(conn)

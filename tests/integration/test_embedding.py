@@ -17,7 +17,7 @@ import pytest
 import websocket
 
 from conftest import ROOT, recv_close, stats, wait_for
-from rawws import FakeBackend
+from rawws import DeafBackend
 from iwsproxy.process import ChildProcess
 
 
@@ -130,13 +130,6 @@ def test_served_with_the_stock_handler_the_client_gets_a_clear_1011(processes):
                                         name="stock"))
     ws = websocket.create_connection(f"{server.url}/{uuid.uuid4()}", timeout=5)  # the stock handler said 101
     assert recv_close(ws) == (1011, "server misconfigured")
-
-
-class DeafBackend(FakeBackend):
-    """Completes the handshake, then reads nothing: what the proxy writes stays unacknowledged."""
-
-    def _serve(self, conn):
-        self._handshake(conn)
 
 
 def test_a_crashed_supervisor_closes_its_client_with_1011_and_gives_back_its_buffer(processes):

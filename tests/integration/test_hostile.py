@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recv_close, wait_for
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
-from rawws import FakeBackend, RawClient, frame
+from rawws import DeafBackend, FakeBackend, RawClient, frame
 from streams import StreamingClient
 
 
@@ -264,13 +264,6 @@ class EvilBackend(FakeBackend):
     def _serve(self, conn):
         self._handshake(conn)
         conn.sendall(frame(OP_TEXT, b"masked by a server", mask=True))
-
-
-class DeafBackend(FakeBackend):
-    """Completes the handshake, then never reads again: no echo, no pong."""
-
-    def _serve(self, conn):
-        self._handshake(conn)
 
 
 def test_backend_stuck_in_its_handshake_fails_without_stalling_others(processes):

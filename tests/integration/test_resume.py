@@ -10,7 +10,7 @@ import pytest
 import websocket
 
 from conftest import recv_close, stats, wait_for
-from rawws import FakeBackend
+from rawws import DeafBackend, FakeBackend
 from iwsproxy.tokens import sign
 
 
@@ -198,13 +198,6 @@ def test_a_second_connection_while_the_first_waits_for_its_backend_is_refused(pr
     finally:
         slow.go.set()
         slow.close()
-
-
-class DeafBackend(FakeBackend):
-    """Completes the handshake, then never reads: a close handshake with it takes the full grace."""
-
-    def _serve(self, conn):
-        self._handshake(conn)
 
 
 def test_a_reconnect_while_the_old_session_tears_down_gets_a_new_session(processes):
