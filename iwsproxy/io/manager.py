@@ -137,8 +137,9 @@ class PipeManager:
     def release_backend(self, backend: Backend, *, failed: bool, cause: str = "") -> None:
         now = time.monotonic()
         url = backend.url
-        self.pool.release(backend)
-        if failed and self.pool.get(url) is backend:  # not one removed since (even if its URL is back)
+        current = self.pool.get(url) is backend  # not one removed since (even if its URL is back)
+        self.pool.release(backend)  # may remove a draining backend: asked before
+        if failed and current:
             self.counters["backend_errors"] += 1
             self.metrics.backend_error(url)
             if self.pool.record_failure(url, now, cause):
