@@ -31,7 +31,10 @@ session asks for a Ping whose payload is a fence number; a WebSocket stack
 answers pings in order with the data frames before them, so the Pong proves
 those frames were read. A backend fence unanswered after ``pong_timeout_s``
 means the backend is not reading: it is abandoned as failed. An idle backend
-gets a keepalive fence every ``keepalive_s``.
+gets a keepalive fence every ``keepalive_s``. A Pong can also be late through no
+fault of the peer: it waits, unread, behind the peer's data while the runner's
+reader is held up by the other side (a slow client behind a fast backend). The
+runner then excuses that peer (:meth:`Session.excuse`): the wait starts again.
 
 A planned drain stops writing to the backend (client messages are buffered),
 sends it Close 1001 and waits for its Close reply, which proves it read
@@ -167,6 +170,7 @@ class Session:
         self.last_failover: FailoverReport | None = None
         self._waiting_since = now    # when the pipe last had no backend
         self._drain_started = now
+        self._drain_clock = now      # when the wait for the draining backend's Close reply (re)started
         self._detached_at = now
         self._replayed = 0
 
@@ -197,7 +201,7 @@ class Session:
     def _backend_due(self) -> tuple[float, str] | None:
         timeout = self.pong_timeout_s
         if self.state is State.DRAINING:
-            return (self._drain_started + timeout, "no close reply") if timeout else None
+            return (self._drain_clock + timeout, "no close reply") if timeout else None
         if self.state is State.CONNECTED:
             ledger = self.to_backend
             oldest = ledger.oldest_fence_at()
@@ -330,7 +334,7 @@ class Session:
             return []
         self.state = State.DRAINING
         self.to_backend.fences.clear()
-        self._drain_started = now
+        self._drain_started = self._drain_clock = now
         return [CloseBackend(self.generation, CLOSE_GOING_AWAY, "backend draining")]
 
     def backend_drained(self, generation: int, now: float) -> list:
@@ -348,6 +352,31 @@ class Session:
         if self.state is State.CLOSED:
             return []
         return self._close(code, reason, close_backend=False, cause="backend_ended")
+
+    # ---- answers late through no fault of the peer ----
+    def late_answers(self, now: float) -> list[tuple[str, float]]:
+        """The sides ("backend", "client") whose answer (a Pong, or a draining backend's Close
+        reply) is overdue at ``now``, each with when the wait for it began: :meth:`poll` would
+        give them up. The runner may :meth:`excuse` one whose answer can be waiting unread on
+        its own side."""
+        late = []
+        backend = self._backend_due()
+        if backend is not None and backend[1] in ("no pong", "no close reply") and now >= backend[0]:
+            late.append(("backend", backend[0] - self.pong_timeout_s))
+        client = self._client_due()
+        if client is not None and client[1] == "no pong" and now >= client[0]:
+            late.append(("client", client[0] - self.pong_timeout_s))
+        return late
+
+    def excuse(self, side: str, now: float) -> None:
+        """The answer of ``side`` may be among what the runner has not read yet (its reader was
+        held up writing to the other side): the wait for it starts again now."""
+        if side == "client":
+            self.to_client.postpone(now)
+        elif self.state is State.DRAINING:
+            self._drain_clock = now
+        else:
+            self.to_backend.postpone(now)
 
     # ---- the proxy's own decisions ----
     def close(self, code: int, reason: str) -> list:

@@ -18,8 +18,12 @@ pong to a keepalive) parks again by itself: see :meth:`Connection.resume`.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
+from time import monotonic
 
 from gevent import Timeout, get_hub
 from gevent.event import Event
@@ -33,6 +37,8 @@ from ..frames import (OP_CLOSE, OP_PONG, FrameParser, MaskSource, encode_close_p
 __all__ = ["Connection", "ConnectionLost", "Parked"]
 
 READ_CHUNK = 256 * 1024
+_UNREAD = struct.Struct("i")  # FIONREAD's answer
+_UNREAD_ZERO = _UNREAD.pack(0)
 
 
 class ConnectionLost(Exception):
@@ -46,7 +52,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_can_wait_first", "_wait_first", "_idle_watcher", "_closed_event",
-                 "_resumed", "_repark", "sends", "__weakref__")
+                 "_resumed", "_repark", "sends", "stalled_at", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -67,6 +73,7 @@ class Connection:
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
+        self.stalled_at = -1.0  # when the last write that had to wait for the peer ended
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
         self._resumed: Callable[[], None] | None = None  # set by resume() until the first frames arrive
@@ -207,13 +214,27 @@ class Connection:
 
     def _send_rest(self, view: memoryview) -> None:
         """Write the rest of a batch the peer is slow to take, counting each step (not sendall:
-        its progress could not be seen, and it costs a getsockopt per call)."""
+        its progress could not be seen, and it costs a getsockopt per call); ``stalled_at`` then
+        says when this wait for the peer ended."""
         send = self.sock.send
-        while view:
-            sent = send(view)  # waits until the socket takes some
-            if sent:
-                self.sends += 1
-                view = view[sent:]
+        try:
+            while view:
+                sent = send(view)  # waits until the socket takes some
+                if sent:
+                    self.sends += 1
+                    view = view[sent:]
+        finally:
+            self.stalled_at = monotonic()
+
+    def has_unread(self) -> bool:
+        """Bytes from the peer wait in the socket (or in the TLS layer), not yet read by us."""
+        pending = getattr(self.sock, "pending", None)
+        try:
+            if pending is not None and pending():
+                return True
+            return _UNREAD.unpack(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, _UNREAD_ZERO))[0] > 0
+        except (OSError, ValueError):
+            return False  # closed
 
     @property
     def writing(self) -> bool:

@@ -305,9 +305,26 @@ class PersistentPipe:
                 self._handle(event)
             if not session.closed:
                 with self._holding(backend=True, client=True):  # poll may write either way
-                    self._perform(session.poll(monotonic()))
+                    now = monotonic()
+                    self._excuse_held_up_peers(now)
+                    self._perform(session.poll(now))
             self._observe()
         return True
+
+    def _excuse_held_up_peers(self, now: float) -> None:
+        """Give a peer whose answer (a Pong, a Close reply) is late another ``--pong-timeout`` if
+        that answer may be waiting unread on our side: bytes from the peer wait in our socket,
+        and since the wait began our reader of it may have been held up behind a write to the
+        other side that had to wait for the other peer (a fast backend's Pong behind what it
+        sends a slow client). The other peer is slow but takes our bytes: one that takes none is
+        dropped by :meth:`_holding` (while this supervisor waited for its lock)."""
+        for side, since in self.session.late_answers(now):
+            conn, other = (self.backend, self.client) if side == "backend" else (self.client, self.backend)
+            if conn is not None and other is not None and other.stalled_at >= since and conn.has_unread():
+                log.info("pipe %s: the %s's answer is late, but may wait unread behind its data: "
+                         "waiting again", short_id(self.client_id), side)
+                self.manager.counters[f"{side}_answers_excused"] += 1
+                self.session.excuse(side, now)
 
     def _end_after_crash(self) -> None:
         """Close the session (its buffers go back to the process's budget) and the client with 1011."""

@@ -33,8 +33,13 @@ def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, 
 
 
 class RawClient:
-    def __init__(self, port: int, path: str | None = None, *, headers: dict | None = None, timeout: float = 10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, path: str | None = None, *, headers: dict | None = None, timeout: float = 10,
+                 rcvbuf: int | None = None):
+        self.sock = socket.socket()
+        if rcvbuf is not None:  # set before connecting, it turns the receive buffer's autotuning off
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         self.path = path or "/" + str(uuid.uuid4())
         self.headers = headers or {}
         self.parser = FrameParser(expect_masked=False, max_message_size=1 << 30)

@@ -187,6 +187,30 @@ def test_pong_timeout_abandons_the_backend_and_rewinds():
     assert sent(s.backend_connected(4.0)[1]) == [b"a"]
 
 
+def test_a_late_answer_is_reported_and_can_be_excused():
+    s = Session(buffer_limit_bytes=1000, now=0.0, pong_timeout_s=2.0, resume_grace_s=5.0)
+    s.backend_connected(0.0)
+    s.client_messages(msgs("up"), 1.0)      # backend fence 1, sent at 1.0
+    s.backend_messages(msgs("down"), 1.5)   # client fence 1, sent at 1.5
+    assert s.late_answers(2.9) == []
+    assert s.late_answers(3.0) == [("backend", 1.0)]
+    assert s.late_answers(3.5) == [("backend", 1.0), ("client", 1.5)]
+    s.excuse("backend", 3.5)                # its Pong may wait unread behind its data
+    s.excuse("client", 3.5)
+    assert s.late_answers(5.4) == [] and s.poll(5.4) == []
+    assert s.next_deadline() == 5.5
+    assert s.poll(5.5) == [AbandonBackend(1, "no pong within 2 s"),
+                           CloseClient(1001, "client did not answer a ping within 2 s")]
+
+
+def test_an_excused_backend_still_settles_with_its_pong():
+    s = connected(pong_timeout_s=2.0)
+    s.client_messages(msgs("a"), 1.0)
+    s.excuse("backend", 3.0)
+    s.backend_pong(1, encode_fence(1), 3.2)
+    assert s.late_answers(10.0) == [] and s.buffer.window_count == 0
+
+
 def test_keepalive_fence_when_idle():
     s = connected(keepalive_s=20.0)
     assert s.next_deadline() == 20.0
@@ -244,6 +268,17 @@ def test_drain_without_close_reply_times_out_into_a_loss():
     assert s.next_deadline() == 7.0
     assert s.poll(7.0) == [AbandonBackend(1, "no close reply within 5 s")]
     assert sent(s.backend_connected(8.0)[1]) == [b"w1"]
+
+
+def test_a_draining_backend_is_excused_for_a_late_close_reply():
+    s = connected(pong_timeout_s=2.0)
+    s.drain(2.0)
+    assert s.late_answers(4.0) == [("backend", 2.0)]
+    s.excuse("backend", 4.0)
+    assert s.poll(5.9) == [] and s.state is State.DRAINING
+    s.backend_drained(1, 5.9)
+    s.backend_connected(6.0)
+    assert s.last_failover.duration_s == 4.0  # the move began at the drain, not at the excuse
 
 
 def test_drain_only_from_connected():

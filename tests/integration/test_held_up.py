@@ -1,0 +1,138 @@
+"""A peer's answer held up on our side is not the peer's fault.
+
+The proxy's reader of one peer writes what it reads to the other peer, so a slow
+other peer holds it up, and what the first peer sent meanwhile, its Pong to our
+ping fence included, waits unread in our socket. Such a peer is excused for as
+long as the other one takes our bytes: a fast backend streaming to a slow client
+is not failed over (which would lose what it had sent), and a client uploading
+to a slow backend is not closed as unresponsive.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+
+from rawws import FakeBackend, RawClient, frame
+
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser
+
+CHUNK = 256 * 1024
+
+
+def _payload(i: int) -> bytes:
+    return i.to_bytes(4, "big") * (CHUNK // 4)
+
+
+class QueueingWriter:
+    """Writes frames in the order they are queued, from a thread of its own: like a WebSocket
+    stack that buffers outgoing messages (Node's ws, a browser), it sends its Pong after
+    everything it queued before the Ping."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.frames: queue.Queue = queue.Queue()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def _write(self):
+        while (data := self.frames.get()) is not None:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                return
+
+    def stop(self):
+        self.frames.put(None)
+
+
+class StreamingBackend(FakeBackend):
+    """On the message ``go``, queues ``count`` binary messages of 256 KiB for the client; answers
+    pings in its queue, behind them."""
+
+    def __init__(self, count: int):
+        self.count = count
+        super().__init__()
+
+    def _serve(self, conn):
+        threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn):
+        self._handshake(conn)
+        writer = QueueingWriter(conn)
+        parser = FrameParser(expect_masked=True)
+        try:
+            while data := conn.recv(65536):
+                for opcode, payload in parser.feed(data):
+                    if opcode == OP_BINARY and payload == b"go":
+                        for i in range(self.count):
+                            writer.frames.put(frame(OP_BINARY, _payload(i), mask=False))
+                    elif opcode == OP_PING:
+                        writer.frames.put(frame(OP_PONG, payload, mask=False))
+                    elif opcode == OP_CLOSE:
+                        writer.frames.put(frame(OP_CLOSE, payload, mask=False))
+                        return
+        except OSError:
+            pass
+        finally:
+            writer.stop()
+
+
+def test_a_fast_backend_is_not_failed_over_while_a_slow_client_holds_its_pong_up(processes):
+    count = 64  # 16 MiB: read by the client in well over the pong timeout
+    backend = StreamingBackend(count)
+    # resume off: the client gets no pings, so only the backend's answers can be late
+    proxy = processes.proxy("--backend", backend.url, "--pong-timeout", "0.5", "--resume-grace", "0",
+                            "--buffer-limit", "64MiB")
+    client = RawClient(proxy.port, rcvbuf=65536)
+    try:
+        assert client.handshake() == 101
+        client.send(frame(OP_BINARY, b"go"))
+        received = [payload for _, payload in client.parser.feed(client.rest)]
+        while len(received) < count and (data := client.sock.recv(65536)):
+            received += [payload for _, payload in client.parser.feed(data)]  # data frames only
+            time.sleep(0.004)  # ok-sleep: the pace of a slow client (at most 16 MB/s), not a synchronisation
+        # the fence after "go" is answered behind the 16 MiB: without the excuse the backend
+        # would be failed over after 0.5 s, the rest of its stream lost and "go" replayed
+        assert [p[:4] for p in received] == [i.to_bytes(4, "big") for i in range(count)]
+        assert received == [_payload(i) for i in range(count)]
+        assert len(backend.connections) == 1
+        counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
+        assert counters.get("failovers", 0) == 0 and counters["backend_answers_excused"] >= 1
+    finally:
+        client.close()
+        backend.close()
+
+
+def test_a_client_is_not_closed_while_a_slow_backend_holds_its_pong_up(processes):
+    count = 48  # 12 MiB, echoed by a backend that takes 256 KiB every 20 ms
+    slow = processes.echo("--work-ms", "40", name="slow")
+    # at-most-once and no keepalive: the backend gets no fences, so only the client's answers
+    # can be late; resume on: the client gets fences and must answer them
+    proxy = processes.proxy("--backend", slow.url, "--pong-timeout", "0.5", "--resume-grace", "30",
+                            "--delivery", "at-most-once", "--keepalive", "0", "--buffer-limit", "64MiB")
+    client = RawClient(proxy.port)
+    try:
+        assert client.handshake() == 101
+        writer = QueueingWriter(client.sock)
+        for i in range(count):
+            writer.frames.put(frame(OP_BINARY, _payload(i)))
+        echoes = []
+        deadline = time.monotonic() + 30
+        while len(echoes) < count and time.monotonic() < deadline:
+            events = client.events()
+            assert events, f"the proxy closed the client after {len(echoes)} echoes"
+            for opcode, payload in events:
+                if opcode == OP_PING:  # answered behind the upload still queued
+                    writer.frames.put(frame(OP_PONG, payload))
+                else:
+                    assert opcode == OP_BINARY, (opcode, payload[:40])
+                    echoes.append(payload)
+        writer.stop()
+        assert echoes == [_payload(i) for i in range(count)]
+        counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
+        assert counters["client_answers_excused"] >= 1
+        assert not any(key.startswith("clients_") for key in counters), counters
+    finally:
+        client.close()
