@@ -37,6 +37,8 @@ from ..frames import (OP_CLOSE, OP_PONG, FrameParser, MaskSource, encode_close_p
 __all__ = ["Connection", "ConnectionLost", "Parked"]
 
 READ_CHUNK = 256 * 1024
+CLOSE_SEND_TIMEOUT_S = 2.0  # how long a Close may wait for a peer to make room for it
+_STALL_S = 0.001  # a send that took longer waited for the peer
 _UNREAD = struct.Struct("i")  # FIONREAD's answer
 _UNREAD_ZERO = _UNREAD.pack(0)
 
@@ -51,7 +53,7 @@ class Parked(Exception):
 
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
-                 "controls", "reads", "_can_wait_first", "_wait_first", "_idle_watcher", "_closed_event",
+                 "controls", "reads", "_plain", "_wait_first", "_idle_watcher", "_closed_event",
                  "_resumed", "_repark", "sends", "stalled_at", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
@@ -68,8 +70,9 @@ class Connection:
         self.close_sent = False
         self.closed = False
         self.controls: list[Message] | tuple = ()  # the control frames of the last read (a CLOSE last)
-        # a TLS socket may hold decrypted bytes that readiness does not report: there recv comes first
-        self._can_wait_first = self.can_park and not hasattr(sock, "pending")
+        # a plain gevent socket (not TLS, which may hold decrypted bytes that readiness does not
+        # report, and whose send waits by itself): readiness tells all, and a send can be tried
+        self._plain = self.can_park and not hasattr(sock, "pending")
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
@@ -127,14 +130,14 @@ class Connection:
                 # a burst read whole (several frames, a short read) leaves nothing behind it: the
                 # next read waits for data instead of asking at once and being told EAGAIN (a
                 # system call and an exception, about 5% of the proxy's CPU under load)
-                self._wait_first = self._can_wait_first and len(events) > 1 and len(data) < READ_CHUNK
+                self._wait_first = self._plain and len(events) > 1 and len(data) < READ_CHUNK
                 return events
 
     def _first_frames_since_resume(self, data: bool) -> None:
         on_data, self._resumed = self._resumed, None
         if data:
             on_data()
-        elif self._can_wait_first:  # a TLS socket may hold more than readiness reports: no shortcut
+        elif self._plain:  # a TLS socket may hold more than readiness reports: no shortcut
             self._repark = True
 
     def _wait_readable(self) -> None:
@@ -205,12 +208,28 @@ class Connection:
             if self.close_sent:
                 raise ConnectionLost("close already sent")
             try:
-                sent = self.sock.send(data)  # usually takes it all
-                self.sends += 1
+                if self._plain:  # try without waiting (usually takes it all): a wait is a stall
+                    try:
+                        sent = self.sock.send(data, 0, 0.0)
+                    except BlockingIOError:
+                        sent = 0
+                else:
+                    sent = self._send_timed(data)
+                if sent:
+                    self.sends += 1
                 if sent < len(data):
                     self._send_rest(memoryview(data)[sent:])
             except OSError as exc:
                 raise ConnectionLost(str(exc) or type(exc).__name__) from exc
+
+    def _send_timed(self, data: bytes) -> int:
+        """A TLS (or blocking) socket's send, which waits by itself when the peer is slow: a send
+        that took long was such a wait."""
+        started = monotonic()
+        sent = self.sock.send(data)
+        if monotonic() - started > _STALL_S:
+            self.stalled_at = monotonic()
+        return sent
 
     def _send_rest(self, view: memoryview) -> None:
         """Write the rest of a batch the peer is slow to take, counting each step (not sendall:
@@ -244,18 +263,32 @@ class Connection:
     def pong(self, payload: bytes) -> None:
         self.send_raw(encode_frame(OP_PONG, payload, mask_source=self._mask))
 
-    def send_close(self, code: int | None, reason: str = "") -> bool:
-        """Send a Close frame once; returns False if one was already sent or the socket failed."""
-        with self._lock:
+    def send_close(self, code: int | None, reason: str = "", timeout: float = CLOSE_SEND_TIMEOUT_S) -> bool:
+        """Send a Close frame once; returns False if one was already sent or the socket failed.
+
+        A peer that has stopped reading (our buffers full, or a write of ours stuck) gets
+        ``timeout`` seconds to make room for the Close; then the connection is aborted and this
+        returns False, so that closing never waits on a peer for ever."""
+        if not self._lock.acquire(timeout=timeout):
+            self.abort()  # the write holding the lock fails and lets go
+            return False
+        try:
             if self.close_sent or self.closed:
                 return False
             self.close_sent = True
             frame = encode_frame(OP_CLOSE, encode_close_payload(code, reason), mask_source=self._mask)
+            sent = False
             try:
-                self.sock.sendall(frame)
+                with Timeout(timeout, False):
+                    self.sock.sendall(frame)
+                    sent = True
             except OSError:
                 return False
-            return True
+            if not sent:
+                self.abort()
+            return sent
+        finally:
+            self._lock.release()
 
     def linger(self, timeout: float) -> None:
         """After the close handshake: end our side of the stream (the peer reads our Close, then

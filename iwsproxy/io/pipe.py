@@ -698,14 +698,18 @@ class PersistentPipe:
 
     # ---- actions ----
     def _perform(self, actions: list) -> None:
-        """Perform session actions in order; backend writes must hold ``_backend_lock``."""
+        """Perform session actions in order; backend writes must hold ``_backend_lock``.
+
+        After a failed write to one side (its loss is reported) the later writes to that side
+        are skipped; the rest is still performed (a fence for the other side, a Close)."""
+        backend_ok = client_ok = True
         for action in actions:
             if type(action) is SendToBackend:
-                if not self._send(self.backend, action, "to_backend"):
-                    return
+                if backend_ok:
+                    backend_ok = self._send(self.backend, action, "to_backend")
             elif type(action) is SendToClient:
-                if not self._send(self.client, action, "to_client"):
-                    return
+                if client_ok:
+                    client_ok = self._send(self.client, action, "to_client")
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
                 self.manager.record_client_closed(action.code, self.session.end_cause)

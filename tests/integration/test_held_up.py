@@ -22,8 +22,8 @@ from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameParser
 CHUNK = 256 * 1024
 
 
-def _payload(i: int) -> bytes:
-    return i.to_bytes(4, "big") * (CHUNK // 4)
+def _payload(i: int, size: int = CHUNK) -> bytes:
+    return i.to_bytes(4, "big") * (size // 4)
 
 
 class QueueingWriter:
@@ -48,11 +48,11 @@ class QueueingWriter:
 
 
 class StreamingBackend(FakeBackend):
-    """On the message ``go``, queues ``count`` binary messages of 256 KiB for the client; answers
-    pings in its queue, behind them."""
+    """On the message ``go``, queues ``count`` binary messages of ``size`` bytes for the client;
+    answers pings in its queue, behind them."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, size: int):
+        self.count, self.size = count, size
         super().__init__()
 
     def _serve(self, conn):
@@ -67,7 +67,7 @@ class StreamingBackend(FakeBackend):
                 for opcode, payload in parser.feed(data):
                     if opcode == OP_BINARY and payload == b"go":
                         for i in range(self.count):
-                            writer.frames.put(frame(OP_BINARY, _payload(i), mask=False))
+                            writer.frames.put(frame(OP_BINARY, _payload(i, self.size), mask=False))
                     elif opcode == OP_PING:
                         writer.frames.put(frame(OP_PONG, payload, mask=False))
                     elif opcode == OP_CLOSE:
@@ -80,8 +80,8 @@ class StreamingBackend(FakeBackend):
 
 
 def test_a_fast_backend_is_not_failed_over_while_a_slow_client_holds_its_pong_up(processes):
-    count = 64  # 16 MiB: read by the client in well over the pong timeout
-    backend = StreamingBackend(count)
+    count, size = 64, CHUNK  # 16 MiB, read by the client in well over the pong timeout
+    backend = StreamingBackend(count, size)
     # resume off: the client gets no pings, so only the backend's answers can be late
     proxy = processes.proxy("--backend", backend.url, "--pong-timeout", "0.5", "--resume-grace", "0",
                             "--buffer-limit", "64MiB")
@@ -96,7 +96,7 @@ def test_a_fast_backend_is_not_failed_over_while_a_slow_client_holds_its_pong_up
         # the fence after "go" is answered behind the 16 MiB: without the excuse the backend
         # would be failed over after 0.5 s, the rest of its stream lost and "go" replayed
         assert [p[:4] for p in received] == [i.to_bytes(4, "big") for i in range(count)]
-        assert received == [_payload(i) for i in range(count)]
+        assert received == [_payload(i, size) for i in range(count)]
         assert len(backend.connections) == 1
         counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
         assert counters.get("failovers", 0) == 0 and counters["backend_answers_excused"] >= 1

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from types import SimpleNamespace
@@ -18,9 +19,10 @@ from gevent.lock import Semaphore
 from conftest import stats, wait_for
 from rawws import frame
 
-from iwsproxy.frames import OP_BINARY
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, FrameParser
 from iwsproxy.io.connection import Connection, ConnectionLost
 from iwsproxy.io.pipe import PersistentPipe
+from iwsproxy.session import CloseClient, SendToBackend, SendToClient, encode_fence
 
 CHUNK = 256 * 1024
 COUNT = 64   # 16 MiB: far more than the socket buffers of a peer that does not read
@@ -229,3 +231,87 @@ def test_a_peer_that_takes_nothing_loses_its_connection_after_the_timeout():
     finally:
         conn.abort()
         peer.close()
+
+
+def _fill(conn: Connection) -> None:
+    """Write until our send buffer and the peer's receive buffer are full (the peer reads nothing)."""
+    sock = conn.sock
+    sock.setblocking(False)
+    try:
+        while True:
+            for size in (65536, 4096, 1):  # until not even a byte fits
+                try:
+                    while True:
+                        sock.send(bytes(size))
+                except BlockingIOError:
+                    pass
+            try:  # the kernel may still be moving bytes into the peer's buffer, making room
+                gsocket.wait_write(sock.fileno(), timeout=0.2, timeout_exc=TimeoutError)
+            except TimeoutError:
+                try:
+                    sock.send(b"\0")
+                except BlockingIOError:
+                    return
+    finally:
+        sock.setblocking(True)
+
+
+def test_a_small_write_that_waits_for_the_peer_is_noted_as_a_stall():
+    # the evidence that a reader may have been held up by this peer (see test_held_up.py)
+    conn, peer = _small_buffered_pair()
+    try:
+        _fill(conn)
+        before = time.monotonic()
+        writer = gevent.spawn(conn.send_raw, bytes(100))  # fits once the peer reads a little
+        gevent.idle()
+        assert conn.writing and conn.stalled_at < before
+        drained = gevent.spawn(lambda: peer.recv(1 << 20))
+        writer.get(timeout=5)
+        drained.join(5)
+        assert conn.stalled_at >= before
+    finally:
+        conn.abort()
+        peer.close()
+
+
+def test_a_close_to_a_peer_that_reads_nothing_gives_up_and_drops_the_connection():
+    # a taken-over connection whose buffers are full, no write of ours under way: the 4409 must
+    # not hold the pipe's supervisor for as long as the peer stays silent
+    conn, peer = _small_buffered_pair()
+    try:
+        _fill(conn)
+        assert not conn.writing
+        with gevent.Timeout(5):
+            assert conn.send_close(4409, "session taken over", timeout=0.2) is False
+        assert conn.closed
+    finally:
+        conn.abort()
+        peer.close()
+
+
+def test_a_failed_write_to_one_side_does_not_skip_the_other_sides_actions():
+    backend, backend_peer = _small_buffered_pair()
+    client_sock, client_peer = gsocket.socketpair()
+    client = Connection(client_sock, server_side=True, max_message_size=1 << 20)
+    pipe = _pipe_with_backend(backend, pong_timeout_s=10)
+    pipe.client = client
+    pipe.manager.record_client_closed = lambda code, cause: None
+    pipe.manager.metrics = SimpleNamespace(messages=lambda direction, count, nbytes: None)
+    pipe.session = SimpleNamespace(generation=1, end_cause="client_unresponsive")
+    posted: list = []
+    pipe._post = posted.append
+    try:
+        backend.abort()  # the backend's write fails
+        pipe._perform([SendToBackend([], fence=2), SendToClient([], fence=3),
+                       CloseClient(1001, "bye")])
+        assert [event[0] for event in posted] == ["backend_lost"]
+        client_peer.settimeout(5)
+        parser = FrameParser(expect_masked=False)
+        events = []
+        while len(events) < 2:
+            events += parser.feed(client_peer.recv(4096))
+        assert events == [(OP_PING, encode_fence(3)), (OP_CLOSE, b"\x03\xe9bye")]
+    finally:
+        client.abort()
+        client_peer.close()
+        backend_peer.close()
