@@ -104,6 +104,9 @@ class BackendConnection(Connection):
         self.subprotocol = subprotocol
 
 
+OFFERED = object()  # connect_backend's subprotocol for a session's first backend: the client's offer
+
+
 def _target(url: str, query: str) -> str:
     if not query:
         return url
@@ -113,16 +116,22 @@ def _target(url: str, query: str) -> str:
 
 
 def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s: float,
-                    max_message_size: int, max_fragments: int = 1024, require_subprotocol: str | None = None,
+                    max_message_size: int, max_fragments: int = 1024, subprotocol: str | None | object = OFFERED,
                     sslopt: dict | None = None, mask_source: MaskSource | None = None) -> BackendConnection:
     """Open a backend connection for one pipe.
 
-    The client's subprotocol offer is passed on (or only ``require_subprotocol``
-    after the first backend chose one); the backend's choice must be one of the
-    offer. Raises :class:`BackendRejected` for an HTTP error status and
+    For the session's first backend (``subprotocol=OFFERED``) the client's
+    subprotocol offer is passed on and the backend's choice must be one of it.
+    Later backends must speak what the client was told in its 101: they are
+    offered only ``subprotocol``, the first backend's choice, and must pick it (or,
+    if it is None, are offered none and must pick none). Raises
+    :class:`BackendRejected` for an HTTP error status and
     :class:`BackendConnectError` for everything else.
     """
-    offered = [require_subprotocol] if require_subprotocol else list(offer.subprotocols)
+    if subprotocol is OFFERED:
+        offered = list(offer.subprotocols)
+    else:
+        offered = [subprotocol] if subprotocol else []
     headers = [f"{name}: {value}" for name, value in offer.headers]
     headers.append(f"{CLIENT_ID_HEADER}: {offer.client_id}")
     headers.append(f"{RECONNECTS_HEADER}: {reconnects}")
@@ -153,9 +162,9 @@ def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s:
             sock.close()
             raise BackendConnectError(url, f"backend chose subprotocol {chosen!r}, not one offered {offered}")
         chosen = match[0]
-    if require_subprotocol and chosen != require_subprotocol:
+    if subprotocol is not OFFERED and chosen != subprotocol:
         sock.close()
-        raise BackendConnectError(url, f"backend did not accept subprotocol {require_subprotocol!r}")
+        raise BackendConnectError(url, f"backend did not accept subprotocol {subprotocol!r}")
     sock.settimeout(None)  # create_connection leaves its timeout on the socket; reads must block
     return BackendConnection(url, sock, chosen, max_message_size=max_message_size, max_fragments=max_fragments,
                              mask_source=mask_source)

@@ -55,7 +55,7 @@ from ..frames import OP_PING, OP_PONG, parse_close_payload
 from ..pool import Backend
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
-from .backend import BackendConnection, ClientOffer, connect_backend
+from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
 from .connection import Connection, ConnectionLost, Parked
 
 if TYPE_CHECKING:
@@ -643,7 +643,7 @@ class PersistentPipe:
                                        max_message_size=manager.settings.max_message_size_bytes,
                                        max_fragments=manager.settings.max_fragments,
                                        sslopt=manager.backend_sslopt, mask_source=manager.mask_source,
-                                       require_subprotocol=None if self._first_connect else self.subprotocol)
+                                       subprotocol=OFFERED if self._first_connect else self.subprotocol)
             except BackendRejected as exc:
                 manager.release_backend(lease, failed=not self._first_connect, cause=str(exc))
                 if self._first_connect and 400 <= exc.status < 500:

@@ -13,10 +13,10 @@ import pytest
 import websocket
 
 from conftest import recv_close, stats, wait_for
-from rawws import FakeBackend, frame
+from rawws import FakeBackend, RawClient, frame
 
 from iwsproxy.echo import EchoProcess
-from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameParser
 
 
 def free_port() -> int:
@@ -195,6 +195,26 @@ def test_later_backend_must_accept_the_same_subprotocol(processes):
     proxy.admin("POST", {"url": right.url})
     assert roundtrip(ws, "hello")[1] == b"hello"
     assert proxy.pipes()[0]["backend"] == right.url
+
+
+def test_a_session_without_subprotocol_keeps_none_after_a_failover(processes):
+    a = processes.echo(name="a")  # chooses no subprotocol
+    proxy = processes.proxy("--backend", a.url)
+    client = RawClient(proxy.port)  # websocket-client refuses a 101 that chose none of its offer
+    try:
+        assert client.handshake(**{"Sec-WebSocket-Protocol": "chat.v2"}) == 101  # told: none chosen
+        b = processes.echo("--subprotocol", "chat.v2", name="b")  # would choose chat.v2 if offered it
+        proxy.admin("POST", {"url": b.url})
+        a.kill()
+        client.send(frame(OP_TEXT, b"after the failover"))
+        data = []
+        while not data:  # the proxy's pings (fences) may come first
+            data = [event for event in client.events() if event[0] != OP_PING]
+        assert data == [(OP_TEXT, b"after the failover")]
+        assert proxy.pipes()[0]["backend"] == b.url
+        assert "sec-websocket-protocol" not in stats(b)["last_headers"]  # not offered: none chosen
+    finally:
+        client.close()
 
 
 def test_exclusive_policy_one_client_per_backend(processes):
