@@ -52,7 +52,7 @@ from ..backoff import backoff
 from ..buffer import Message
 from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
 from ..frames import OP_PING, OP_PONG, parse_close_payload
-from ..pool import Backend
+from ..pool import Admin, Backend
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
@@ -685,6 +685,8 @@ class PersistentPipe:
                 # otherwise stop reading a flush larger than the sockets hold, and the flush would wait for it
                 self._spawn_backend_reader(conn, generation)
             self._perform(actions)
+        if lease.admin is Admin.DRAINING:  # drained while this handshake was under way: move on
+            self.drain(conn.url)
         report = session.last_failover
         if report is not None and session.failovers == self.reconnects and not was_first:
             log.info("pipe %s: failover %s -> %s after %s: %.1f ms, %d replayed, %d messages / %d bytes flushed",

@@ -86,3 +86,44 @@ def test_a_ping_from_a_draining_backend_does_not_turn_the_drain_into_a_failover(
         assert stats(b)["messages_total"] == 1
     finally:
         pinging.close()
+
+
+class HeldHandshakeBackend(PingOnCloseBackend):
+    """Completes its handshake only once ``release`` is set; then as PingOnCloseBackend."""
+
+    def __init__(self):
+        self.accepted = threading.Event()
+        self.release = threading.Event()
+        super().__init__()
+
+    def _serve(self, conn):
+        threading.Thread(target=self._serve_later, args=(conn,), daemon=True).start()
+
+    def _serve_later(self, conn):
+        self.accepted.set()
+        if self.release.wait(10):
+            super()._serve(conn)
+
+
+def test_a_pipe_still_connecting_to_a_drained_backend_moves_off_it(processes):
+    held = HeldHandshakeBackend()
+    try:
+        b = processes.echo(name="b")
+        proxy = processes.proxy("--backend", held.url)
+        opened: dict = {}
+        opener = threading.Thread(target=lambda: opened.setdefault("ws", proxy.connect()), daemon=True)
+        opener.start()
+        assert held.accepted.wait(10)  # the pipe's handshake with it is under way
+        proxy.admin("POST", {"url": b.url})
+        status, body = proxy.admin("DELETE", {"url": held.url, "drain": True, "window_s": 0.1})
+        assert (status, body["pipes"]) == (202, 0)  # not on it yet
+        held.release.set()
+        opener.join(10)
+        wait_for(lambda: proxy.pipes()[0]["backend"] == b.url, what="the pipe to move")
+        wait_for(lambda: held.url not in proxy.backends(), what="the drained backend to leave the pool")
+        ws = opened["ws"]
+        ws.send("after")
+        assert ws.recv() == "after"
+        ws.close()
+    finally:
+        held.close()
