@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
 
@@ -46,8 +47,9 @@ def _parse_bool(value: Any) -> bool:
     text = str(value).strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
-    if text in ("0", "false", "no", "off", ""):
+    if text in ("0", "false", "no", "off"):
         return False
+    # empty is no answer (an unset ${VAR} in a compose file): never a silent False, as for TLS checks
     raise ValueError("expected true/false")
 
 
@@ -276,12 +278,27 @@ class Settings:
         return host.strip("[]"), int(port)
 
 
+_SECRETS = frozenset({"admin_token", "resume_secret"})
+
+
 def describe(settings: Settings) -> list[tuple[str, str, Any, str]]:
-    """(field name, environment name, value, help) for each setting; the admin token is masked."""
+    """(field name, environment name, value, help) for each setting; secrets (the tokens, a
+    password in the Redis URL) are masked."""
     rows = []
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
-        if f.name == "admin_token" and value:
+        if f.name in _SECRETS and value:
             value = "***"
+        elif f.name == "redis_url" and value:
+            value = _without_password(value)
         rows.append((f.name, f.metadata["env"], value, f.metadata["help"]))
     return rows
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from iwsproxy.exceptions import ConfigError
-from iwsproxy.settings import Settings, parse_size
+from iwsproxy.settings import Settings, describe, parse_size
 
 
 @pytest.mark.parametrize("text, size", [
@@ -41,6 +41,24 @@ def test_an_invalid_value_names_its_key_value_and_source():
         Settings.load(env={"IWSPROXY_POOL_POLICY": "random"})
     with pytest.raises(ConfigError, match="unknown setting"):
         Settings.load(buffer_limit=1)
+
+
+@pytest.mark.parametrize("value", ["", "  ", "maybe"])
+def test_a_switch_set_to_nothing_is_refused_not_turned_off(value):
+    # an unset ${VAR} in a compose file must not turn certificate checks off in silence
+    with pytest.raises(ConfigError, match="IWSPROXY_BACKEND_TLS_VERIFY"):
+        Settings.load(env={"IWSPROXY_BACKEND_TLS_VERIFY": value})
+    assert Settings.load(env={"IWSPROXY_BACKEND_TLS_VERIFY": "off"}).backend_tls_verify is False
+
+
+def test_described_settings_mask_every_secret():
+    settings = Settings.load(env={"IWSPROXY_ADMIN_TOKEN": "admin-secret", "IWSPROXY_RESUME_SECRET": "resume-secret",
+                                  "IWSPROXY_REDIS_URL": "redis://user:redis-secret@127.0.0.1:6379/0"})
+    described = {name: value for name, _, value, _ in describe(settings)}
+    assert (described["admin_token"], described["resume_secret"]) == ("***", "***")
+    assert described["redis_url"] == "redis://user:***@127.0.0.1:6379/0"
+    assert "-secret" not in repr(described.values())
+    assert describe(Settings.load(env={"IWSPROXY_REDIS_URL": "redis://127.0.0.1:6379"}))
 
 
 @pytest.mark.parametrize("name", ["IWSPROXY_CONNECT_TIMEOUT", "IWSPROXY_BACKOFF_INITIAL"])
