@@ -29,6 +29,8 @@ def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...], *, a
         return allow_missing
     if not allowed:
         scheme, hostname, port = _split(origin)
+        if ":" in hostname:  # an IPv6 address: bracketed in a Host header, as in the Origin
+            hostname = f"[{hostname}]"
         netloc = hostname if port is None else f"{hostname}:{port}"
         return bool(hostname) and netloc == host.lower()
     scheme, hostname, port = _split(origin)

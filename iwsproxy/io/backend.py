@@ -73,13 +73,23 @@ def url_allowed(url: str, allowlist: tuple[str, ...]) -> bool:
                     return True
             except ValueError:
                 continue
-        elif entry.rpartition(":")[2].isdigit() and not entry.startswith("["):
-            name, _, entry_port = entry.rpartition(":")
-            if name == host and int(entry_port) == port:
-                return True
-        elif entry.strip("[]") == host:
+            continue
+        name, entry_port = _host_and_port(entry)
+        if name == host and entry_port in (None, port):
             return True
     return False
+
+
+def _host_and_port(entry: str) -> tuple[str, int | None]:
+    """An allowlist entry's host and port: ``host``, ``host:port``, an IPv6 address bare or in
+    brackets, ``[v6]:port``."""
+    if entry.startswith("["):
+        name, _, rest = entry[1:].partition("]")
+        return name, int(rest[1:]) if rest[1:].isdigit() else None
+    name, colon, entry_port = entry.rpartition(":")
+    if colon and ":" not in name and entry_port.isdigit():
+        return name, int(entry_port)
+    return entry, None  # a name, or a bare IPv6 address (its colons are not a port's)
 
 
 @dataclass(frozen=True)

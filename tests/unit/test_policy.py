@@ -21,6 +21,8 @@ from iwsproxy.policy import FailureLimiter, origin_allowed
     ("null", "proxy", ("*",), True),
     ("http://anything", "proxy", ("*",), True),
     ("http://app.example.com", "proxy", ("app.example.com",), True),
+    ("http://[::1]:8080", "[::1]:8080", (), True),  # the proxy's own origin, over IPv6
+    ("http://[::2]:8080", "[::1]:8080", (), False),
 ])
 def test_origin_policy(origin, host, allowed, expected):
     assert origin_allowed(origin, host, allowed, allow_missing=True) is expected
@@ -56,6 +58,13 @@ def test_failure_limiter_memory_is_bounded():
     ("ws://backend.internal:9001/x", ("backend.internal:9000",), False),
     ("wss://backend.internal/x", ("backend.internal:443",), True),
     ("ws://169.254.169.254/", ("10.0.0.0/8", "backend.internal"), False),
+    ("ws://[::1]:9000/x", ("::1",), True),
+    ("ws://[2001:db8::5]/x", ("2001:db8::5",), True),
+    ("ws://[2001:db8::5]/x", ("2001:db8::6",), False),
+    ("ws://[::1]:9000/x", ("[::1]:9000",), True),
+    ("ws://[::1]:9001/x", ("[::1]:9000",), False),
+    ("ws://[::1]:9000/x", ("[::1]",), True),
+    ("ws://[2001:db8::5]/x", ("2001:db8::/32",), True),
 ])
 def test_backend_allowlist(url, allowlist, expected):
     assert url_allowed(url, allowlist) is expected
