@@ -15,7 +15,11 @@ applying a change twice is harmless, the ``apply_*`` methods are idempotent), th
 blocks on the pub/sub connection and applies each change to its manager. An
 admin call in this process applies the change here at once (so the answer reflects
 it), writes it to Redis and publishes it; its echo is applied again harmlessly,
-except a drain, which this process has already started and skips. A drained URL
+except a drain, which this process has already started and skips, unless an add
+read in between made the URL ready again: that add was published before the drain
+(this process's own, another's, or one queued while it resubscribed), so the drain
+is applied again. A remove's echo is always applied, so it too wins over an older
+add read after the removal. A drained URL
 leaves the sorted set when the drain is published; each process drops it from its
 pool when its last pipe has moved. Error counts and ejection stay per process (they
 live in each process's pool).
@@ -65,6 +69,7 @@ from redis.retry import Retry
 
 from ..backoff import backoff
 from ..exceptions import ConfigError
+from ..pool import Admin
 from .backend import check_backend_url
 
 if TYPE_CHECKING:
@@ -392,10 +397,21 @@ class RedisRegistry:
             self._manager.apply_remove(url)
         elif op == "drain":
             self._registered.pop(url, None)
-            if change.get("origin") != self._origin:  # this process started its own drain already
+            if change.get("origin") != self._origin or self._undone_here(url):
                 self._manager.apply_drain(url, window_s)
         else:
             log.warning("registry: ignoring a message with unknown op %.200r", data)
+
+    def _undone_here(self, url: str) -> bool:
+        """Was this process's own drain of ``url`` undone before its echo came back?
+
+        The drain was applied here before it was published, so an add read since
+        (ours, another process's, or one queued while we resubscribed) was published
+        before it and is older: the drain wins and is applied again. A drain still
+        in progress here (DRAINING) or already finished (gone) is left alone.
+        """
+        backend = self._manager.pool.get(url)
+        return backend is not None and backend.admin is Admin.READY
 
     @staticmethod
     def _valid(url: object) -> bool:

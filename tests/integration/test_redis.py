@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from iwsproxy.process import ChildProcess
 from redis_server import RedisServer, redis_server_missing
 
 WORKERS = 3
+SCENARIOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "registry_scenarios.py")
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +278,18 @@ def test_drain_through_the_registry_moves_pipes_in_every_process(processes, redi
         roundtrip(ws_two, f"two{i}")
     ws_one.close()
     ws_two.close()
+
+
+def scenario(redis_url: str, name: str) -> dict:
+    """Run one scenario of tests/registry_scenarios.py (two registries in one gevent process)."""
+    done = subprocess.run([sys.executable, SCENARIOS, redis_url, name], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("op", ["drain", "remove"])
+def test_an_own_change_wins_over_an_older_add_read_after_it(redis_server, op):
+    # the worker applies its drain (remove) before publishing it; its own add, published
+    # before, is read only after that and must not bring the backend back
+    db = {"drain": 4, "remove": 5}[op]
+    assert scenario(redis_server.url(db), f"own-{op}") == {"a": [], "b": [], "redis": []}
