@@ -25,7 +25,7 @@ from .io.manager import PipeManager
 from .io.server import install_gunicorn_graceful_stop
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
-from .settings import Settings
+from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
 __all__ = ["IWSProxy", "create_app", "uuid4_client_id"]
@@ -210,8 +210,10 @@ def remove_backend():
     manager = _state().manager
     if body.get("drain"):
         window = body.get("window_s")
-        if window is not None and (not isinstance(window, (int, float)) or window < 0):
-            return jsonify(error="window_s must be a number of seconds >= 0"), 400
+        try:
+            window = None if window is None else check_drain_window(window)
+        except ValueError as exc:
+            return jsonify(error=f"window_s {exc}"), 400
         moving = manager.drain_backend(url, window)
         if moving is None:
             return jsonify(error="no such backend", url=url), 404

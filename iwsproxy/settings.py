@@ -10,6 +10,7 @@ where it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
 
-__all__ = ["Settings", "parse_size", "describe"]
+__all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -55,9 +56,27 @@ def _parse_bool(value: Any) -> bool:
 
 def _parse_seconds(value: Any) -> float:
     seconds = float(value)
-    if seconds < 0 or seconds != seconds:
-        raise ValueError("must be a number of seconds >= 0")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite number of seconds >= 0")
     return seconds
+
+
+MAX_DRAIN_WINDOW_S = 86400.0  # a day; a drain marker in Redis lives this long plus a grace
+
+
+def check_drain_window(seconds: Any) -> float:
+    """A drain window given as a number (not a bool) of seconds from 0 to a day; ValueError otherwise.
+
+    A longer window is a mistake rather than a plan, and an unbounded one cannot be
+    written to Redis (the drain marker's expiry must fit its range).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_DRAIN_WINDOW_S:
+        raise ValueError(f"must be a number of seconds from 0 to {MAX_DRAIN_WINDOW_S:g}")
+    return float(seconds)
+
+
+def _parse_drain_window(value: Any) -> float:
+    return check_drain_window(_parse_seconds(value))
 
 
 def _parse_positive_seconds(value: Any) -> float:
@@ -152,7 +171,7 @@ class Settings:
     keepalive_s: float = setting(20.0, "IWSPROXY_KEEPALIVE", _parse_seconds,
                                  "ping an idle backend this often, so a dead one is noticed (0 = never)",
                                  "--keepalive")
-    drain_window_s: float = setting(5.0, "IWSPROXY_DRAIN_WINDOW", _parse_seconds,
+    drain_window_s: float = setting(5.0, "IWSPROXY_DRAIN_WINDOW", _parse_drain_window,
                                     "a drained backend's pipes move over this many seconds (no stampede)",
                                     "--drain-window")
     redis_url: str | None = setting(None, "IWSPROXY_REDIS_URL", _parse_optional_str,

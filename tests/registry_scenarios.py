@@ -88,7 +88,21 @@ def own_remove(redis_url: str) -> dict:
     return own_change_after_an_older_add(redis_url, "remove")
 
 
-SCENARIOS = {"own-drain": own_drain, "own-remove": own_remove}
+def rejected_drain(redis_url: str) -> dict:
+    """A drain Redis rejects (its marker's expiry is out of range) is dropped: A reconnects and syncs on."""
+    a, b = Worker(redis_url), Worker(redis_url)
+    a.manager.add_backend(U)
+    b.wait_applied("add", U)
+    a.registry.drain(U, 1e16)  # past the manager's check, as a registry of its own would be called
+    redis.Redis.from_url(redis_url).client_kill_filter(_type="pubsub")
+    a.connected.get(timeout=TIMEOUT_S)  # a change kept for retry would fail each reconnect
+    b.connected.get(timeout=TIMEOUT_S)
+    a.manager.add_backend(V)
+    b.wait_applied("add", V)
+    return {"a": a.urls(), "b": b.urls()}
+
+
+SCENARIOS = {"own-drain": own_drain, "own-remove": own_remove, "rejected-drain": rejected_drain}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ..frames import MaskSource
 from ..pool import Backend, BackendPool
 from ..metrics import Metrics
 from ..session import FailoverReport
-from ..settings import Settings
+from ..settings import Settings, check_drain_window
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
 from .client import ClientUpgrade, ProxyHandler
@@ -85,8 +85,11 @@ class PipeManager:
         Close reply and moves to the next backend: nothing lost, nothing doubled.
         The backend leaves the pool when its last pipe has moved. Returns the
         number of this process's pipes to move, or None if ``url`` is unknown.
+        A window that is not a number of seconds from 0 to a day raises
+        ValueError before anything changes.
         """
-        return self.registry.drain(url, self.settings.drain_window_s if window_s is None else window_s)
+        window_s = check_drain_window(self.settings.drain_window_s if window_s is None else window_s)
+        return self.registry.drain(url, window_s)
 
     # ---- backends: applying a change to this process (called by the registry) ----
     def apply_add(self, url: str) -> bool:

@@ -38,7 +38,11 @@ answered (a request never fails because Redis is down); they are kept, last chan
 per URL, and written to Redis (and so published) as soon as it is back, before the
 reconcile. The alternative, refusing the call, would make the admin API useless
 exactly when an operator may need it; keeping the change local forever would leave
-workers disagreeing after Redis returns.
+workers disagreeing after Redis returns. A change Redis itself refuses (an error
+reply, not a lost connection) is logged at ERROR and dropped instead: it would be
+refused again, and kept changes are written before any later one, so keeping it
+would keep every later change local too. The script checks its arguments before
+it writes, so a refused change leaves Redis as it was.
 
 Redis lost its data (restarted without persistence, or flushed). Removing every URL
 missing from an empty set would empty every pool. So the first process to reconnect
@@ -64,12 +68,13 @@ import redis
 from gevent.event import Event
 from gevent.pool import Group
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError, TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..backoff import backoff
 from ..exceptions import ConfigError
 from ..pool import Admin
+from ..settings import MAX_DRAIN_WINDOW_S
 from .backend import check_backend_url
 
 if TYPE_CHECKING:
@@ -80,11 +85,19 @@ __all__ = ["RedisRegistry"]
 log = logging.getLogger(__name__)
 
 DRAIN_MARKER_GRACE_S = 60.0  # a drain marker outlives its window by this much
+_MAX_MARKER_TTL_MS = (MAX_DRAIN_WINDOW_S + DRAIN_MARKER_GRACE_S) * 1000  # longer: rejected before any write
 
-# KEYS: backends, seq, drain marker. ARGV: op, url, message, channel, known here (1/0), window_s, marker ttl ms.
-# Returns 1 if the set changed (add: the URL was new; remove/drain: it was there).
+# KEYS: backends, seq, drain marker. ARGV: op, url, message, channel, known here (1/0), window_s, marker ttl ms,
+# longest marker ttl ms. Returns 1 if the set changed (add: the URL was new; remove/drain: it was there).
+# A drain's ttl is checked before anything is written: a script's writes are not undone by a later error.
 _CHANGE = """
 local op, url = ARGV[1], ARGV[2]
+if op == 'drain' then
+  local ttl = tonumber(ARGV[7])
+  if not ttl or ttl ~= ttl or ttl < 1 or ttl > tonumber(ARGV[8]) then
+    return redis.error_reply('ERR drain marker ttl out of range: ' .. ARGV[7])
+  end
+end
 local changed = 0
 if op == 'add' then
   if not redis.call('ZSCORE', KEYS[1], url) then
@@ -98,7 +111,7 @@ else
     return 0
   end
   if op == 'drain' then
-    redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
+    redis.call('SET', KEYS[3], ARGV[6], 'PX', math.floor(tonumber(ARGV[7])))
   else
     redis.call('DEL', KEYS[3])
   end
@@ -139,6 +152,16 @@ def _redacted(url: str) -> str:
 
 class _PubSubSilent(RedisError):
     """The pub/sub connection stopped answering (no reply to a ping within a heartbeat)."""
+
+
+def _rejected(exc: BaseException) -> bool:
+    """Did Redis refuse the change itself (a bad argument, a wrongly typed key)?
+
+    Sending it again would fail again, and a change kept for retry blocks every
+    later one, so such a change is dropped. A read-only replica (a failover in
+    progress) or a missing script says nothing about the change: it is kept.
+    """
+    return isinstance(exc, ResponseError) and not isinstance(exc, (ReadOnlyError, NoScriptError))
 
 
 class RedisRegistry:
@@ -249,14 +272,16 @@ class RedisRegistry:
         try:
             return self._send(op, url, known_here=known_here, window_s=window_s)
         except RedisError as exc:
+            if _rejected(exc):
+                return self._drop(op, url, exc)
             return self._keep(op, url, window_s, exc)
 
     def _send(self, op: str, url: str, *, known_here: bool, window_s: float = 0.0) -> int:
         message = json.dumps({"op": op, "url": url, "window_s": window_s, "origin": self._origin})
-        marker_ttl_ms = int((window_s + DRAIN_MARKER_GRACE_S) * 1000)
+        marker_ttl_ms = (float(window_s) + DRAIN_MARKER_GRACE_S) * 1000  # any float: the script checks it
         return int(self._change(keys=[self._key_backends, self._key_seq, self._marker_prefix + url],
                                 args=[op, url, message, self.channel, "1" if known_here else "0",
-                                      repr(float(window_s)), marker_ttl_ms]))
+                                      repr(float(window_s)), repr(marker_ttl_ms), _MAX_MARKER_TTL_MS]))
 
     def _keep(self, op: str, url: str, window_s: float, cause: object) -> None:
         self._unsent.pop(url, None)  # keep the last change per URL, in the order made
@@ -265,14 +290,22 @@ class RedisRegistry:
                     "it will be written to Redis when it is back", self.url, cause, op, url)
         return None
 
+    def _drop(self, op: str, url: str, exc: RedisError) -> None:
+        log.error("registry: Redis at %s rejected the %s of backend %s (%s): applied in this process only, "
+                  "not kept (it would be rejected again)", self.url, op, url, exc)
+        return None
+
     def _send_unsent(self) -> None:
-        """Write the changes kept while Redis was unavailable, oldest first."""
+        """Write the changes kept while Redis was unavailable, oldest first (dropping any Redis rejects)."""
         while self._unsent:
             url, (op, window_s) = next(iter(self._unsent.items()))
             del self._unsent[url]
             try:
                 self._send(op, url, known_here=True, window_s=window_s)
-            except BaseException:
+            except BaseException as exc:
+                if _rejected(exc):
+                    self._drop(op, url, exc)
+                    continue
                 self._unsent.setdefault(url, (op, window_s))  # unless a newer change was kept meanwhile
                 raise
             if op == "add":

@@ -22,6 +22,7 @@ from iwsproxy.process import ChildProcess
 from redis_server import RedisServer, redis_server_missing
 
 WORKERS = 3
+U, V = "ws://127.0.0.1:9/u", "ws://127.0.0.1:9/v"  # the backends of tests/registry_scenarios.py
 SCENARIOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "registry_scenarios.py")
 
 
@@ -293,3 +294,8 @@ def test_an_own_change_wins_over_an_older_add_read_after_it(redis_server, op):
     # before, is read only after that and must not bring the backend back
     db = {"drain": 4, "remove": 5}[op]
     assert scenario(redis_server.url(db), f"own-{op}") == {"a": [], "b": [], "redis": []}
+
+
+def test_a_change_redis_rejects_is_dropped_not_retried_forever(redis_server):
+    # the drain is undone in that worker when it reconciles with Redis, which never lost U
+    assert scenario(redis_server.url(6), "rejected-drain") == {"a": [U, V], "b": [U, V], "redis": [U, V]}

@@ -73,6 +73,9 @@ def test_a_timeout_that_would_fail_every_connection_is_refused(name):
     {"IWSPROXY_BIND": "8080"},
     {"IWSPROXY_KEEPALIVE": "-1"},
     {"IWSPROXY_MAX_PIPES": "0"},
+    {"IWSPROXY_RESUME_GRACE": "inf"},
+    {"IWSPROXY_DRAIN_WINDOW": "nan"},
+    {"IWSPROXY_DRAIN_WINDOW": "1e16"},
 ])
 def test_inconsistent_or_out_of_range_values_are_refused(env):
     with pytest.raises(ConfigError):
