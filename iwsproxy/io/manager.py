@@ -65,9 +65,8 @@ class PipeManager:
         self.counters: Counter = Counter()
         self.closed_by_code: Counter = Counter()
         self.registry = registry or LocalRegistry()
-        self.registry.start(self)
-        for url in tuple(s.backends) + tuple(backends):
-            self.add_backend(url)
+        # given to the registry rather than added through it: a shared one only seeds a new set with them
+        self.registry.start(self, tuple(check_backend_url(url) for url in (*s.backends, *backends)))
 
     # ---- backends: public calls go through the registry ----
     def add_backend(self, url: str) -> bool:

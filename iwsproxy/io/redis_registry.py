@@ -44,6 +44,12 @@ refused again, and kept changes are written before any later one, so keeping it
 would keep every later change local too. The script checks its arguments before
 it writes, so a refused change leaves Redis as it was.
 
+Backends given at start (``IWSPROXY_BACKENDS``, ``--backend``) are not admin adds:
+they only seed a new data set, the way a lost one is seeded (below). A worker that
+gunicorn respawns with the same settings would otherwise add back, in every
+process, the backends an operator removed or drained since. If Redis cannot be
+reached at start, the process serves with them until it can, then reconciles.
+
 Redis lost its data (restarted without persistence, or flushed). Removing every URL
 missing from an empty set would empty every pool. So the first process to reconnect
 to a data set without ``P:epoch`` writes a new epoch and seeds the set with the URLs
@@ -205,19 +211,24 @@ class RedisRegistry:
         self.connected = False
 
     # ---- Registry protocol ----
-    def start(self, manager: "PipeManager") -> None:
+    def start(self, manager: "PipeManager", backends: tuple[str, ...] = ()) -> None:
         """Load the registered set into ``manager`` and start the subscriber greenlet.
 
-        If Redis cannot be reached the process starts with what it is given (the
-        settings' backends, kept to be written later) and the subscriber keeps trying.
+        ``backends`` (those given at start) only seed a new data set; a registry that
+        exists keeps its set, so a (re)started worker does not bring back what was
+        removed or drained. If Redis cannot be reached the process serves with
+        ``backends`` until it is, then reconciles, and the subscriber keeps trying.
         """
         if self._manager is not None:
             raise RuntimeError("RedisRegistry already started")
         self._manager = manager
+        self._registered = dict.fromkeys(backends)  # the seed of _CLAIM_EPOCH; reconciled away otherwise
         pubsub = lost_at = None
         try:
             pubsub = self._connect()
         except RedisError as exc:
+            for url in self._registered:
+                manager.apply_add(url)
             lost_at = time.monotonic()
             log.warning("registry: Redis at %s unreachable at start (%s); serving with the backends given "
                         "at start, reconnecting in the background", self.url, exc)
@@ -335,10 +346,7 @@ class RedisRegistry:
         """Seed a lost data set, write kept changes, then reconcile the pool."""
         epoch, seeded = self._claim_epoch(keys=[self._key_epoch, self._key_backends, self._key_seq],
                                           args=[uuid.uuid4().hex, *self._registered])
-        if int(seeded) or (self._epoch is not None and epoch != self._epoch):
-            log.warning("registry: Redis at %s had lost the backend set; %s", self.url,
-                        f"seeded it with the {seeded} backends this process had" if int(seeded)
-                        else "another process has seeded it")
+        self._log_claim(epoch, int(seeded))
         self._epoch = epoch
         self._send_unsent()
         present = self._redis.zrange(self._key_backends, 0, -1)
@@ -356,6 +364,19 @@ class RedisRegistry:
                 self._manager.apply_drain(url, float(marker))
             else:
                 self._manager.apply_remove(url)
+
+    def _log_claim(self, epoch: str, seeded: int) -> None:
+        if self._epoch is None:  # this process's first connection: it has only the backends given at start
+            if seeded:
+                log.info("registry: Redis at %s had no backend set; seeded it with the %d backends given at start",
+                         self.url, seeded)
+            elif self._registered:
+                log.info("registry: Redis at %s has a backend set already; the backends given at start only "
+                         "seed a new one (change it through the admin API)", self.url)
+        elif seeded or epoch != self._epoch:
+            log.warning("registry: Redis at %s had lost the backend set; %s", self.url,
+                        f"seeded it with the {seeded} backends this process had" if seeded
+                        else "another process has seeded it")
 
     def _run(self, pubsub, lost_at: float | None) -> None:
         """Listen; on loss, keep the pool and reconnect with backoff until stopped."""

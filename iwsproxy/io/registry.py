@@ -20,8 +20,12 @@ __all__ = ["Registry", "LocalRegistry"]
 
 
 class Registry(Protocol):
-    def start(self, manager: "PipeManager") -> None:
-        """Begin applying changes to ``manager`` (and load the current set)."""
+    def start(self, manager: "PipeManager", backends: tuple[str, ...] = ()) -> None:
+        """Begin applying changes to ``manager`` (and load the current set).
+
+        ``backends`` are those given at start (settings, ``PipeManager(backends=...)``);
+        the registry decides what they mean.
+        """
 
     def add(self, url: str) -> bool:
         """Register ``url`` everywhere; True if it was new."""
@@ -42,8 +46,11 @@ class LocalRegistry:
     def __init__(self) -> None:
         self._manager: "PipeManager | None" = None
 
-    def start(self, manager: "PipeManager") -> None:
+    def start(self, manager: "PipeManager", backends: tuple[str, ...] = ()) -> None:
+        """The backends given at start are added: this process is the only one to tell."""
         self._manager = manager
+        for url in backends:
+            manager.apply_add(url)
 
     def add(self, url: str) -> bool:
         return self._manager.apply_add(url)

@@ -299,3 +299,19 @@ def test_an_own_change_wins_over_an_older_add_read_after_it(redis_server, op):
 def test_a_change_redis_rejects_is_dropped_not_retried_forever(redis_server):
     # the drain is undone in that worker when it reconciles with Redis, which never lost U
     assert scenario(redis_server.url(6), "rejected-drain") == {"a": [U, V], "b": [U, V], "redis": [U, V]}
+
+
+def test_backends_given_at_start_only_seed_a_new_registry(processes, redis_server):
+    redis_url = redis_server.url(7)
+    a, b, c = "ws://127.0.0.1:9/a", "ws://127.0.0.1:9/b", "ws://127.0.0.1:9/c"
+    given = ("--redis-url", redis_url, "--backend", a, "--backend", b)
+    first = processes.proxy(*given)
+    assert redis_server.client(7).zrange("iwsproxy:backends", 0, -1) == [a, b]
+    assert first.admin("DELETE", {"url": a})[0] == 200
+    # a worker (re)started with the same settings, as gunicorn respawns one, takes the registry as it is
+    again = processes.proxy(*given)
+    assert list(again.backends()) == [b]
+    assert again.admin("POST", {"url": c})[0] == 201  # published after anything its start could have sent
+    wait_for(lambda: c in first.backends(), timeout=1.0, what="c in the first process")
+    assert list(first.backends()) == list(again.backends()) == [b, c]
+    assert redis_server.client(7).zrange("iwsproxy:backends", 0, -1) == [b, c]
