@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import queue
 import socket
 import struct
 import threading
@@ -48,13 +49,19 @@ class RawClient:
     def request(self, raw: bytes) -> None:
         self.sock.sendall(raw)
 
-    def handshake(self, **extra: str) -> int:
-        """Send a valid upgrade (plus ``extra`` headers); return the HTTP status."""
+    def upgrade_request(self, **extra: str) -> bytes:
+        """A valid upgrade request (plus ``extra`` headers, None drops one), up to its blank line.
+
+        The path and values are sent as latin-1: ``"\\xff"`` goes on the wire as the byte 0xff."""
         key = base64.b64encode(os.urandom(16)).decode()
         headers = {"Host": "127.0.0.1", "Upgrade": "websocket", "Connection": "Upgrade",
                    "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13", **self.headers, **extra}
         lines = [f"GET {self.path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items() if v is not None]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def handshake(self, **extra: str) -> int:
+        """Send a valid upgrade (plus ``extra`` headers); return the HTTP status."""
+        self.sock.sendall(self.upgrade_request(**extra))
         return self.read_status()
 
     def read_status(self) -> int:
@@ -123,7 +130,8 @@ class FakeBackend:
     def _serve(self, conn):
         """Accept TCP and never answer: a backend stuck before its handshake."""
 
-    def _handshake(self, conn):
+    def _handshake(self, conn) -> bytes:
+        """Answer the proxy's upgrade with 101; return its request as received."""
         data = b""
         while b"\r\n\r\n" not in data:
             data += conn.recv(4096)
@@ -132,9 +140,22 @@ class FakeBackend:
         accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
         conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        return data
 
     def close(self):
         self.sock.close()
+
+
+class RecordingBackend(FakeBackend):
+    """Completes each handshake and puts the proxy's request, bytes as received, on ``requests``
+    (then says nothing): what a backend sees of a client's headers and query."""
+
+    def __init__(self):
+        self.requests: queue.Queue[bytes] = queue.Queue()
+        super().__init__()
+
+    def _serve(self, conn):
+        self.requests.put(self._handshake(conn))
 
 
 class DeafBackend(FakeBackend):

@@ -40,6 +40,14 @@ def hostile_setup(tmp_path_factory):
     backend.terminate()
 
 
+def rest_until_eof(client: RawClient) -> bytes:
+    """What the proxy sends after the status line's head, up to its end of the connection."""
+    data, client.rest = client.rest, b""
+    while chunk := client.sock.recv(4096):
+        data += chunk
+    return data
+
+
 def upgraded(proxy) -> RawClient:
     client = RawClient(proxy.port)
     assert client.handshake() == 101
@@ -128,6 +136,25 @@ def test_bad_handshakes_get_an_http_status(hostile_setup, headers, status):
     client = RawClient(proxy.port)
     assert client.handshake(**headers) == status
     client.close()
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({"Content-Length": "5"}, b"abcde"),
+    ({"Transfer-Encoding": "chunked"}, b"5\r\nabcde\r\n0\r\n\r\n"),
+], ids=["content-length", "chunked"])
+def test_upgrade_with_a_body_gets_400_and_its_bytes_are_not_frames(hostile_setup, headers, body):
+    proxy, _ = hostile_setup
+    logged = len(proxy.stderr_text())
+    client = RawClient(proxy.port, timeout=5)
+    client.request(client.upgrade_request(**headers) + body + frame(OP_TEXT, b"after the body"))
+    assert client.read_status() == 400
+    assert b"no body" in rest_until_eof(client)
+    assert "Traceback" not in proxy.stderr_text()[logged:]
+    empty = RawClient(proxy.port)                    # an empty body is no body
+    assert empty.handshake(**{"Content-Length": "0"}) == 101
+    empty.send(frame(OP_TEXT, b"served"))
+    assert (OP_TEXT, b"served") in empty.events()  # (a keepalive Ping may come with it)
+    empty.close()
 
 
 def test_non_uuid_and_path_tricks_get_400(hostile_setup):
