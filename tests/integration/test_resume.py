@@ -119,11 +119,14 @@ def test_resume_needs_the_signed_token_when_a_secret_is_set(processes):
     assert ws.recv() == "a"
     drop(ws)
     wait_for(lambda: proxy.pipes()[0]["state"] == "detached", what="the pipe to detach")
-    for token in (None, "0" * 64, sign("other", ws.client_id)):
+    for token in (None, "0" * 64, sign("other", ws.client_id), "%C3%A9"):  # (a non-ASCII token was a 500)
         suffix = f"?token={token}" if token else ""
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             websocket.create_connection(proxy.url_for(ws.client_id + suffix), timeout=5)
         assert refused.value.status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(proxy.url_for(ws.client_id), timeout=5, header=["X-Iwsproxy-Token: \u00ff"])
+    assert refused.value.status_code == 403
     again = websocket.create_connection(proxy.url_for(ws.client_id), timeout=5,
                                         header=[f"X-Iwsproxy-Token: {sign('s3cret', ws.client_id)}"])
     again.send("b")
