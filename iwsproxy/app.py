@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import uuid
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +61,25 @@ def _text(status: int, reason: str, **headers: str):
     return reason + "\n", status, {"Content-Type": "text/plain; charset=utf-8", **headers}
 
 
+def _as_sent(value: str, name: str) -> str:
+    """A header value to forward, as the string that reaches the backend as the client's own bytes.
+
+    WSGI gives header values decoded as latin-1 (one character per byte), and websocket-client
+    encodes the whole backend request as UTF-8: passed on as they are, the bytes of "é" (c3 a9)
+    would arrive as c3 83 c2 a9. Decoding the client's bytes as UTF-8 makes that encoding give
+    them back unchanged. Bytes that are not UTF-8 cannot pass through it unchanged: ValueError (400).
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ValueError(f"the {name} header is not UTF-8 and cannot be forwarded unchanged") from None
+
+
+def _without_token(query: str) -> str:
+    """The query without its ``token`` parameters; every other byte as the client sent it."""
+    return "&".join(part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != "token")
+
+
 # ---- the proxy route ----
 proxy_bp = Blueprint("iwsproxy", __name__)
 
@@ -87,15 +106,19 @@ def proxy(client_id: str):
         client_id = state.client_id(client_id, request)
     except ValueError as exc:
         return _text(400, str(exc))
-    headers = tuple((name, request.headers[name]) for name in state.settings.forward_headers
-                    if name in request.headers)
+    try:
+        headers = tuple((name, _as_sent(request.headers[name], name)) for name in state.settings.forward_headers
+                        if name in request.headers)
+        origin = _as_sent(request.headers["Origin"], "Origin") if "Origin" in request.headers else None
+    except ValueError as exc:
+        return _text(400, str(exc))
     token = request.args.get("token") or request.headers.get("X-Iwsproxy-Token")
-    query = request.query_string.decode("latin-1")
+    query = request.query_string.decode("utf-8")  # (checked by _query_must_be_utf8)
     if state.settings.resume_secret and "token" in request.args:  # the resume token is not the backend's business
-        query = urlencode([(k, v) for k, v in request.args.items(multi=True) if k != "token"])
+        query = _without_token(query)
     offer = ClientOffer(client_id=client_id, query=query,
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
-                        origin=request.headers.get("Origin"), remote_addr=request.remote_addr or "")
+                        origin=origin, remote_addr=request.remote_addr or "")
     try:
         state.manager.create_pipe(client_id, upgrade, offer, token=token)
     except DuplicateClient as exc:
@@ -136,6 +159,19 @@ def metrics():
 
 
 admin_bp = Blueprint("iwsproxy_admin", __name__)
+
+
+@proxy_bp.before_request
+@admin_bp.before_request
+@status_bp.before_request
+def _query_must_be_utf8():
+    """400 for a query string that is not UTF-8, before anything reads ``request.args``: Werkzeug
+    decodes it as strict UTF-8 on first use and raises (a 500); the proxy route forwards it as is."""
+    try:
+        request.query_string.decode("utf-8")
+    except UnicodeDecodeError:
+        return _text(400, "the query string is not UTF-8")
+    return None
 
 
 @admin_bp.before_request

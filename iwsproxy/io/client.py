@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import socket
 
 import gevent
@@ -41,11 +42,16 @@ __all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request",
 UPGRADE_KEY = "iwsproxy.upgrade"
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 7230 3.2.6; a subprotocol is one (RFC 6455 4.1)
 
 
 def is_upgrade_request(environ: dict) -> bool:
     return (environ.get("HTTP_UPGRADE", "").lower() == "websocket"
             and "upgrade" in environ.get("HTTP_CONNECTION", "").lower())
+
+
+def _offered_subprotocols(environ: dict) -> list[str]:
+    return [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
 
 
 def _handshake_problem(environ: dict, http_version: str) -> tuple[str, str, list] | None:
@@ -63,6 +69,8 @@ def _handshake_problem(environ: dict, http_version: str) -> tuple[str, str, list
             raise ValueError
     except (ValueError, binascii.Error):
         return "400 Bad Request", "missing or invalid Sec-WebSocket-Key", []
+    if not all(_TOKEN.fullmatch(p) for p in _offered_subprotocols(environ)):
+        return "400 Bad Request", "Sec-WebSocket-Protocol must be a list of tokens", []
     if _has_body(environ):
         return "400 Bad Request", "a WebSocket upgrade has no body (no Content-Length or Transfer-Encoding)", []
     return None
@@ -84,7 +92,7 @@ class ClientUpgrade:
         environ = handler.environ
         self.environ = environ
         self.key = environ["HTTP_SEC_WEBSOCKET_KEY"].strip()
-        self.subprotocols = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",") if p.strip()]
+        self.subprotocols = _offered_subprotocols(environ)
         address = handler.client_address
         self.remote_addr = address[0] if isinstance(address, tuple) else str(address or "")
         self.server = handler.server

@@ -130,6 +130,13 @@ def test_messages_before_a_close_in_the_same_write_are_delivered_and_nothing_aft
     ({"Origin": "https://app.example.com"}, 101),
     ({"Origin": "https://a.trusted.test"}, 101),
     ({"Origin": "https://trusted.test"}, 403),
+    ({"Sec-WebSocket-Protocol": "chat.v1, chat.v2"}, 101),
+    ({"Sec-WebSocket-Protocol": "chat.v1, caf\xc3\xa9"}, 400),   # not a token: it could not be forwarded as is
+    ({"Sec-WebSocket-Protocol": "chat.v1, a b"}, 400),
+    ({"Cookie": "a=\xc3\xa9"}, 101),                            # forwarded (Cookie) and UTF-8: passed on as sent
+    ({"Cookie": "a=\xff"}, 400),                                 # forwarded, not UTF-8: could not be passed on as sent
+    ({"Authorization": "Basic \xff"}, 400),
+    ({"User-Agent": "\xff"}, 101),                               # not forwarded: no matter
 ])
 def test_bad_handshakes_get_an_http_status(hostile_setup, headers, status):
     proxy, _ = hostile_setup
@@ -155,6 +162,21 @@ def test_upgrade_with_a_body_gets_400_and_its_bytes_are_not_frames(hostile_setup
     empty.send(frame(OP_TEXT, b"served"))
     assert (OP_TEXT, b"served") in empty.events()  # (a keepalive Ping may come with it)
     empty.close()
+
+
+@pytest.mark.parametrize("path, upgrade", [("/{id}?name=\xff", True), ("/{id}?token=\xff", True),
+                                           ("/admin/?token=\xff", False)])
+def test_a_query_that_is_not_utf8_gets_400(hostile_setup, path, upgrade):
+    proxy, _ = hostile_setup
+    logged = len(proxy.stderr_text())
+    client = RawClient(proxy.port, path.format(id=uuid.uuid4()))
+    if upgrade:
+        assert client.handshake() == 400
+    else:                                           # the status page reads ?token= too
+        client.request(f"GET {client.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        assert client.read_status() == 400
+    assert b"not UTF-8" in rest_until_eof(client)
+    assert "Traceback" not in proxy.stderr_text()[logged:]
 
 
 def test_non_uuid_and_path_tricks_get_400(hostile_setup):

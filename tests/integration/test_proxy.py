@@ -13,7 +13,7 @@ import pytest
 import websocket
 
 from conftest import recv_close, stats, wait_for
-from rawws import FakeBackend, RawClient, frame
+from rawws import FakeBackend, RawClient, RecordingBackend, frame
 
 from iwsproxy.echo import EchoProcess
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameParser
@@ -181,6 +181,23 @@ def test_subprotocol_headers_and_query_are_forwarded(processes):
     assert seen["last_headers"]["cookie"] == "session=abc"
     assert seen["last_headers"]["x-iwsproxy-reconnects"] == "0"
     ws.close()
+
+
+def test_query_and_forwarded_headers_reach_the_backend_byte_for_byte(processes):
+    backend = RecordingBackend()
+    try:
+        proxy = processes.proxy("--backend", backend.url, "--resume-secret", "s3cret", "--allowed-origin", "*")
+        client = RawClient(proxy.port, "/" + str(uuid.uuid4()) + "?name=\xc3\xa9&token=t&b=%7E+c&flag")
+        assert client.handshake(Cookie="a=\xc3\xa9; b=\"q\"", Authorization="Bearer \xe2\x82\xac",
+                                Origin="https://\xc3\xa9.test") == 101
+        head = backend.requests.get(timeout=10)
+        assert b"GET /?name=\xc3\xa9&b=%7E+c&flag HTTP/1.1\r\n" in head  # the token taken out, the rest as sent
+        assert b"\r\nCookie: a=\xc3\xa9; b=\"q\"\r\n" in head
+        assert b"\r\nAuthorization: Bearer \xe2\x82\xac\r\n" in head
+        assert b"\r\nOrigin: https://\xc3\xa9.test\r\n" in head
+        client.close()
+    finally:
+        backend.close()
 
 
 def test_later_backend_must_accept_the_same_subprotocol(processes):
