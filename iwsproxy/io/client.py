@@ -42,6 +42,7 @@ __all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request",
 UPGRADE_KEY = "iwsproxy.upgrade"
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_LINE_BREAK_OR_NUL = re.compile("[\r\n\0]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 7230 3.2.6; a subprotocol is one (RFC 6455 4.1)
 
 
@@ -63,6 +64,8 @@ def _handshake_problem(environ: dict, http_version: str) -> tuple[str, str, list
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
         return "426 Upgrade Required", "unsupported Sec-WebSocket-Version (13 is supported)", [
             ("Sec-WebSocket-Version", "13")]
+    if _has_line_breaks_or_nul(environ):
+        return "400 Bad Request", "a header or the query holds CR, LF or NUL (obsolete line folding is refused)", []
     key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
@@ -74,6 +77,14 @@ def _handshake_problem(environ: dict, http_version: str) -> tuple[str, str, list
     if _has_body(environ):
         return "400 Bad Request", "a WebSocket upgrade has no body (no Content-Length or Transfer-Encoding)", []
     return None
+
+
+def _has_line_breaks_or_nul(environ: dict) -> bool:
+    """Does a header value or the query hold CR, LF or NUL? gevent keeps an obsolete folded line
+    (a line starting with a space) in the value of the header before it, CRLF and all: passed on
+    to a backend, that is a header of the client's making (RFC 7230 3.2.4 allows 400 for it)."""
+    return any(_LINE_BREAK_OR_NUL.search(value) for name, value in environ.items()
+               if (name.startswith("HTTP_") or name == "QUERY_STRING") and isinstance(value, str))
 
 
 def _has_body(environ: dict) -> bool:

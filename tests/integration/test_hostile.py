@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recv_close, wait_for
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
-from rawws import DeafBackend, FakeBackend, RawClient, frame
+from rawws import DeafBackend, FakeBackend, RawClient, RecordingBackend, frame
 from streams import StreamingClient
 
 
@@ -177,6 +177,35 @@ def test_a_query_that_is_not_utf8_gets_400(hostile_setup, path, upgrade):
         assert client.read_status() == 400
     assert b"not UTF-8" in rest_until_eof(client)
     assert "Traceback" not in proxy.stderr_text()[logged:]
+
+
+INJECTIONS = [
+    ("/{id}", {"Cookie": "a=1\r\n X-Injected: fold"}),            # obsolete line folding
+    ("/{id}", {"Authorization": "Basic YTpi\r\n\tX-Injected: fold"}),
+    ("/{id}", {"Origin": "https://app.test\r\n X-Injected: fold"}),
+    ("/{id}", {"Sec-WebSocket-Protocol": "chat\r\n X-Injected: fold"}),
+    ("/{id}", {"Cookie": "a=1\x00X-Injected: nul"}),
+    ("/{id}?a=\x00X-Injected", {}),
+]
+
+
+def test_line_breaks_and_nul_in_headers_get_400_and_never_reach_the_backend(processes):
+    backend = RecordingBackend()
+    try:
+        proxy = processes.proxy("--backend", backend.url, "--allowed-origin", "*")
+        for path, headers in INJECTIONS:
+            client = RawClient(proxy.port, path.format(id=uuid.uuid4()))
+            assert client.handshake(**headers) == 400, (path, headers)
+            assert b"CR, LF or NUL" in rest_until_eof(client)
+        client = RawClient(proxy.port)
+        assert client.handshake(Cookie="a=1") == 101
+        head = backend.requests.get(timeout=10)       # the first request the backend saw: this one
+        assert b"\r\nCookie: a=1\r\n" in head and b"X-Injected" not in head
+        assert backend.requests.empty()
+        client.close()
+        assert "Traceback" not in proxy.stderr_text()
+    finally:
+        backend.close()
 
 
 def test_non_uuid_and_path_tricks_get_400(hostile_setup):
