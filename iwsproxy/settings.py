@@ -93,6 +93,13 @@ def _parse_positive_int(value: Any) -> int:
     return number
 
 
+def _parse_positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if not size:
+        raise ValueError("must be a size > 0")
+    return size
+
+
 def _parse_count(value: Any) -> int:
     number = int(value)
     if number < 0:
@@ -210,6 +217,9 @@ class Settings:
                                          "time allowed for a request line and headers (slower: dropped; "
                                          "0 = no limit)",
                                          "--handshake-timeout")
+    max_header_size_bytes: int = setting(32 * 1024, "IWSPROXY_MAX_HEADER_SIZE", _parse_positive_size,
+                                         "most bytes of header lines in a request (more: HTTP 431)",
+                                         "--max-header-size")
     idle_timeout_s: float = setting(0.0, "IWSPROXY_IDLE_TIMEOUT", _parse_seconds,
                                     "close a pipe with 1001 after this many seconds without a data message "
                                     "either way (0 = never: long idle sessions are what WebSockets are for)",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import http.client
 import os
 import re
 import socket
@@ -41,9 +42,43 @@ __all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request",
 
 UPGRADE_KEY = "iwsproxy.upgrade"
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_MAX_HEADER_SIZE_BYTES = 32 * 1024
+_LINGER_S, _LINGER_BYTES = 1.0, 1024 * 1024  # after refusing a request we could not read to its end
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _LINE_BREAK_OR_NUL = re.compile("[\r\n\0]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 7230 3.2.6; a subprotocol is one (RFC 6455 4.1)
+
+
+class _HeadersTooLarge(ValueError):
+    """The request's header lines are over the cap (answered 431)."""
+
+
+class _CappedHeaderReader:
+    """The request's reader as http.client's header parser uses it (``readline`` only): it hands
+    out at most ``limit`` bytes, then raises :class:`_HeadersTooLarge`. gevent's own bounds, 100
+    lines of 64 KiB, let a client have 6.5 MB read and kept for it before the app sees a header."""
+
+    def __init__(self, rfile, limit: int):
+        self._rfile = rfile
+        self._left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        wanted = self._left + 1 if size < 0 else min(size, self._left + 1)
+        line = self._rfile.readline(wanted)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _HeadersTooLarge("request header fields too large")
+        return line
+
+
+def _plain_response(status: str, reason: str) -> bytes:
+    """A whole HTTP response with a text body, for answers given before a WSGI environ exists."""
+    body = (reason + "\n").encode()
+    return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+_HEADERS_TOO_LARGE = _plain_response("431 Request Header Fields Too Large", "request header fields too large")
 
 
 def is_upgrade_request(environ: dict) -> bool:
@@ -174,10 +209,44 @@ class ProxyHandler(WebSocketHandler):
     _handshake_timer: gevent.Timeout | None = None
     handed_in = False  # set on a handler serving a request that another process handed over
 
-    def _handshake_timeout_s(self) -> float:
+    def _setting(self, name: str, default):
+        """A setting of the app being served, or ``default`` if the app is not an iwsproxy one."""
         extensions = getattr(self.server.application, "extensions", {})
         state = extensions.get("iwsproxy") if isinstance(extensions, dict) else None
-        return state.settings.handshake_timeout_s if state is not None else DEFAULT_HANDSHAKE_TIMEOUT_S
+        return getattr(state.settings, name) if state is not None else default
+
+    def _handshake_timeout_s(self) -> float:
+        return self._setting("handshake_timeout_s", DEFAULT_HANDSHAKE_TIMEOUT_S)
+
+    def MessageClass(self, fp, *args):  # gevent reads the request headers through this
+        limit = self._setting("max_header_size_bytes", DEFAULT_MAX_HEADER_SIZE_BYTES)
+        return super().MessageClass(_CappedHeaderReader(fp, limit), *args)
+
+    def _handle_client_error(self, ex):
+        """gevent's answer to a request it could not read, except for too many or too large headers:
+        431, and no traceback (http.client's "got more than 100 headers" is not a ValueError, so
+        gevent would print one for it)."""
+        if isinstance(ex, (_HeadersTooLarge, http.client.HTTPException)):
+            self.log_error("(from %s) %s", self.client_address, ex)
+            self._answer_and_linger(_HEADERS_TOO_LARGE)
+            return None  # answered; the connection is closed
+        return super()._handle_client_error(ex)
+
+    def _answer_and_linger(self, response: bytes) -> None:
+        """Send ``response``, end our side, then read what the client is still sending (for at most
+        1 s and 1 MiB) before the server closes: closing on unread bytes resets the connection, and
+        the reset can destroy the answer before the client has read it (the rest of its headers are
+        still on the way when we answer)."""
+        self.close_connection = True
+        try:
+            self.socket.sendall(response)
+            self.socket.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(_LINGER_S, False):
+                left = _LINGER_BYTES
+                while left > 0 and (chunk := self.rfile.read1(65536)):
+                    left -= len(chunk)
+        except OSError:
+            pass  # the client is gone: nothing more to do
 
     def read_requestline(self):
         seconds = self._handshake_timeout_s()

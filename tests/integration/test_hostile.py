@@ -208,6 +208,23 @@ def test_line_breaks_and_nul_in_headers_get_400_and_never_reach_the_backend(proc
         backend.close()
 
 
+@pytest.mark.parametrize("headers, status", [
+    ({f"X-Pad-{i}": "p" * 1000 for i in range(40)}, 431),     # 40 KiB of headers: over the 32 KiB cap
+    ({"X-Pad": "p" * 70_000}, 431),                            # one line over it (and over gevent's 64 KiB)
+    ({f"X-Pad-{i}": "p" for i in range(101)}, 431),            # over gevent's 100 lines (was 400 and a traceback)
+    ({f"X-Pad-{i}": "p" * 1000 for i in range(30)}, 101),     # 30 KiB: under the cap
+])
+def test_request_headers_over_the_cap_get_431(hostile_setup, headers, status):
+    proxy, _ = hostile_setup
+    logged = len(proxy.stderr_text())
+    client = RawClient(proxy.port)
+    assert client.handshake(**headers) == status
+    if status == 431:
+        assert rest_until_eof(client) == b"request header fields too large\n"
+    assert "Traceback" not in proxy.stderr_text()[logged:]
+    client.close()
+
+
 def test_non_uuid_and_path_tricks_get_400(hostile_setup):
     proxy, _ = hostile_setup
     for path in ("/not-a-uuid", "/" + str(uuid.uuid4()).upper().replace("-", ""), "/%00", "/" + "a" * 5000):

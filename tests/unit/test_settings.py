@@ -87,3 +87,10 @@ def test_zero_turns_off_what_its_help_says_it_turns_off():
                                   "IWSPROXY_HANDSHAKE_TIMEOUT": "0", "IWSPROXY_PONG_TIMEOUT": "0"})
     assert (settings.keepalive_s, settings.resume_grace_s, settings.park_after_s) == (0.0, 0.0, 0.0)
     assert (settings.handshake_timeout_s, settings.pong_timeout_s) == (0.0, 0.0)
+
+
+def test_the_header_size_cap_is_a_size_above_zero():
+    assert Settings.load().max_header_size_bytes == 32 * 1024
+    assert Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "8KiB"}).max_header_size_bytes == 8192
+    with pytest.raises(ConfigError, match="IWSPROXY_MAX_HEADER_SIZE"):
+        Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "0"})
