@@ -75,6 +75,24 @@ def _as_sent(value: str, name: str) -> str:
         raise ValueError(f"the {name} header is not UTF-8 and cannot be forwarded unchanged") from None
 
 
+def _forwarded(name: str, value: str) -> str | None:
+    """A forwarded header's value as sent (see :func:`_as_sent`); None if nothing of it can go.
+
+    A cookie that is not UTF-8 (a legacy app on the same domain may set raw latin-1 bytes, and
+    the browser sends them on every request) is left out, and the other cookies go on: one
+    unrelated cookie must not keep a user from connecting. Any other such header is a 400.
+    """
+    if name.lower() != "cookie":
+        return _as_sent(value, name)
+    kept = []
+    for pair in value.split(";"):
+        try:
+            kept.append(_as_sent(pair, name))
+        except ValueError:
+            log.info("a cookie that is not UTF-8 is not forwarded: %.40r", pair.partition("=")[0].strip())
+    return ";".join(kept).strip() or None
+
+
 def _without_token(query: str) -> str:
     """The query without its ``token`` parameters; every other byte as the client sent it."""
     return "&".join(part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != "token")
@@ -107,8 +125,9 @@ def proxy(client_id: str):
     except ValueError as exc:
         return _text(400, str(exc))
     try:
-        headers = tuple((name, _as_sent(request.headers[name], name)) for name in state.settings.forward_headers
-                        if name in request.headers)
+        forwarded = ((name, _forwarded(name, request.headers[name])) for name in state.settings.forward_headers
+                     if name in request.headers)
+        headers = tuple((name, value) for name, value in forwarded if value is not None)
         origin = _as_sent(request.headers["Origin"], "Origin") if "Origin" in request.headers else None
     except ValueError as exc:
         return _text(400, str(exc))

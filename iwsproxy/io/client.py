@@ -126,8 +126,8 @@ def _has_body(environ: dict) -> bool:
     """Does the request announce a body? An upgrade must not: after the headers the client's bytes
     are frames. gevent would also read the announced body after our answer, from a reader that the
     accepted connection has already closed (a crash after the 101)."""
-    return (environ.get("CONTENT_LENGTH", "").strip() not in ("", "0")
-            or "HTTP_TRANSFER_ENCODING" in environ)
+    length = environ.get("CONTENT_LENGTH", "").strip()
+    return (length.strip("0") != "" or "HTTP_TRANSFER_ENCODING" in environ)  # "", "0", "00": none
 
 
 class ClientUpgrade:

@@ -134,7 +134,7 @@ def test_messages_before_a_close_in_the_same_write_are_delivered_and_nothing_aft
     ({"Sec-WebSocket-Protocol": "chat.v1, caf\xc3\xa9"}, 400),   # not a token: it could not be forwarded as is
     ({"Sec-WebSocket-Protocol": "chat.v1, a b"}, 400),
     ({"Cookie": "a=\xc3\xa9"}, 101),                            # forwarded (Cookie) and UTF-8: passed on as sent
-    ({"Cookie": "a=\xff"}, 400),                                 # forwarded, not UTF-8: could not be passed on as sent
+    ({"Cookie": "a=\xff"}, 101),                                 # not UTF-8: that cookie is left out (test_proxy)
     ({"Authorization": "Basic \xff"}, 400),
     ({"User-Agent": "\xff"}, 101),                               # not forwarded: no matter
 ])
@@ -157,11 +157,12 @@ def test_upgrade_with_a_body_gets_400_and_its_bytes_are_not_frames(hostile_setup
     assert client.read_status() == 400
     assert b"no body" in rest_until_eof(client)
     assert "Traceback" not in proxy.stderr_text()[logged:]
-    empty = RawClient(proxy.port)                    # an empty body is no body
-    assert empty.handshake(**{"Content-Length": "0"}) == 101
-    empty.send(frame(OP_TEXT, b"served"))
-    assert (OP_TEXT, b"served") in empty.events()  # (a keepalive Ping may come with it)
-    empty.close()
+    for zero in ("0", "00"):                         # an empty body is no body
+        empty = RawClient(proxy.port)
+        assert empty.handshake(**{"Content-Length": zero}) == 101
+        empty.send(frame(OP_TEXT, b"served"))
+        assert (OP_TEXT, b"served") in empty.events()  # (a keepalive Ping may come with it)
+        empty.close()
 
 
 @pytest.mark.parametrize("path, upgrade", [("/{id}?name=\xff", True), ("/{id}?token=\xff", True),

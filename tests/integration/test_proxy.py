@@ -196,6 +196,15 @@ def test_query_and_forwarded_headers_reach_the_backend_byte_for_byte(processes):
         assert b"\r\nAuthorization: Bearer \xe2\x82\xac\r\n" in head
         assert b"\r\nOrigin: https://\xc3\xa9.test\r\n" in head
         client.close()
+        # a cookie that is not UTF-8 could not pass unchanged: it alone is left out
+        client = RawClient(proxy.port)
+        assert client.handshake(Cookie="a=1; legacy=caf\xe9; b=2") == 101
+        assert b"\r\nCookie: a=1; b=2\r\n" in backend.requests.get(timeout=10)
+        client.close()
+        client = RawClient(proxy.port)
+        assert client.handshake(Cookie="legacy=caf\xe9") == 101
+        assert b"\r\nCookie:" not in backend.requests.get(timeout=10)
+        client.close()
     finally:
         backend.close()
 
