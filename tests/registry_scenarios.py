@@ -32,8 +32,9 @@ V = "ws://127.0.0.1:9/v"
 class Worker:
     """A manager and its registry; ``applied`` gets each change after it is applied, ``connected`` each connect."""
 
-    def __init__(self, redis_url: str):
-        self.registry = RedisRegistry(redis_url, reconnect_initial_s=0.01, reconnect_max_s=0.1)
+    def __init__(self, redis_url: str, heartbeat_s: float = 5.0):
+        self.registry = RedisRegistry(redis_url, heartbeat_s=heartbeat_s, reconnect_initial_s=0.01,
+                                      reconnect_max_s=0.1)
         self.applied: Queue = Queue()
         self.connected: Queue = Queue()
         self.reading = Event()
@@ -53,6 +54,14 @@ class Worker:
         self.registry._apply, self.registry._connect = held_apply, told_connect
         self.manager = PipeManager(Settings(), registry=self.registry)
         self.connected.get(timeout=TIMEOUT_S)
+        self.drains_applied = 0
+        apply_drain = self.manager.apply_drain
+
+        def counted_drain(url: str, window_s: float):
+            self.drains_applied += 1
+            return apply_drain(url, window_s)
+
+        self.manager.apply_drain = counted_drain
 
     def wait_applied(self, op: str, url: str) -> None:
         """Block until this worker has applied ``op`` of ``url`` (queue.Empty after TIMEOUT_S)."""
@@ -102,7 +111,36 @@ def rejected_drain(redis_url: str) -> dict:
     return {"a": a.urls(), "b": b.urls()}
 
 
-SCENARIOS = {"own-drain": own_drain, "own-remove": own_remove, "rejected-drain": rejected_drain}
+def drain_then_add_back(redis_url: str) -> dict:
+    """A drains U and adds it back before it reads its drain's echo: the add, made after, wins."""
+    a, b = Worker(redis_url), Worker(redis_url)
+    a.manager.add_backend(U)
+    a.wait_applied("add", U)
+    b.wait_applied("add", U)
+    a.reading.clear()
+    a.manager.drain_backend(U, 0)
+    a.manager.add_backend(U)
+    a.reading.set()
+    a.wait_applied("add", U)  # the echo of the add, read after that of the drain
+    b.wait_applied("add", U)
+    return {"a": a.urls(), "b": b.urls(), "drains_applied_in_a": a.drains_applied}
+
+
+def add_while_redis_is_out_of_memory(redis_url: str) -> dict:
+    """An add that Redis refuses for want of memory is kept, and written once memory is back."""
+    a, b = Worker(redis_url, heartbeat_s=0.1), Worker(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    admin.config_set("maxmemory", 1)  # every write now fails with OOM
+    try:
+        a.manager.add_backend(U)
+    finally:
+        admin.config_set("maxmemory", 0)
+    b.wait_applied("add", U)  # written at A's next heartbeat
+    return {"a": a.urls(), "b": b.urls()}
+
+
+SCENARIOS = {"own-drain": own_drain, "own-remove": own_remove, "rejected-drain": rejected_drain,
+             "drain-then-add-back": drain_then_add_back, "oom-add": add_while_redis_is_out_of_memory}
 
 
 if __name__ == "__main__":

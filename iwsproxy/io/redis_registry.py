@@ -38,11 +38,13 @@ answered (a request never fails because Redis is down); they are kept, last chan
 per URL, and written to Redis (and so published) as soon as it is back, before the
 reconcile. The alternative, refusing the call, would make the admin API useless
 exactly when an operator may need it; keeping the change local forever would leave
-workers disagreeing after Redis returns. A change Redis itself refuses (an error
-reply, not a lost connection) is logged at ERROR and dropped instead: it would be
-refused again, and kept changes are written before any later one, so keeping it
-would keep every later change local too. The script checks its arguments before
-it writes, so a refused change leaves Redis as it was.
+workers disagreeing after Redis returns. An error reply that passes (out of memory,
+a replica being promoted) keeps the change the same way. A change Redis refuses
+for what it is (the script's check of its arguments, a wrongly typed key) is logged
+at ERROR and dropped instead: it would be refused again, and kept changes are
+written before any later one, so keeping it would keep every later change local
+too. The script checks its arguments before it writes, so a refused change leaves
+Redis as it was.
 
 Backends given at start (``IWSPROXY_BACKENDS``, ``--backend``) are not admin adds:
 they only seed a new data set, the way a lost one is seeded (below). A worker that
@@ -53,8 +55,11 @@ reached at start, the process serves with them until it can, then reconciles.
 Redis lost its data (restarted without persistence, or flushed). Removing every URL
 missing from an empty set would empty every pool. So the first process to reconnect
 to a data set without ``P:epoch`` writes a new epoch and seeds the set with the URLs
-it had from the registry (in one script); the others then find the epoch and
-reconcile against that set. To empty the registry, remove the backends through the
+it had from the registry (in one script, which publishes each as an add: after a
+FLUSHALL the running processes keep their connections and never look again); the
+others then find the epoch and reconcile against that set. A process with no URLs
+to seed leaves the epoch unwritten, so that one started without backends (an admin
+instance, a canary) does not keep the next one from seeding. To empty the registry, remove the backends through the
 admin API rather than deleting the keys.
 
 Needs gevent monkey-patching (``iwsproxy serve``, ``wsgi.py`` and gunicorn's gevent
@@ -74,7 +79,7 @@ import redis
 from gevent.event import Event
 from gevent.pool import Group
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError, TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError, TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..backoff import backoff
@@ -126,18 +131,25 @@ redis.call('PUBLISH', ARGV[4], ARGV[3])
 return changed
 """
 
-# KEYS: epoch, backends, seq. ARGV: new epoch, then the URLs to seed if the epoch is missing.
-# Returns {epoch, number of URLs seeded}.
+# KEYS: epoch, backends, seq. ARGV: new epoch, channel, origin, then the URLs to seed if the
+# epoch is missing. Returns {epoch, number of URLs seeded}; {false, 0} if the epoch is missing and
+# there is nothing to seed: a process with no backends does not claim an empty set, which would keep
+# the next process from seeding it. Each URL seeded is published as an add, so that the processes
+# already running (which never saw the data set go: a FLUSHALL closes no connection) get it too.
 _CLAIM_EPOCH = """
 local epoch = redis.call('GET', KEYS[1])
 if epoch then
   return {epoch, 0}
 end
+if #ARGV < 4 then
+  return {false, 0}
+end
 redis.call('SET', KEYS[1], ARGV[1])
 local seeded = 0
-for i = 2, #ARGV do
+for i = 4, #ARGV do
   if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
     redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[i])
+    redis.call('PUBLISH', ARGV[2], cjson.encode({op = 'add', url = ARGV[i], window_s = 0, origin = ARGV[3]}))
     seeded = seeded + 1
   end
 end
@@ -160,14 +172,18 @@ class _PubSubSilent(RedisError):
     """The pub/sub connection stopped answering (no reply to a ping within a heartbeat)."""
 
 
+_REFUSALS = ("drain marker ttl out of range", "WRONGTYPE")  # what sending again would meet again
+
+
 def _rejected(exc: BaseException) -> bool:
-    """Did Redis refuse the change itself (a bad argument, a wrongly typed key)?
+    """Did Redis refuse the change itself (the script's check of its arguments, a wrongly typed key)?
 
     Sending it again would fail again, and a change kept for retry blocks every
-    later one, so such a change is dropped. A read-only replica (a failover in
-    progress) or a missing script says nothing about the change: it is kept.
+    later one, so such a change is dropped. Every other error reply says nothing
+    about the change and passes (out of memory, a replica being promoted, a busy
+    script, a missing script): the change is kept and written later.
     """
-    return isinstance(exc, ResponseError) and not isinstance(exc, (ReadOnlyError, NoScriptError))
+    return isinstance(exc, ResponseError) and any(refusal in str(exc) for refusal in _REFUSALS)
 
 
 class RedisRegistry:
@@ -206,6 +222,7 @@ class RedisRegistry:
         self._registered: dict[str, None] = {}  # URLs this process has from the registry, in order
         self._unsent: dict[str, tuple[str, float]] = {}  # url -> (op, window_s) not yet written to Redis
         self._epoch: str | None = None
+        self._own_drains: set[str] = set()  # drained here, their echo not read yet
         self._group = Group()  # the subscriber greenlet
         self._stopping = Event()
         self.connected = False
@@ -240,6 +257,7 @@ class RedisRegistry:
 
     def add(self, url: str) -> bool:
         """Register ``url`` everywhere; True if it was new in Redis (in this process if Redis is down)."""
+        self._own_drains.discard(url)  # added back after a drain of ours: the add is the newer
         added_here = self._manager.apply_add(url)
         changed = self._write("add", url, known_here=True)
         if changed is None:
@@ -258,6 +276,7 @@ class RedisRegistry:
     def drain(self, url: str, window_s: float) -> int | None:
         """Drain ``url`` in every process; this process's pipes to move (0 if only Redis had it), None if unknown."""
         moving = self._manager.apply_drain(url, window_s)
+        self._own_drains.add(url)
         changed = self._write("drain", url, known_here=moving is not None or url in self._registered,
                               window_s=window_s)
         if changed is not None:
@@ -345,7 +364,7 @@ class RedisRegistry:
     def _sync(self) -> None:
         """Seed a lost data set, write kept changes, then reconcile the pool."""
         epoch, seeded = self._claim_epoch(keys=[self._key_epoch, self._key_backends, self._key_seq],
-                                          args=[uuid.uuid4().hex, *self._registered])
+                                          args=[uuid.uuid4().hex, self.channel, self._origin, *self._registered])
         self._log_claim(epoch, int(seeded))
         self._epoch = epoch
         self._send_unsent()
@@ -376,7 +395,7 @@ class RedisRegistry:
         elif seeded or epoch != self._epoch:
             log.warning("registry: Redis at %s had lost the backend set; %s", self.url,
                         f"seeded it with the {seeded} backends this process had" if seeded
-                        else "another process has seeded it")
+                        else "another process has seeded it" if epoch else "this process had none to seed it")
 
     def _run(self, pubsub, lost_at: float | None) -> None:
         """Listen; on loss, keep the pool and reconnect with backoff until stopped."""
@@ -457,13 +476,17 @@ class RedisRegistry:
             log.warning("registry: ignoring a message with unknown op %.200r", data)
 
     def _undone_here(self, url: str) -> bool:
-        """Was this process's own drain of ``url`` undone before its echo came back?
+        """Was this process's own drain of ``url``, whose echo is here, undone meanwhile?
 
         The drain was applied here before it was published, so an add read since
         (ours, another process's, or one queued while we resubscribed) was published
         before it and is older: the drain wins and is applied again. A drain still
-        in progress here (DRAINING) or already finished (gone) is left alone.
+        in progress here (DRAINING) or already finished (gone) is left alone, and so is
+        a URL this process added back itself after draining it (that add is newer).
         """
+        if url not in self._own_drains:
+            return False
+        self._own_drains.discard(url)
         backend = self._manager.pool.get(url)
         return backend is not None and backend.admin is Admin.READY
 

@@ -301,6 +301,31 @@ def test_a_change_redis_rejects_is_dropped_not_retried_forever(redis_server):
     assert scenario(redis_server.url(6), "rejected-drain") == {"a": [U, V], "b": [U, V], "redis": [U, V]}
 
 
+def test_a_drain_undone_here_by_an_add_made_after_it_is_not_applied_again(redis_server):
+    # A's own add came after its drain: the drain's echo must not move the pipes off again
+    assert scenario(redis_server.url(8), "drain-then-add-back") == {
+        "a": [U], "b": [U], "drains_applied_in_a": 1, "redis": [U]}
+
+
+def test_a_change_refused_for_want_of_memory_is_kept_and_written_later(redis_server):
+    assert scenario(redis_server.url(9), "oom-add") == {"a": [U], "b": [U], "redis": [U]}
+
+
+def test_a_worker_without_backends_leaves_a_new_registry_to_be_seeded(processes, redis_server):
+    redis_url = redis_server.url(10)
+    a, b = "ws://127.0.0.1:9/a", "ws://127.0.0.1:9/b"
+    bare = processes.proxy("--redis-url", redis_url)  # an admin instance, say: nothing to seed
+    seeding = processes.proxy("--redis-url", redis_url, "--backend", a)
+    assert list(seeding.backends()) == [a]
+    wait_for(lambda: a in bare.backends(), timeout=5, what="the seed published to the running process")
+    # a FLUSHALL closes no connection: the running processes learn of the new seed from its publication
+    redis_server.client(10).flushdb()
+    reseeding = processes.proxy("--redis-url", redis_url, "--backend", b)
+    wait_for(lambda: b in bare.backends() and b in seeding.backends(), timeout=5, what="the new seed everywhere")
+    assert list(reseeding.backends()) == [b]
+    assert redis_server.client(10).zrange("iwsproxy:backends", 0, -1) == [b]
+
+
 def test_backends_given_at_start_only_seed_a_new_registry(processes, redis_server):
     redis_url = redis_server.url(7)
     a, b, c = "ws://127.0.0.1:9/a", "ws://127.0.0.1:9/b", "ws://127.0.0.1:9/c"
