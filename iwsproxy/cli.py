@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -77,6 +78,10 @@ def _admin_call(args: argparse.Namespace, method: str, body: dict | None = None)
         raise SystemExit(f"iwsproxy: admin API answered {exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise SystemExit(f"iwsproxy: cannot reach the admin API at {url}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:  # a reset, a timeout, a half answer
+        raise SystemExit(f"iwsproxy: no answer from the admin API at {url}: {exc or type(exc).__name__}") from None
+    except ValueError:  # not JSON: not the admin API (a wrong --admin URL?)
+        raise SystemExit(f"iwsproxy: {url} did not answer as the admin API does (JSON); check --admin") from None
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -88,7 +93,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if not args.url:
         raise SystemExit(f"iwsproxy: backends {args.action} needs a URL")
     body = {"url": args.url}
-    if args.action == "remove" and args.drain:
+    if args.drain:
+        if args.action != "remove":
+            raise SystemExit("iwsproxy: --drain goes with backends remove")
         body["drain"] = True
     result = _admin_call(args, "POST" if args.action == "add" else "DELETE", body)
     print(json.dumps(result))

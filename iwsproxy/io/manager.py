@@ -176,6 +176,8 @@ class PipeManager:
         """
         if client_id in self._pipes:
             raise DuplicateClient(f"client {short_id(client_id)} already has a live session")
+        if self._closing.is_set():  # too late for the shutdown's 1012: refused before the upgrade
+            raise CapacityExceeded("this process is shutting down", 503)
         settings = self.settings
         if len(self._pipes) >= settings.max_pipes:
             raise CapacityExceeded(f"this process serves its maximum of {settings.max_pipes} pipes", 503)
@@ -188,7 +190,7 @@ class PipeManager:
             allow_waiting = self.settings.wait_for_backend and self.settings.pool_policy == "exclusive"
             pipe.connect_first(allow_waiting=allow_waiting)
         except BaseException:
-            self._forget(pipe)
+            self.abandon_pipe(pipe)
             raise
         return pipe
 

@@ -619,8 +619,10 @@ class PersistentPipe:
             self.manager.release_backend(lease, failed=failed, cause=cause)
 
     def abandon(self) -> None:
-        """Give back the backend of a pipe that will never start (its client was not answered)."""
+        """Give back the backend of a pipe that will never start (its client was not answered);
+        whoever waits for it to close (a shutdown) need not wait any longer."""
         self._release_backend(failed=False)
+        self._stopped.set()
 
     def _connect_round(self, now: float) -> list:
         """Try each usable backend once; returns [(url, error)] for those that failed."""

@@ -38,7 +38,7 @@ def make_server(app, bind: tuple[str, int]) -> WSGIServer:
     return WSGIServer(bind, app, handler_class=ProxyHandler, log=None, error_log=logging.getLogger("iwsproxy.http"))
 
 
-def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float = 10.0) -> None:
+def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float = 5.0) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit.
 
     ``ready(port)`` is called once the socket listens (the demo and tests use it).

@@ -6,8 +6,11 @@ import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -17,7 +20,7 @@ import pytest
 import websocket
 
 from conftest import ROOT, recv_close, stats, wait_for
-from rawws import DeafBackend
+from rawws import DeafBackend, FakeBackend
 from iwsproxy.process import ChildProcess
 
 
@@ -80,6 +83,72 @@ def test_sigterm_closes_clients_with_1012_and_exits(processes):
         assert recv_close(ws)[0] == 1012
     assert proxy.proc.wait(10) == 0
     assert stats(backend)["connections_open"] == 0
+
+
+def test_sigterm_does_not_wait_on_a_pipe_whose_first_backend_failed(processes):
+    deaf = FakeBackend()  # accepts TCP, never answers the handshake
+    try:
+        proxy = processes.proxy("--backend", deaf.url, "--connect-timeout", "2")
+        refused: dict = {}
+
+        def connect():
+            try:
+                proxy.connect(timeout=10)
+            except websocket.WebSocketBadStatusException as exc:
+                refused["status"] = exc.status_code
+        opener = threading.Thread(target=connect, daemon=True)
+        opener.start()
+        wait_for(lambda: deaf.connections, what="the pipe's handshake with the backend under way")
+        proxy.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert proxy.proc.wait(10) == 0
+        # the handshake fails after 2 s and the pipe is given up; a shutdown that waited for it to
+        # close would take its whole timeout
+        assert time.monotonic() - signalled < 4.5
+        opener.join(5)
+        assert refused == {"status": 503}
+    finally:
+        deaf.close()
+
+
+class _Answering:
+    """A server on 127.0.0.1 that reads a request, then sends ``answer`` and closes (b"": closes at once)."""
+
+    def __init__(self, answer: bytes):
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/admin"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+
+def test_backends_cli_errors_are_one_clear_line():
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "iwsproxy", "backends", *args, "--token", "x"],
+                              capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
+    html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>"
+    servers = {"no answer from the admin API": _Answering(b""), "check --admin": _Answering(html)}
+    try:
+        for expected, server in servers.items():
+            result = cli("list", "--admin", server.url)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert expected in result.stderr
+        result = cli("add", "ws://127.0.0.1:9/x", "--drain", "--admin", "http://127.0.0.1:9/admin")
+        assert result.returncode == 1 and "--drain goes with backends remove" in result.stderr
+    finally:
+        for server in servers.values():
+            server.sock.close()
 
 
 def test_backends_cli(processes):
