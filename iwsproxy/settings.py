@@ -147,8 +147,8 @@ class Settings:
     # --- service ---
     bind: str = setting("127.0.0.1:8080", "IWSPROXY_BIND", str, "HOST:PORT the server listens on", "--bind")
     backends: tuple[str, ...] = setting((), "IWSPROXY_BACKENDS", _parse_list,
-                                        "backend WebSocket URLs registered at start (comma separated; with Redis they "
-                                        "only seed a new registry)", "--backend")
+                                        "backend WebSocket URLs registered at start (the flag is repeatable, the variable "
+                                        "comma separated; with Redis they only seed a new registry)", "--backend")
     admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,
                                       "bearer token for the admin routes; unset turns them off", "--admin-token")
     proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,
