@@ -63,6 +63,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import queue
@@ -73,6 +74,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -359,7 +361,15 @@ class LoadGenerator:
     def start(self) -> "LoadGenerator":
         for proc in self._procs:
             proc.start()
+        threading.Thread(target=self._break_barrier_when_a_worker_dies, name="loadgen-watch", daemon=True).start()
         return self
+
+    def _break_barrier_when_a_worker_dies(self) -> None:
+        """A dead worker never reaches the barrier: break it at once, so that the parent's wait
+        fails now instead of after BARRIER_TIMEOUT_S (at the end of a run, when the workers
+        exit, nobody waits on it any more)."""
+        multiprocessing.connection.wait([proc.sentinel for proc in self._procs])
+        self._barrier.abort()
 
     def pids(self) -> list[int]:
         return [proc.pid for proc in self._procs if proc.pid is not None]
@@ -937,8 +947,14 @@ def report(results: list[PathResult], info: dict, options: Options) -> str:
     return "\n".join(lines)
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run()'s cleanup, which a plain SIGTERM would skip
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # `timeout`, `kill`, a cancelled CI job
+        signal.signal(signum, _exit_on_signal)
     try:
         results, info = run(options)
     except BenchError as exc:

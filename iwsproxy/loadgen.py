@@ -51,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from threading import BrokenBarrierError
 
+from iwsproxy.exceptions import ProtocolError
 from iwsproxy.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -288,10 +289,19 @@ def _read_events(events: list, payload_bytes: int, masks: MaskSource) -> tuple[i
     return n, pongs
 
 
-def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start: float) -> None:
+def _frames_for(phase: Phase, connections: int) -> _FramePool | None:
+    """The phase's frames, encoded before its clock starts."""
+    if phase.kind == "window":
+        return _FramePool(phase.payload_bytes, phase.window * max(1, connections) * 4)
+    if phase.kind == "pingpong":
+        return _FramePool(phase.payload_bytes, phase.count)
+    return None
+
+
+def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start: float,
+                pool: _FramePool) -> None:
     """Keep ``phase.window`` messages in flight on every connection until the deadline, then drain."""
     size = phase.payload_bytes
-    pool = _FramePool(size, phase.window * max(1, len(clients)) * 4)
     masks = MaskSource()
     rtts = result.rtt_s
     perf_counter = time.perf_counter
@@ -350,10 +360,9 @@ def _run_window(clients: list[_Client], phase: Phase, result: PhaseResult, start
     result.elapsed_s = phase.duration_s
 
 
-def _run_pingpong(clients: list[_Client], phase: Phase, result: PhaseResult) -> None:
+def _run_pingpong(clients: list[_Client], phase: Phase, result: PhaseResult, pool: _FramePool) -> None:
     """One message at a time, ``phase.count`` round trips per connection, timed one by one."""
     size = phase.payload_bytes
-    pool = _FramePool(size, phase.count)
     masks = MaskSource()
     rtts = result.rtt_s
     perf_counter = time.perf_counter
@@ -410,7 +419,14 @@ def _exchange_one(clients: list[_Client], phase: Phase) -> None:
 
 
 def _close_all(clients: list[_Client]) -> None:
-    """Close handshake on every connection (bounded), then close the sockets."""
+    """Close handshake on every connection (bounded), then close the sockets (whatever happens)."""
+    try:
+        _close_handshakes(clients)
+    finally:
+        _abort_all(clients)
+
+
+def _close_handshakes(clients: list[_Client]) -> None:
     masks = MaskSource()
     with selectors.DefaultSelector() as selector:
         for client in clients:
@@ -435,27 +451,27 @@ def _close_all(clients: list[_Client]) -> None:
                     done = not data or any(op == OP_CLOSE for op, _ in client.parser.feed(data))
                 except BlockingIOError:
                     continue
-                except (OSError, ValueError):
+                except (OSError, ValueError, ProtocolError):
                     done = True  # a reset or a garbled close: the connection is over either way
                 if done:
                     selector.unregister(client.sock)
                     open_clients.discard(client)
-    _abort_all(clients)
 
 
 def _run_phase(index: int, phase: Phase, clients: list[_Client], barrier) -> PhaseResult:
     result = PhaseResult(worker=index, connections=len(clients))
     if phase.kind == "idle":
         _exchange_one(clients, phase)
+    pool = _frames_for(phase, len(clients))
     barrier.wait(BARRIER_TIMEOUT_S)  # ready: everything connected, the parent measures
     barrier.wait(BARRIER_TIMEOUT_S)  # go
     cpu0 = _cpu_s()
     start = time.perf_counter()
     if phase.kind == "window":
         if clients:
-            _run_window(clients, phase, result, start)
+            _run_window(clients, phase, result, start, pool)
     elif phase.kind == "pingpong":
-        _run_pingpong(clients, phase, result)
+        _run_pingpong(clients, phase, result, pool)
         result.elapsed_s = time.perf_counter() - start
     elif phase.kind != "idle":
         raise ValueError(f"unknown phase kind {phase.kind!r}")

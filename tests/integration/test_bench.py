@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from iwsproxy.bench import in_turn, pinned
+from iwsproxy.bench import BenchError, LoadGenerator, in_turn, pinned
+from iwsproxy.loadgen import Phase, _Client, _close_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 60
@@ -57,6 +61,68 @@ def test_quick_bench_prints_the_table(tmp_path):
         assert r["small_msgs_per_s"] == pytest.approx(sum(r["rounds"]["small"]) / 2)
         assert r["large_mb_per_s"] == pytest.approx(sum(r["rounds"]["large"]) / 2)
     assert len(data["round_ratios"]["proxy-gunicorn/direct msg/s"]) == 2
+
+
+def test_a_worker_closing_on_a_garbled_close_reply_still_closes_every_socket():
+    ours, peer = socket.socketpair()
+    other, other_peer = socket.socketpair()
+    clients = [_Client(ours, b"", 100), _Client(other, b"", 100)]
+    peer.sendall(b"\x88\x82abcd\x00\x00")  # a masked Close: a protocol error from a server
+    other_peer.sendall(b"\x88\x02\x03\xe8")
+    _close_all(clients)  # raised before, and left the sockets open
+    assert ours.fileno() == -1 and other.fileno() == -1
+    peer.close()
+    other_peer.close()
+
+
+def test_a_dead_load_generator_worker_fails_the_run_at_once():
+    loadgen = LoadGenerator(2).start()
+    try:
+        victim = loadgen._procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        phase = Phase(kind="idle", targets=(), duration_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(BenchError):  # not after BARRIER_TIMEOUT_S (180 s)
+            loadgen.run([phase, phase])
+        assert time.monotonic() - started < 30
+    finally:
+        loadgen.stop()
+
+
+def test_sigterm_stops_the_bench_and_its_children(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    bench = subprocess.Popen([sys.executable, "-m", "iwsproxy.bench", "--quick", "--no-nginx"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proxy_pid = None
+        for line in bench.stderr:  # "[bench] proxy: pid N, port P" once the proxy runs
+            if line.startswith("[bench] proxy: pid "):
+                proxy_pid = int(line.split()[3].rstrip(","))
+                break
+        assert proxy_pid is not None
+        children = _children(bench.pid)
+        assert proxy_pid in children
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(TIMEOUT_S) == 128 + signal.SIGTERM
+        for pid in children:
+            assert not _alive(pid), f"child {pid} left running"
+    finally:
+        bench.kill()
+        bench.wait()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
 
 
 def test_each_round_starts_one_path_later():
