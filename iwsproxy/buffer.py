@@ -246,11 +246,6 @@ class Ledger:
         self.sent_total = self.acked_total
         return replayed
 
-    def postpone(self, now: float) -> None:
-        """The peer's answers may be waiting, unread, on our side: the outstanding fences'
-        pong timeout starts again now."""
-        self.fences = [(number, covered, now) for number, covered, _ in self.fences]
-
     def oldest_fence_at(self) -> float | None:
         return self.fences[0][2] if self.fences else None
 

@@ -61,6 +61,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 MAX_FENCES_IN_FLIGHT = 32  # beyond this, new writes join the last fence's window
 FENCE_INTERVAL_S = 0.002   # while fences are out, a new one at most this often (one per batch when idle-ish)
+EXCUSED_WAIT_LIMIT = 6     # an excused answer is waited for at most this many pong timeouts in all
 
 
 class State(str, enum.Enum):
@@ -170,7 +171,8 @@ class Session:
         self.last_failover: FailoverReport | None = None
         self._waiting_since = now    # when the pipe last had no backend
         self._drain_started = now
-        self._drain_clock = now      # when the wait for the draining backend's Close reply (re)started
+        # an answer late through no fault of its peer is waited for until then (see excuse)
+        self._excused_until = {"backend": 0.0, "client": 0.0}
         self._detached_at = now
         self._replayed = 0
 
@@ -201,12 +203,13 @@ class Session:
     def _backend_due(self) -> tuple[float, str] | None:
         timeout = self.pong_timeout_s
         if self.state is State.DRAINING:
-            return (self._drain_clock + timeout, "no close reply") if timeout else None
+            due = max(self._drain_started + timeout, self._excused_until["backend"])
+            return (due, "no close reply") if timeout else None
         if self.state is State.CONNECTED:
             ledger = self.to_backend
             oldest = ledger.oldest_fence_at()
             if oldest is not None:
-                return (oldest + timeout, "no pong") if timeout else None
+                return (max(oldest + timeout, self._excused_until["backend"]), "no pong") if timeout else None
             if ledger.fence_due:
                 return ledger.last_fence_at, "fence"  # now
             return (ledger.last_fence_at + self.keepalive_s, "fence") if self.keepalive_s else None
@@ -220,7 +223,8 @@ class Session:
         ledger = self.to_client
         oldest = ledger.oldest_fence_at()
         if oldest is not None:
-            return (oldest + self.pong_timeout_s, "no pong") if self.pong_timeout_s else None
+            timeout = self.pong_timeout_s
+            return (max(oldest + timeout, self._excused_until["client"]), "no pong") if timeout else None
         return (ledger.last_fence_at, "fence") if ledger.fence_due else None  # now
 
     # ---- inputs from the client side ----
@@ -272,6 +276,7 @@ class Session:
         else:
             self.to_client.rewind()  # takeover: the old connection's unacknowledged messages go again
         self.client_attached = True
+        self._excused_until["client"] = 0.0
         nbytes = self.to_client.buffer.pending_bytes
         messages, fence = self.to_client.flush(now)
         return [SendToClient(messages, fence, nbytes)] if messages else []
@@ -284,6 +289,7 @@ class Session:
         was_failover = self.state is State.FAILING_OVER
         self.state = State.CONNECTED
         self.generation += 1
+        self._excused_until["backend"] = 0.0
         ledger = self.to_backend
         ledger.last_fence_at = now
         flushed_bytes = ledger.buffer.pending_bytes
@@ -334,7 +340,8 @@ class Session:
             return []
         self.state = State.DRAINING
         self.to_backend.fences.clear()
-        self._drain_started = self._drain_clock = now
+        self._drain_started = now
+        self._excused_until["backend"] = 0.0
         return [CloseBackend(self.generation, CLOSE_GOING_AWAY, "backend draining")]
 
     def backend_drained(self, generation: int, now: float) -> list:
@@ -360,23 +367,28 @@ class Session:
         give them up. The runner may :meth:`excuse` one whose answer can be waiting unread on
         its own side."""
         late = []
-        backend = self._backend_due()
-        if backend is not None and backend[1] in ("no pong", "no close reply") and now >= backend[0]:
-            late.append(("backend", backend[0] - self.pong_timeout_s))
-        client = self._client_due()
-        if client is not None and client[1] == "no pong" and now >= client[0]:
-            late.append(("client", client[0] - self.pong_timeout_s))
+        for side, due in (("backend", self._backend_due()), ("client", self._client_due())):
+            if due is not None and due[1] in ("no pong", "no close reply") and now >= due[0]:
+                late.append((side, self._waiting_for_answer_since(side)))
         return late
 
-    def excuse(self, side: str, now: float) -> None:
+    def excuse(self, side: str, now: float) -> bool:
         """The answer of ``side`` may be among what the runner has not read yet (its reader was
-        held up writing to the other side): the wait for it starts again now."""
+        held up writing to the other side): wait for it one more ``pong_timeout_s``. False, and
+        no more waiting, once it is ``EXCUSED_WAIT_LIMIT`` pong timeouts late: a peer that streams
+        to a slow client and never reads would otherwise be excused for ever."""
+        since = self._waiting_for_answer_since(side)
+        if since is None or now - since >= EXCUSED_WAIT_LIMIT * self.pong_timeout_s:
+            return False
+        self._excused_until[side] = now + self.pong_timeout_s
+        return True
+
+    def _waiting_for_answer_since(self, side: str) -> float | None:
         if side == "client":
-            self.to_client.postpone(now)
-        elif self.state is State.DRAINING:
-            self._drain_clock = now
-        else:
-            self.to_backend.postpone(now)
+            return self.to_client.oldest_fence_at()
+        if self.state is State.DRAINING:
+            return self._drain_started
+        return self.to_backend.oldest_fence_at()
 
     # ---- the proxy's own decisions ----
     def close(self, code: int, reason: str) -> list:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from time import monotonic
 
 from gevent import Timeout, get_hub
+from gevent.socket import wait_write
 from gevent.event import Event
 from gevent.lock import Semaphore
 
@@ -37,9 +38,9 @@ from ..frames import (OP_CLOSE, OP_PONG, FrameParser, MaskSource, encode_close_p
 __all__ = ["Connection", "ConnectionLost", "Parked"]
 
 READ_CHUNK = 256 * 1024
-CLOSE_SEND_TIMEOUT_S = 2.0  # how long a Close may wait for a peer to make room for it
+CLOSE_SEND_TIMEOUT_S = 2.0  # how long a Close waits for a peer that takes none of our bytes
 _STALL_S = 0.001  # a send that took longer waited for the peer
-_UNREAD = struct.Struct("i")  # FIONREAD's answer
+_UNREAD = struct.Struct("i")  # FIONREAD's and TIOCOUTQ's answer
 _UNREAD_ZERO = _UNREAD.pack(0)
 
 
@@ -266,9 +267,10 @@ class Connection:
     def send_close(self, code: int | None, reason: str = "", timeout: float = CLOSE_SEND_TIMEOUT_S) -> bool:
         """Send a Close frame once; returns False if one was already sent or the socket failed.
 
-        A peer that has stopped reading (our buffers full, or a write of ours stuck) gets
-        ``timeout`` seconds to make room for the Close; then the connection is aborted and this
-        returns False, so that closing never waits on a peer for ever."""
+        A peer that has stopped reading (our buffers full, or a write of ours stuck) makes the
+        Close wait: once the peer has taken none of our bytes for ``timeout`` seconds the
+        connection is aborted and this returns False, so that closing never waits on a peer for
+        ever. A slow peer that takes bytes is waited for."""
         if not self._lock.acquire(timeout=timeout):
             self.abort()  # the write holding the lock fails and lets go
             return False
@@ -277,11 +279,8 @@ class Connection:
                 return False
             self.close_sent = True
             frame = encode_frame(OP_CLOSE, encode_close_payload(code, reason), mask_source=self._mask)
-            sent = False
             try:
-                with Timeout(timeout, False):
-                    self.sock.sendall(frame)
-                    sent = True
+                sent = self._send_while_taken(frame, timeout)
             except OSError:
                 return False
             if not sent:
@@ -289,6 +288,37 @@ class Connection:
             return sent
         finally:
             self._lock.release()
+
+    def _send_while_taken(self, data: bytes, timeout: float) -> bool:
+        """Write ``data`` whole, or give up (False) once the peer takes none of our queued bytes
+        for ``timeout`` (TLS: once ``timeout`` has passed, its progress cannot be seen)."""
+        if not self._plain:
+            with Timeout(timeout, False):
+                self.sock.sendall(data)
+                return True
+            return False
+        view = memoryview(data)
+        queued = self._queued()
+        while view:
+            try:
+                sent = self.sock.send(view, 0, 0.0)
+            except BlockingIOError:
+                sent = 0
+            if sent:
+                view = view[sent:]
+                continue
+            try:
+                wait_write(self.sock.fileno(), timeout, timeout_exc=TimeoutError)
+            except TimeoutError:
+                still = self._queued()
+                if still >= queued:
+                    return False
+                queued = still
+        return True
+
+    def _queued(self) -> int:
+        """Bytes in our send queue that the peer has not taken yet."""
+        return _UNREAD.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, _UNREAD_ZERO))[0]
 
     def linger(self, timeout: float) -> None:
         """After the close handshake: end our side of the stream (the peer reads our Close, then

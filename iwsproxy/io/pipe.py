@@ -317,14 +317,15 @@ class PersistentPipe:
         and since the wait began our reader of it may have been held up behind a write to the
         other side that had to wait for the other peer (a fast backend's Pong behind what it
         sends a slow client). The other peer is slow but takes our bytes: one that takes none is
-        dropped by :meth:`_holding` (while this supervisor waited for its lock)."""
+        dropped by :meth:`_holding` (while this supervisor waited for its lock). The session
+        stops excusing after ``EXCUSED_WAIT_LIMIT`` pong timeouts in all."""
         for side, since in self.session.late_answers(now):
             conn, other = (self.backend, self.client) if side == "backend" else (self.client, self.backend)
-            if conn is not None and other is not None and other.stalled_at >= since and conn.has_unread():
+            if (conn is not None and other is not None and other.stalled_at >= since and conn.has_unread()
+                    and self.session.excuse(side, now)):
                 log.info("pipe %s: the %s's answer is late, but may wait unread behind its data: "
                          "waiting again", short_id(self.client_id), side)
                 self.manager.counters[f"{side}_answers_excused"] += 1
-                self.session.excuse(side, now)
 
     def _end_after_crash(self) -> None:
         """Close the session (its buffers go back to the process's budget) and the client with 1011."""
@@ -645,7 +646,8 @@ class PersistentPipe:
                                        max_message_size=manager.settings.max_message_size_bytes,
                                        max_fragments=manager.settings.max_fragments,
                                        sslopt=manager.backend_sslopt, mask_source=manager.mask_source,
-                                       subprotocol=OFFERED if self._first_connect else self.subprotocol)
+                                       # once the client is answered, its subprotocol is settled
+                                       subprotocol=self.subprotocol if self._running else OFFERED)
             except BackendRejected as exc:
                 manager.release_backend(lease, failed=not self._first_connect, cause=str(exc))
                 if self._first_connect and 400 <= exc.status < 500:
@@ -673,9 +675,9 @@ class PersistentPipe:
         manager, session = self.manager, self.session
         manager.backend_succeeded(conn.url)
         manager.stop_waiting(self)
-        if self._first_connect:
+        if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
-        else:
+        if not self._first_connect:
             self.reconnects += 1
         was_first = self._first_connect and not self._running
         self._first_connect = False

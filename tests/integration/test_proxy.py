@@ -285,6 +285,24 @@ def test_exclusive_policy_waits_buffering_when_asked(processes):
     assert [waiting.recv() for _ in range(5)] == [f"queued-{i}" for i in range(5)]
 
 
+def test_a_client_answered_while_waiting_keeps_no_subprotocol(processes):
+    a = processes.echo("--subprotocol", "chat.v2")  # would choose chat.v2 if offered it
+    proxy = processes.proxy("--backend", a.url, "--pool-policy", "exclusive", "--wait-for-backend")
+    first = proxy.connect()
+    waiting = RawClient(proxy.port)  # answered at once, with no backend: so with no subprotocol
+    try:
+        assert waiting.handshake(**{"Sec-WebSocket-Protocol": "chat.v2"}) == 101
+        first.close()
+        waiting.send(frame(OP_TEXT, b"once a backend is free"))
+        data = []
+        while not data:  # the proxy's pings (fences) may come first
+            data = [event for event in waiting.events() if event[0] != OP_PING]
+        assert data == [(OP_TEXT, b"once a backend is free")]
+        assert "sec-websocket-protocol" not in stats(a)["last_headers"]
+    finally:
+        waiting.close()
+
+
 def test_failing_backend_is_ejected_after_repeated_failures(processes):
     good = processes.echo()
     dead_port = free_port()

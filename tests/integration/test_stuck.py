@@ -289,6 +289,30 @@ def test_a_close_to_a_peer_that_reads_nothing_gives_up_and_drops_the_connection(
         peer.close()
 
 
+def test_a_close_to_a_slow_peer_that_takes_bytes_is_waited_for():
+    conn, peer = _small_buffered_pair()
+    try:
+        _fill(conn)
+
+        def slow_reader():
+            got = b""
+            while b"\x88" not in got[-16:]:  # until the Close frame's first byte arrives
+                got += peer.recv(1024)
+                gevent.sleep(0.05)  # ok-sleep: the pace of a slow peer (20 KB/s), not a synchronisation
+            return len(got)
+
+        reader = gevent.spawn(slow_reader)
+        started = time.monotonic()
+        with gevent.Timeout(30):  # far longer than the 0.5 s without progress that give up
+            assert conn.send_close(1001, "draining", timeout=0.5) is True
+        assert time.monotonic() - started > 0.5  # the Close waited longer than that, for a peer taking bytes
+        assert not conn.closed
+        assert reader.get(timeout=20) > 16384
+    finally:
+        conn.abort()
+        peer.close()
+
+
 def test_a_failed_write_to_one_side_does_not_skip_the_other_sides_actions():
     backend, backend_peer = _small_buffered_pair()
     client_sock, client_peer = gsocket.socketpair()

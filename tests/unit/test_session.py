@@ -6,7 +6,7 @@ import pytest
 
 from iwsproxy.buffer import MessageBuffer
 from iwsproxy.exceptions import BufferOverflow
-from iwsproxy.session import (FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
+from iwsproxy.session import (EXCUSED_WAIT_LIMIT, FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
                               encode_fence)
 
 
@@ -201,6 +201,18 @@ def test_a_late_answer_is_reported_and_can_be_excused():
     assert s.next_deadline() == 5.5
     assert s.poll(5.5) == [AbandonBackend(1, "no pong within 2 s"),
                            CloseClient(1001, "client did not answer a ping within 2 s")]
+
+
+def test_excuses_end_after_a_limit():
+    # a backend that streams to a slow client and never reads looks held up for ever
+    s = connected(pong_timeout_s=2.0)
+    s.client_messages(msgs("a"), 1.0)
+    now = 3.0
+    while s.excuse("backend", now):
+        assert s.poll(now) == [] and s.next_deadline() == now + 2.0
+        now += 2.0
+    assert now - 1.0 == EXCUSED_WAIT_LIMIT * 2.0
+    assert s.poll(now) == [AbandonBackend(1, "no pong within 2 s")]
 
 
 def test_an_excused_backend_still_settles_with_its_pong():
