@@ -363,13 +363,15 @@ class Session:
     # ---- answers late through no fault of the peer ----
     def late_answers(self, now: float) -> list[tuple[str, float]]:
         """The sides ("backend", "client") whose answer (a Pong, or a draining backend's Close
-        reply) is overdue at ``now``, each with when the wait for it began: :meth:`poll` would
-        give them up. The runner may :meth:`excuse` one whose answer can be waiting unread on
-        its own side."""
+        reply) is overdue at ``now``, each with when the wait for it began or was last excused:
+        :meth:`poll` would give them up. The runner may :meth:`excuse` one whose answer can be
+        waiting unread on its own side."""
         late = []
         for side, due in (("backend", self._backend_due()), ("client", self._client_due())):
             if due is not None and due[1] in ("no pong", "no close reply") and now >= due[0]:
-                late.append((side, self._waiting_for_answer_since(side)))
+                # since the wait began, or since the last excuse: each excuse needs fresh evidence
+                since = max(self._waiting_for_answer_since(side), self._excused_until[side] - self.pong_timeout_s)
+                late.append((side, since))
         return late
 
     def excuse(self, side: str, now: float) -> bool:

@@ -55,7 +55,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_plain", "_wait_first", "_idle_watcher", "_closed_event",
-                 "_resumed", "_repark", "sends", "stalled_at", "__weakref__")
+                 "_resumed", "_repark", "sends", "stalled_at", "stall_timeout_s", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -78,6 +78,7 @@ class Connection:
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
         self.stalled_at = -1.0  # when the last write that had to wait for the peer ended
+        self.stall_timeout_s = CLOSE_SEND_TIMEOUT_S  # a Close gives up after this long without progress
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
         self._resumed: Callable[[], None] | None = None  # set by resume() until the first frames arrive
@@ -264,13 +265,15 @@ class Connection:
     def pong(self, payload: bytes) -> None:
         self.send_raw(encode_frame(OP_PONG, payload, mask_source=self._mask))
 
-    def send_close(self, code: int | None, reason: str = "", timeout: float = CLOSE_SEND_TIMEOUT_S) -> bool:
+    def send_close(self, code: int | None, reason: str = "", timeout: float | None = None) -> bool:
         """Send a Close frame once; returns False if one was already sent or the socket failed.
 
         A peer that has stopped reading (our buffers full, or a write of ours stuck) makes the
-        Close wait: once the peer has taken none of our bytes for ``timeout`` seconds the
-        connection is aborted and this returns False, so that closing never waits on a peer for
-        ever. A slow peer that takes bytes is waited for."""
+        Close wait: once the peer has taken none of our bytes for ``timeout`` seconds (default
+        ``stall_timeout_s``) the connection is aborted and this returns False, so that closing
+        never waits on a peer for ever. A slow peer that takes bytes is waited for."""
+        if timeout is None:
+            timeout = self.stall_timeout_s
         if not self._lock.acquire(timeout=timeout):
             self.abort()  # the write holding the lock fails and lets go
             return False
@@ -281,7 +284,7 @@ class Connection:
             frame = encode_frame(OP_CLOSE, encode_close_payload(code, reason), mask_source=self._mask)
             try:
                 sent = self._send_while_taken(frame, timeout)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: aborted meanwhile (no descriptor left)
                 return False
             if not sent:
                 self.abort()
@@ -306,6 +309,7 @@ class Connection:
                 sent = 0
             if sent:
                 view = view[sent:]
+                queued = self._queued()
                 continue
             try:
                 wait_write(self.sock.fileno(), timeout, timeout_exc=TimeoutError)
@@ -319,6 +323,15 @@ class Connection:
     def _queued(self) -> int:
         """Bytes in our send queue that the peer has not taken yet."""
         return _UNREAD.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, _UNREAD_ZERO))[0]
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """Changes whenever a write of ours makes progress: our sends, and the bytes still queued
+        for the peer (a Close's wait, or a socket buffer the peer is emptying, shows only there)."""
+        try:
+            return self.sends, self._queued() if self._plain else -1
+        except (OSError, ValueError):
+            return self.sends, -1  # closed
 
     def linger(self, timeout: float) -> None:
         """After the close handshake: end our side of the stream (the peer reads our Close, then

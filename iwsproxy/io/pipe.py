@@ -56,7 +56,7 @@ from ..pool import Admin, Backend
 from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
                        encode_fence)
 from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
-from .connection import Connection, ConnectionLost, Parked
+from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost, Parked
 
 if TYPE_CHECKING:
     from .manager import PipeManager
@@ -100,6 +100,8 @@ class PersistentPipe:
         self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
         self._backend_reader: _Reader | None = None
         self._park_after = settings.park_after_s
+        # a Close waits for a peer that takes bytes, and gives up on one that takes none for this long
+        self._stall_timeout_s = max(settings.pong_timeout_s, CLOSE_SEND_TIMEOUT_S)
         self._park_at: float | None = None    # when the supervisor next looks for idle readers to park
         self.backend: BackendConnection | None = None
         self._lease: Backend | None = None    # the pool's backend that self.backend counts against
@@ -207,6 +209,7 @@ class PersistentPipe:
         return self.session.client_attached and not self.session.closed
 
     def _use_client(self, client: Connection) -> None:
+        client.stall_timeout_s = self._stall_timeout_s
         self.client = client
         self._client_readers[client] = _Reader(self, client, self._read_client)
 
@@ -394,7 +397,7 @@ class PersistentPipe:
         seen.clear()
         for side, conn in (("client", self.client), ("backend", self.backend)):
             if conn is not None:
-                seen[side] = (conn, conn.sends)
+                seen[side] = (conn, conn.progress)
 
     def _drop_stuck_writes(self, seen: dict) -> None:
         """Drop the connection (at most one) whose write is under way and has taken no byte since
@@ -402,7 +405,7 @@ class PersistentPipe:
         for side, conn in (("client", self.client), ("backend", self.backend)):
             if conn is None:
                 continue
-            if conn.writing and seen.get(side) == (conn, conn.sends):
+            if conn.writing and seen.get(side) == (conn, conn.progress):
                 log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
                             short_id(self.client_id), side, self.session.pong_timeout_s)
                 self.manager.counters[side + "s_dropped_stuck"] += 1
@@ -681,6 +684,7 @@ class PersistentPipe:
             self.reconnects += 1
         was_first = self._first_connect and not self._running
         self._first_connect = False
+        conn.stall_timeout_s = self._stall_timeout_s
         with self._holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(monotonic())

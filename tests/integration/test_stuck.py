@@ -302,10 +302,12 @@ def test_a_close_to_a_slow_peer_that_takes_bytes_is_waited_for():
             return len(got)
 
         reader = gevent.spawn(slow_reader)
+        pipe = _pipe_with_backend(conn, pong_timeout_s=0.5)  # its watchdog sees the progress too
         started = time.monotonic()
-        with gevent.Timeout(30):  # far longer than the 0.5 s without progress that give up
+        with gevent.Timeout(30), pipe._holding(backend=True):  # far longer than 0.5 s without progress
             assert conn.send_close(1001, "draining", timeout=0.5) is True
         assert time.monotonic() - started > 0.5  # the Close waited longer than that, for a peer taking bytes
+        assert pipe.manager.counters == Counter()
         assert not conn.closed
         assert reader.get(timeout=20) > 16384
     finally:

@@ -199,6 +199,7 @@ def test_a_late_answer_is_reported_and_can_be_excused():
     s.excuse("client", 3.5)
     assert s.late_answers(5.4) == [] and s.poll(5.4) == []
     assert s.next_deadline() == 5.5
+    assert s.late_answers(5.5) == [("backend", 3.5), ("client", 3.5)]  # a new excuse needs news since
     assert s.poll(5.5) == [AbandonBackend(1, "no pong within 2 s"),
                            CloseClient(1001, "client did not answer a ping within 2 s")]
 
