@@ -34,7 +34,8 @@ means the backend is not reading: it is abandoned as failed. An idle backend
 gets a keepalive fence every ``keepalive_s``. A Pong can also be late through no
 fault of the peer: it waits, unread, behind the peer's data while the runner's
 reader is held up by the other side (a slow client behind a fast backend). The
-runner then excuses that peer (:meth:`Session.excuse`): the wait starts again.
+runner then excuses that peer (:meth:`Session.excuse`): the wait starts again, up to
+``EXCUSED_WAIT_LIMIT`` pong timeouts in all.
 
 A planned drain stops writing to the backend (client messages are buffered),
 sends it Close 1001 and waits for its Close reply, which proves it read
