@@ -8,9 +8,9 @@ import logging
 import os
 import time
 import uuid
-from urllib.parse import unquote_plus
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
 import gevent
 from greenlet import greenlet
