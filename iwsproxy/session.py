@@ -152,6 +152,7 @@ class Session:
         self.to_client = Ledger(buffer_limit_bytes, keep=resume_grace_s > 0, now=now,
                                 max_fences=MAX_FENCES_IN_FLIGHT, fence_interval_s=FENCE_INTERVAL_S, budget=budget)
         self.idle_timeout_s = idle_timeout_s
+        self._flow_limit = buffer_limit_bytes // 2  # see backend_window_full
         self.last_activity = now     # last data message either way (for the idle timeout)
         self.buffer = self.to_backend.buffer
         self.replay = replay
@@ -360,6 +361,20 @@ class Session:
         if self.state is State.CLOSED:
             return []
         return self._close(code, reason, close_backend=False, cause="backend_ended")
+
+    # ---- flow control ----
+    def backend_window_full(self) -> bool:
+        """Has the backend left half the buffer cap unacknowledged? The runner then holds the
+        client's next messages back (and so, through TCP, the client) until the backend's Pong
+        frees room: the cap is there for what waits for a backend that is gone, not for a fast
+        sender to a live one."""
+        ledger = self.to_backend
+        return self.state is State.CONNECTED and ledger.keep and ledger.buffer.total_bytes >= self._flow_limit
+
+    def client_window_full(self) -> bool:
+        """The same towards an attached client (with resume on, what it has not acknowledged)."""
+        ledger = self.to_client
+        return self.client_attached and ledger.keep and ledger.buffer.total_bytes >= self._flow_limit
 
     # ---- answers late through no fault of the peer ----
     def late_answers(self, now: float) -> list[tuple[str, float]]:

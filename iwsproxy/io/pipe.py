@@ -112,6 +112,8 @@ class PersistentPipe:
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
         self._supervisor_waits = False        # for a write lock: readers yield between writes
+        self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
+        self._room: Event | None = None       # set when they may have come (made by the first wait)
         self._closing = False                 # the client closed: a reconnect with its id is a new session
         self._events = _Mailbox()
         self._supervisor: gevent.Greenlet | None = None
@@ -311,6 +313,8 @@ class PersistentPipe:
                     now = monotonic()
                     self._excuse_held_up_peers(now)
                     self._perform(session.poll(now))
+            if self._room_for is not None:  # a peer lost, gone or closed frees a waiting reader too
+                self._room.set()
             self._observe()
         return True
 
@@ -769,6 +773,8 @@ class PersistentPipe:
                             self.wake()
                         elif self._armed:
                             self._settled(session.to_client, armed_for, 0.0)
+                        if self._room_for is not None:
+                            self._room.set()
                     else:  # CLOSE, always the last
                         close = payload
                 if data:  # handed on as it is
@@ -782,6 +788,8 @@ class PersistentPipe:
             self._post(("client_gone", client, 1006, str(exc)))
 
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
+        if session.backend_window_full():
+            self._wait_for_room("backend", session.backend_window_full)
         with lock:
             self._perform(session.client_messages(data, monotonic()))
         if self._supervisor_waits:
@@ -836,6 +844,8 @@ class PersistentPipe:
                             self.wake()
                         elif self._armed:
                             self._settled(session.to_backend, armed_for, session.keepalive_s)
+                        if self._room_for is not None:
+                            self._room.set()
                     elif op == OP_PING:
                         self._post(("backend_ping", generation, payload))
                     else:
@@ -856,12 +866,41 @@ class PersistentPipe:
             self._post(("backend_lost", generation, str(exc)))
 
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
+        if session.client_window_full():
+            self._wait_for_room("client", session.client_window_full)
         with lock:
             self._perform(session.backend_messages(data, monotonic()))
         if self._supervisor_waits:
             gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, as above
         if self._armed:
             self._check_pong_deadline(session.to_client)
+
+    def _wait_for_room(self, peer: str, full) -> None:
+        """Hold this reader, and so through TCP its sender, while ``peer`` has left half the buffer
+        cap unacknowledged (``full()``): its Pong frees room. The wait shows as a stall of writes
+        to ``peer``, so the peer this reader stops reading is not blamed for a Pong it holds up.
+
+        At most one reader of a pipe waits so: two would each wait for a Pong that only the
+        other reads. The second goes on, and the cap ends the session if it overflows, as it
+        would without this wait. Every supervisor turn (a peer lost, gone, closed) and every
+        Pong wakes the waiter to look again."""
+        if self._room_for is not None:
+            return
+        self._room_for = peer
+        if self._room is None:
+            self._room = Event()
+        try:
+            while full() and not self.session.closed:
+                conn = self.backend if peer == "backend" else self.client
+                if conn is not None:
+                    conn.stalled_at = monotonic()
+                self._room.clear()
+                self._room.wait(self.session.pong_timeout_s or None)
+        finally:
+            self._room_for = None
+            conn = self.backend if peer == "backend" else self.client
+            if conn is not None:
+                conn.stalled_at = monotonic()
 
     def _crashed(self, greenlet) -> None:
         """A reader crashed: the supervisor ends the session (1011)."""
@@ -871,6 +910,8 @@ class PersistentPipe:
     # ---- teardown ----
     def _teardown(self) -> None:
         """Finish both close handshakes briefly, then drop sockets and greenlets; always runs."""
+        if self._room is not None:
+            self._room.set()  # a reader waiting for room sees the session closed
         for reader in self._readers():
             reader.wake()  # a parked reader may yet have a close handshake to finish
         current = gevent.getcurrent()

@@ -136,3 +136,58 @@ def test_a_client_is_not_closed_while_a_slow_backend_holds_its_pong_up(processes
         assert not any(key.startswith("clients_") for key in counters), counters
     finally:
         client.close()
+
+
+# Flow control: with the defaults (at-least-once, resume on, a 5 MiB cap) a live peer that takes
+# a burst larger than the cap is waited for, its sender held back through TCP, instead of the
+# client being closed with 1013 (the cap is for what waits while no backend is there).
+
+def test_a_burst_larger_than_the_cap_to_a_live_backend_is_held_back_not_refused(processes):
+    count = 64  # 16 MiB sent at once: far past the 5 MiB cap before the backend's first Pong
+    echo = processes.echo(name="echo")
+    proxy = processes.proxy("--backend", echo.url, "--resume-grace", "0")  # no client fences: its Pongs
+    client = RawClient(proxy.port)                                         # would queue behind the burst
+    try:
+        assert client.handshake() == 101
+        writer = QueueingWriter(client.sock)
+        for i in range(count):
+            writer.frames.put(frame(OP_BINARY, _payload(i)))
+        echoes = []
+        while len(echoes) < count:
+            events = client.events()
+            assert events, f"the proxy closed the client after {len(echoes)} echoes"
+            assert all(opcode == OP_BINARY for opcode, _ in events), events[-1][:1]
+            echoes += [payload for _, payload in events]
+        writer.stop()
+        assert echoes == [_payload(i) for i in range(count)]
+    finally:
+        client.close()
+
+
+def test_a_stream_larger_than_the_cap_to_a_client_reading_it_is_held_back_not_refused(processes):
+    count = 64  # 16 MiB streamed to a client that reads at up to 16 MB/s and answers every ping
+    backend = StreamingBackend(count, CHUNK)
+    proxy = processes.proxy("--backend", backend.url)  # resume on: what the client has not acknowledged counts
+    client = RawClient(proxy.port, rcvbuf=65536)
+    try:
+        assert client.handshake() == 101
+        client.send(frame(OP_BINARY, b"go"))
+        received = []
+        events = client.parser.feed(client.rest)
+        while True:
+            for opcode, payload in events:
+                if opcode == OP_PING:
+                    client.send(frame(OP_PONG, payload))
+                else:
+                    assert opcode == OP_BINARY, (opcode, payload[:40])
+                    received.append(payload)
+            if len(received) == count:
+                break
+            data = client.sock.recv(65536)
+            assert data, f"the proxy closed the client after {len(received)} messages"
+            events = client.parser.feed(data)
+            time.sleep(0.004)  # ok-sleep: the pace of a slow client (at most 16 MB/s), not a synchronisation
+        assert received == [_payload(i) for i in range(count)]
+    finally:
+        client.close()
+        backend.close()

@@ -224,6 +224,23 @@ def test_an_excused_backend_still_settles_with_its_pong():
     assert s.late_answers(10.0) == [] and s.buffer.window_count == 0
 
 
+def test_a_window_half_full_asks_the_runner_to_hold_its_sender_back():
+    s = Session(buffer_limit_bytes=10, now=0.0, resume_grace_s=5.0)
+    s.backend_connected(0.0)
+    s.client_messages(msgs("abcd"), 1.0)
+    assert not s.backend_window_full()
+    s.client_messages(msgs("e"), 1.0)     # 5 of 10 bytes unacknowledged
+    assert s.backend_window_full()
+    s.backend_pong(1, encode_fence(1), 1.1)
+    assert not s.backend_window_full()
+    s.backend_messages(msgs("vwxyz"), 1.2)
+    assert s.client_window_full()
+    s.client_detached(1.3)                  # detached: what it misses is capped, not flow-controlled
+    assert not s.client_window_full()
+    s.backend_lost(1, 1.4)
+    assert not s.backend_window_full()     # no backend: buffered, and capped
+
+
 def test_keepalive_fence_when_idle():
     s = connected(keepalive_s=20.0)
     assert s.next_deadline() == 20.0
