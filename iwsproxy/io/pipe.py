@@ -112,6 +112,7 @@ class PersistentPipe:
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
         self._supervisor_waits = False        # for a write lock: readers yield between writes
+        self._to_backend_turn = Semaphore()   # client readers (more than one after a takeover) in turn
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
         self._room: Event | None = None       # set when they may have come (made by the first wait)
         self._closing = False                 # the client closed: a reconnect with its id is a new session
@@ -788,10 +789,13 @@ class PersistentPipe:
             self._post(("client_gone", client, 1006, str(exc)))
 
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
-        if session.backend_window_full():
-            self._wait_for_room("backend", session.backend_window_full)
-        with lock:
-            self._perform(session.client_messages(data, monotonic()))
+        # in turn: a batch an old connection's reader holds while it waits for room goes on before
+        # what a new connection (a takeover) reads meanwhile
+        with self._to_backend_turn:
+            if session.backend_window_full():
+                self._wait_for_room("backend", session.backend_window_full)
+            with lock:
+                self._perform(session.client_messages(data, monotonic()))
         if self._supervisor_waits:
             # a Semaphore lets its releaser take it again before a waiter wakes: without this yield
             # the supervisor could wait for as long as data keeps coming

@@ -191,3 +191,77 @@ def test_a_stream_larger_than_the_cap_to_a_client_reading_it_is_held_back_not_re
     finally:
         client.close()
         backend.close()
+
+
+class HeldPongBackend(FakeBackend):
+    """Records every data message as it reads it; answers pings only once ``answer`` is set."""
+
+    def __init__(self):
+        self.got: list[bytes] = []
+        self.arrived = threading.Condition()
+        self.answer = threading.Event()
+        super().__init__()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.got) >= count, timeout)
+
+    def _serve(self, conn):
+        threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn):
+        self._handshake(conn)
+        writer = QueueingWriter(conn)
+        parser = FrameParser(expect_masked=True, max_message_size=1 << 30)
+        held: list[bytes] = []
+        lock = threading.Lock()
+
+        def release():  # once answering, the held pongs go, and every later one at once
+            if self.answer.wait(30):
+                with lock:
+                    for pong in held:
+                        writer.frames.put(pong)
+                    held.clear()
+        threading.Thread(target=release, daemon=True).start()
+        try:
+            while data := conn.recv(65536):
+                for opcode, payload in parser.feed(data):
+                    if opcode == OP_PING:
+                        with lock:
+                            pong = frame(OP_PONG, payload, mask=False)
+                            if self.answer.is_set():
+                                writer.frames.put(pong)
+                            else:
+                                held.append(pong)
+                    elif opcode == OP_BINARY:
+                        with self.arrived:
+                            self.got.append(payload[:6])
+                            self.arrived.notify_all()
+        except OSError:
+            pass
+        finally:
+            writer.stop()
+
+
+def test_after_a_takeover_a_batch_held_for_room_still_goes_first(processes):
+    backend = HeldPongBackend()
+    proxy = processes.proxy("--backend", backend.url, "--buffer-limit", "1MiB")  # room: half, 512 KiB
+    old = RawClient(proxy.port)
+    new = None
+    try:
+        assert old.handshake() == 101
+        for i in range(5):  # 640 KiB: the fifth is read, then held until the backend acknowledges
+            old.send(frame(OP_BINARY, b"old-%02d" % i + bytes(128 * 1024 - 6)))
+        assert backend.wait_for(4, 10)
+        new = RawClient(proxy.port, old.path)  # takes the session over while old-04 is held
+        assert new.handshake() == 101
+        new.send(frame(OP_BINARY, b"new-01"))
+        assert not backend.wait_for(5, 1.0)  # nothing overtakes the held batch
+        backend.answer.set()
+        assert backend.wait_for(6, 10), backend.got
+        assert backend.got == [b"old-00", b"old-01", b"old-02", b"old-03", b"old-04", b"new-01"]
+    finally:
+        old.close()
+        if new is not None:
+            new.close()
+        backend.close()
