@@ -25,7 +25,9 @@ that is itself blocked writing to us would deadlock); it only posts events to
 the supervisor's mailbox. The supervisor is the only greenlet that takes both
 locks; while it waits for one, or writes itself, a write that has taken no byte
 for ``--pong-timeout`` is stuck on a peer that stopped reading, and that peer's
-connection is dropped (:meth:`PersistentPipe._holding`). The supervisor sleeps
+connection is dropped (:meth:`PersistentPipe._holding`). A reader whose peer has left half the
+buffer cap unacknowledged waits for that peer's Pong before it hands on more (flow control:
+TCP then holds its own sender back). The supervisor sleeps
 until its next deadline or event; a reader whose write starts an earlier
 deadline (a new pong timeout) wakes it.
 
@@ -884,10 +886,11 @@ class PersistentPipe:
         cap unacknowledged (``full()``): its Pong frees room. The wait shows as a stall of writes
         to ``peer``, so the peer this reader stops reading is not blamed for a Pong it holds up.
 
-        At most one reader of a pipe waits so: two would each wait for a Pong that only the
-        other reads. The second goes on, and the cap ends the session if it overflows, as it
-        would without this wait. Every supervisor turn (a peer lost, gone, closed) and every
-        Pong wakes the waiter to look again."""
+        At most one direction waits so: each would wait for a Pong that only the other
+        direction's reader reads. A reader of the other direction goes on, and the cap ends the
+        session if it overflows, as it would without this wait. (Client readers of one pipe,
+        more than one after a takeover, wait in turn: see ``_client_data``.) Every supervisor
+        turn (a peer lost, gone, closed) and every Pong wakes the waiter to look again."""
         if self._room_for is not None:
             return
         self._room_for = peer
