@@ -40,8 +40,7 @@ __all__ = ["Connection", "ConnectionLost", "Parked"]
 READ_CHUNK = 256 * 1024
 CLOSE_SEND_TIMEOUT_S = 2.0  # how long a Close waits for a peer that takes none of our bytes
 _STALL_S = 0.001  # a send that took longer waited for the peer
-_UNREAD = struct.Struct("i")  # FIONREAD's and TIOCOUTQ's answer
-_UNREAD_ZERO = _UNREAD.pack(0)
+_BYTE_COUNT = struct.Struct("i")  # FIONREAD's and TIOCOUTQ's answer
 
 
 class ConnectionLost(Exception):
@@ -253,7 +252,7 @@ class Connection:
         try:
             if pending is not None and pending():
                 return True
-            return _UNREAD.unpack(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, _UNREAD_ZERO))[0] > 0
+            return self._byte_count(termios.FIONREAD) > 0
         except (OSError, ValueError):
             return False  # closed
 
@@ -322,7 +321,11 @@ class Connection:
 
     def _queued(self) -> int:
         """Bytes in our send queue that the peer has not taken yet."""
-        return _UNREAD.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, _UNREAD_ZERO))[0]
+        return self._byte_count(termios.TIOCOUTQ)
+
+    def _byte_count(self, request: int) -> int:
+        """The kernel's count of bytes waiting in the socket (FIONREAD: to read; TIOCOUTQ: to send)."""
+        return _BYTE_COUNT.unpack(fcntl.ioctl(self.sock.fileno(), request, bytes(_BYTE_COUNT.size)))[0]
 
     @property
     def progress(self) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import struct
 import threading
 import uuid
 
-from iwsproxy.frames import OP_CLOSE, FrameParser, apply_mask
+from iwsproxy.frames import OP_CLOSE, OP_PING, FrameParser, apply_mask
 
 
 def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
@@ -86,6 +86,15 @@ class RawClient:
             events = self.parser.feed(data)
             if events:
                 return events
+
+    def data_events(self) -> list[tuple[int, bytes]]:
+        """Block until data frames arrive (the proxy's pings, its fences, may come first; they are
+        skipped); [] at EOF."""
+        while events := self.events():
+            data = [event for event in events if event[0] != OP_PING]
+            if data:
+                return data
+        return []
 
     def close_code(self) -> int | None:
         """Read until the Close frame (skipping data and pings); its code, or None at EOF."""

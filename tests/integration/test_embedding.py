@@ -111,26 +111,18 @@ def test_sigterm_does_not_wait_on_a_pipe_whose_first_backend_failed(processes):
         deaf.close()
 
 
-class _Answering:
+class _Answering(FakeBackend):
     """A server on 127.0.0.1 that reads a request, then sends ``answer`` and closes (b"": closes at once)."""
 
     def __init__(self, answer: bytes):
         self.answer = answer
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/admin"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
+        self.admin_url = self.url.replace("ws://", "http://") + "/admin"
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(self.answer)
+    def _serve(self, conn):
+        with conn:
+            conn.recv(65536)
+            conn.sendall(self.answer)
 
 
 def test_backends_cli_errors_are_one_clear_line():
@@ -141,14 +133,14 @@ def test_backends_cli_errors_are_one_clear_line():
     servers = {"no answer from the admin API": _Answering(b""), "check --admin": _Answering(html)}
     try:
         for expected, server in servers.items():
-            result = cli("list", "--admin", server.url)
+            result = cli("list", "--admin", server.admin_url)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             assert expected in result.stderr
         result = cli("add", "ws://127.0.0.1:9/x", "--drain", "--admin", "http://127.0.0.1:9/admin")
         assert result.returncode == 1 and "--drain goes with backends remove" in result.stderr
     finally:
         for server in servers.values():
-            server.sock.close()
+            server.close()
 
 
 def test_backends_cli(processes):

@@ -79,6 +79,28 @@ class StreamingBackend(FakeBackend):
             writer.stop()
 
 
+def _upload_and_read_echoes(client: RawClient, count: int, *, pings: bool = True) -> list[bytes]:
+    """Queue ``count`` messages of 256 KiB at once and read their echoes; the proxy's pings (only
+    with ``pings``) are answered in the queue, behind what is left of the upload, as a browser would."""
+    writer = QueueingWriter(client.sock)
+    for i in range(count):
+        writer.frames.put(frame(OP_BINARY, _payload(i)))
+    echoes: list[bytes] = []
+    try:
+        while len(echoes) < count:
+            events = client.events()
+            assert events, f"the proxy closed the client after {len(echoes)} echoes"
+            for opcode, payload in events:
+                if opcode == OP_PING and pings:
+                    writer.frames.put(frame(OP_PONG, payload))
+                else:
+                    assert opcode == OP_BINARY, (opcode, payload[:40])
+                    echoes.append(payload)
+    finally:
+        writer.stop()
+    return echoes
+
+
 def test_a_fast_backend_is_not_failed_over_while_a_slow_client_holds_its_pong_up(processes):
     count, size = 64, CHUNK  # 16 MiB, read by the client in well over the pong timeout
     backend = StreamingBackend(count, size)
@@ -115,22 +137,7 @@ def test_a_client_is_not_closed_while_a_slow_backend_holds_its_pong_up(processes
     client = RawClient(proxy.port)
     try:
         assert client.handshake() == 101
-        writer = QueueingWriter(client.sock)
-        for i in range(count):
-            writer.frames.put(frame(OP_BINARY, _payload(i)))
-        echoes = []
-        deadline = time.monotonic() + 30
-        while len(echoes) < count and time.monotonic() < deadline:
-            events = client.events()
-            assert events, f"the proxy closed the client after {len(echoes)} echoes"
-            for opcode, payload in events:
-                if opcode == OP_PING:  # answered behind the upload still queued
-                    writer.frames.put(frame(OP_PONG, payload))
-                else:
-                    assert opcode == OP_BINARY, (opcode, payload[:40])
-                    echoes.append(payload)
-        writer.stop()
-        assert echoes == [_payload(i) for i in range(count)]
+        assert _upload_and_read_echoes(client, count) == [_payload(i) for i in range(count)]
         counters = proxy.admin("GET", path="/admin/status")[1]["counters"]
         assert counters["client_answers_excused"] >= 1
         assert not any(key.startswith("clients_") for key in counters), counters
@@ -149,17 +156,7 @@ def test_a_burst_larger_than_the_cap_to_a_live_backend_is_held_back_not_refused(
     client = RawClient(proxy.port)                                         # would queue behind the burst
     try:
         assert client.handshake() == 101
-        writer = QueueingWriter(client.sock)
-        for i in range(count):
-            writer.frames.put(frame(OP_BINARY, _payload(i)))
-        echoes = []
-        while len(echoes) < count:
-            events = client.events()
-            assert events, f"the proxy closed the client after {len(echoes)} echoes"
-            assert all(opcode == OP_BINARY for opcode, _ in events), events[-1][:1]
-            echoes += [payload for _, payload in events]
-        writer.stop()
-        assert echoes == [_payload(i) for i in range(count)]
+        assert _upload_and_read_echoes(client, count, pings=False) == [_payload(i) for i in range(count)]
     finally:
         client.close()
 

@@ -16,7 +16,7 @@ from conftest import recv_close, stats, wait_for
 from rawws import FakeBackend, RawClient, RecordingBackend, frame
 
 from iwsproxy.echo import EchoProcess
-from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, FrameParser
+from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser
 
 
 def free_port() -> int:
@@ -233,10 +233,7 @@ def test_a_session_without_subprotocol_keeps_none_after_a_failover(processes):
         proxy.admin("POST", {"url": b.url})
         a.kill()
         client.send(frame(OP_TEXT, b"after the failover"))
-        data = []
-        while not data:  # the proxy's pings (fences) may come first
-            data = [event for event in client.events() if event[0] != OP_PING]
-        assert data == [(OP_TEXT, b"after the failover")]
+        assert client.data_events() == [(OP_TEXT, b"after the failover")]
         assert proxy.pipes()[0]["backend"] == b.url
         assert "sec-websocket-protocol" not in stats(b)["last_headers"]  # not offered: none chosen
     finally:
@@ -294,10 +291,7 @@ def test_a_client_answered_while_waiting_keeps_no_subprotocol(processes):
         assert waiting.handshake(**{"Sec-WebSocket-Protocol": "chat.v2"}) == 101
         first.close()
         waiting.send(frame(OP_TEXT, b"once a backend is free"))
-        data = []
-        while not data:  # the proxy's pings (fences) may come first
-            data = [event for event in waiting.events() if event[0] != OP_PING]
-        assert data == [(OP_TEXT, b"once a backend is free")]
+        assert waiting.data_events() == [(OP_TEXT, b"once a backend is free")]
         assert "sec-websocket-protocol" not in stats(a)["last_headers"]
     finally:
         waiting.close()
