@@ -59,6 +59,8 @@ from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend,
                        encode_fence)
 from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost, Parked
+from .events import (RESCHEDULED, WOKEN, BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone,
+                     DrainAsked, Mailbox, PipeEvent, Rescheduled, StopAsked, Woken)
 
 if TYPE_CHECKING:
     from .manager import PipeManager
@@ -118,7 +120,7 @@ class PersistentPipe:
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
         self._room: Event | None = None       # set when they may have come (made by the first wait)
         self._closing = False                 # the client closed: a reconnect with its id is a new session
-        self._events = _Mailbox()
+        self._events = Mailbox()
         self._supervisor: gevent.Greenlet | None = None
         self._timer = None                    # the supervisor's next deadline while it is not running
         self._group = Group()
@@ -183,7 +185,7 @@ class PersistentPipe:
         if self._park_after:
             self._park_at = monotonic() + self._park_after
         self._observe()
-        self._post(("reschedule",))
+        self._post(RESCHEDULED)
 
     def attach(self, client: Connection) -> None:
         """Give the pipe a new client connection (resume or takeover); the pipe owns it from here."""
@@ -197,7 +199,7 @@ class PersistentPipe:
             # that write. The old connection is dropped now; what it did not acknowledge goes to
             # the new one.
             old.abort()
-        self._post(("attach", client))
+        self._post(ClientArrived(client))
 
     @property
     def running(self) -> bool:
@@ -246,18 +248,18 @@ class PersistentPipe:
 
     def stop(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
         """Ask the pipe to close its client with ``code`` (from any greenlet)."""
-        self._post(("stop", code, reason))
+        self._post(StopAsked(code, reason))
 
     def drain(self, url: str) -> None:
         """Move this pipe off ``url`` without loss or duplicates (from any greenlet)."""
-        self._post(("drain", url))
+        self._post(DrainAsked(url))
 
     def wake(self) -> None:
         """Something changed (pool, fence due): let the supervisor look again."""
-        self._post(("wake",))
+        self._post(WOKEN)
 
     # ---- supervisor ----
-    def _post(self, event: tuple) -> None:
+    def _post(self, event: PipeEvent) -> None:
         """Put an event in the supervisor's mailbox, spawning the supervisor if it is not running."""
         self._events.put(event)
         if self._supervisor is None and self._running and not self._stopped.is_set():
@@ -308,7 +310,7 @@ class PersistentPipe:
             event = self._events.get(None if until == _NEVER else max(0.0, until - monotonic()))
             self._armed = 0.0  # awake: readers need not wake us
             if event is not None:
-                if event[0] != "reschedule":
+                if type(event) is not Rescheduled:
                     busy_at = monotonic()
                 self._handle(event)
             if not session.closed:
@@ -428,7 +430,7 @@ class PersistentPipe:
             self._timer.start(self._timer_fired)
 
     def _timer_fired(self) -> None:
-        self._post(("reschedule",))  # runs in the hub: only spawns
+        self._post(RESCHEDULED)  # runs in the hub: only spawns
 
     def _timer_fence(self, ledger) -> float | None:
         """When the waiting supervisor (on its timer, or in its greenlet) waits for the pong
@@ -453,7 +455,7 @@ class PersistentPipe:
         if armed_for is None and not (keepalive_s and ledger.last_fence_at + keepalive_s < self._armed):
             return
         if self._supervisor is not None:
-            self._post(("reschedule",))
+            self._post(RESCHEDULED)
             return
         deadline = self._next_deadline()
         if deadline != self._armed:
@@ -489,7 +491,7 @@ class PersistentPipe:
         if self._park_after and self._park_at is None:
             self._park_at = monotonic() + self._park_after
             if self._park_at < self._armed:  # the supervisor sleeps past it
-                self._post(("reschedule",))
+                self._post(RESCHEDULED)
 
     def _observe(self, final: bool = False) -> None:
         """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
@@ -513,12 +515,27 @@ class PersistentPipe:
             next(self._delays)  # the immediate first retry was the round just made
         return self._delays
 
-    def _handle(self, event: tuple) -> None:
-        """Dispatch one mailbox event ``(kind, *args)`` to ``_on_<kind>``."""
-        getattr(self, "_on_" + event[0])(*event[1:])
-
-    def _on_backend_lost(self, generation: int, cause: str) -> None:
-        self._lose_backend(generation, cause)
+    def _handle(self, event: PipeEvent) -> None:
+        """Turn one mailbox event into session inputs and perform what they return."""
+        kind = type(event)
+        if kind is BackendLost:
+            self._lose_backend(event.generation, event.cause)
+        elif kind is BackendClosed:
+            self._on_backend_closed(event.generation, event.code, event.reason)
+        elif kind is BackendPinged:
+            self._on_backend_ping(event.generation, event.payload)
+        elif kind is ClientGone:
+            self._on_client_gone(event.client, event.code, event.reason)
+        elif kind is ClientArrived:
+            self._on_attach(event.client)
+        elif kind is DrainAsked:
+            self._on_drain(event.url)
+        elif kind is StopAsked:
+            self._on_stop(event.code, event.reason)
+        elif kind is Woken:
+            if self.session.needs_backend:
+                self._retry_at = monotonic()
+        # Rescheduled: nothing to do but recompute the next deadline (the loop does)
 
     def _on_backend_closed(self, generation: int, code: int, reason: str) -> None:
         session = self.session
@@ -592,13 +609,6 @@ class PersistentPipe:
     def _on_stop(self, code: int, reason: str) -> None:
         with self._holding(backend=True, client=True):  # closes both
             self._perform(self.session.close(code, reason))
-
-    def _on_reschedule(self) -> None:
-        """Nothing to do but recompute the next deadline (the loop does)."""
-
-    def _on_wake(self) -> None:
-        if self.session.needs_backend:
-            self._retry_at = monotonic()
 
     def _retry_now(self, lost_from: str | None, cause: str) -> None:
         """The backend is gone: look for the next one at once, with a fresh backoff."""
@@ -751,8 +761,8 @@ class PersistentPipe:
             conn.send(messages, None if action.fence is None else encode_fence(action.fence))
         except ConnectionLost as exc:
             cause = f"write failed: {exc}"
-            lost = (("backend_lost", self.session.generation, cause) if direction == "to_backend"
-                    else ("client_gone", conn, 1006, cause))
+            lost = (BackendLost(self.session.generation, cause) if direction == "to_backend"
+                    else ClientGone(conn, 1006, cause))
             self._post(lost)
             return False
         if messages:
@@ -788,7 +798,7 @@ class PersistentPipe:
         except ProtocolError as exc:
             self._client_broke_protocol(client, exc)
         except ConnectionLost as exc:
-            self._post(("client_gone", client, 1006, str(exc)))
+            self._post(ClientGone(client, 1006, str(exc)))
 
     def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         # in turn: a batch an old connection's reader holds while it waits for room goes on before
@@ -826,7 +836,7 @@ class PersistentPipe:
         echoed = client.send_close(code, reason)  # complete the close handshake (echo the code)
         if client is self.client and not (code in _DETACHES and self.session.resume_grace_s):
             self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
-        self._post(("client_gone", client, code or 1005, reason))
+        self._post(ClientGone(client, code or 1005, reason))
         if echoed:  # the client closed first: its late frames (a Pong) must not reset our reply
             client.linger(CLOSE_GRACE_S)
 
@@ -834,7 +844,7 @@ class PersistentPipe:
         log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
         self.manager.record_client_closed(exc.close_code, "protocol")
         client.send_close(exc.close_code, exc.reason)
-        self._post(("client_gone", client, exc.close_code, exc.reason))
+        self._post(ClientGone(client, exc.close_code, exc.reason))
 
     def _read_backend(self, conn: BackendConnection, generation: int) -> None:
         session = self.session
@@ -853,7 +863,7 @@ class PersistentPipe:
                         if self._room_for is not None:
                             self._room.set()
                     elif op == OP_PING:
-                        self._post(("backend_ping", generation, payload))
+                        self._post(BackendPinged(generation, payload))
                     else:
                         close = payload
                 if data:
@@ -863,13 +873,13 @@ class PersistentPipe:
                         code, reason = parse_close_payload(close)
                     except ProtocolError as exc:
                         code, reason = exc.close_code, exc.reason
-                    self._post(("backend_closed", generation, code or 1005, reason))
+                    self._post(BackendClosed(generation, code or 1005, reason))
                     return
         except ProtocolError as exc:
             conn.send_close(exc.close_code, exc.reason)
-            self._post(("backend_lost", generation, f"protocol error: {exc.reason}"))
+            self._post(BackendLost(generation, f"protocol error: {exc.reason}"))
         except ConnectionLost as exc:
-            self._post(("backend_lost", generation, str(exc)))
+            self._post(BackendLost(generation, str(exc)))
 
     def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
         if session.client_window_full():
@@ -912,7 +922,7 @@ class PersistentPipe:
     def _crashed(self, greenlet) -> None:
         """A reader crashed: the supervisor ends the session (1011)."""
         log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
-        self._post(("stop", 1011, "internal error"))
+        self._post(StopAsked(1011, "internal error"))
 
     # ---- teardown ----
     def _teardown(self) -> None:
@@ -941,8 +951,8 @@ class PersistentPipe:
         self._cancel_timer()
         self._stopped.set()
         for event in self._events.take_all():  # connections handed over too late
-            if event[0] == "attach":
-                event[1].abort()
+            if type(event) is ClientArrived:
+                event.client.abort()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
 
@@ -1006,33 +1016,3 @@ class _Reader:
             self._done = Event()
         return self._done.wait(timeout)
 
-
-class _Mailbox:
-    """The supervisor's inbox: a list and an Event (a gevent Queue costs three deques per pipe)."""
-
-    __slots__ = ("_items", "_ready")
-
-    def __init__(self) -> None:
-        self._items: list[tuple] = []
-        self._ready = Event()
-
-    def put(self, item: tuple) -> None:
-        self._items.append(item)
-        self._ready.set()
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def take_all(self) -> list[tuple]:
-        items, self._items = self._items, []
-        return items
-
-    def get(self, timeout: float | None) -> tuple | None:
-        """The oldest item, waiting up to ``timeout`` for one; None if none came."""
-        items = self._items
-        if not items:
-            self._ready.clear()
-            self._ready.wait(timeout)
-            if not items:
-                return None
-        return items.pop(0)

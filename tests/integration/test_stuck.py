@@ -21,6 +21,7 @@ from rawws import frame
 
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, FrameParser
 from iwsproxy.io.connection import Connection, ConnectionLost
+from iwsproxy.io.events import BackendLost
 from iwsproxy.io.pipe import PersistentPipe
 from iwsproxy.session import CloseClient, SendToBackend, SendToClient, encode_fence
 
@@ -330,7 +331,7 @@ def test_a_failed_write_to_one_side_does_not_skip_the_other_sides_actions():
         backend.abort()  # the backend's write fails
         pipe._perform([SendToBackend([], fence=2), SendToClient([], fence=3),
                        CloseClient(1001, "bye")])
-        assert [event[0] for event in posted] == ["backend_lost"]
+        assert [type(event) for event in posted] == [BackendLost]
         client_peer.settimeout(5)
         parser = FrameParser(expect_masked=False)
         events = []
