@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-__all__ = ["backoff", "eject_duration"]
+__all__ = ["backoff", "retry_delay", "eject_duration"]
 
 EJECT_JITTER = 0.1  # eject_duration() varies each duration by +-10%
 
@@ -50,13 +50,24 @@ def backoff(
             f"(got initial_s={initial_s}, factor={factor}, max_s={max_s}, jitter={jitter})"
         )
     rng = random.Random() if rng is None else rng
-    yield 0.0
-    n = 0
+    attempt = 0
     while True:
-        cap = _grown(initial_s, factor, n, max_s)
-        yield min(cap, cap * rng.uniform(1 - jitter, 1))
-        if cap < max_s:  # once at the cap, stop growing n (keeps factor**n small)
-            n += 1
+        yield retry_delay(attempt, initial_s=initial_s, factor=factor, max_s=max_s, jitter=jitter, rng=rng)
+        attempt += 1
+
+
+def retry_delay(attempt: int, *, initial_s: float = 0.05, factor: float = 2.0, max_s: float = 5.0,
+                jitter: float = 0.5, rng: random.Random | None = None) -> float:
+    """The delay before retry number ``attempt`` (from 0): the ``attempt``-th value of :func:`backoff`.
+
+    Stateless, so that a caller can keep just the attempt count (a session that is exported and
+    restored elsewhere carries its backoff along).
+    """
+    if attempt <= 0:
+        return 0.0
+    rng = random.Random() if rng is None else rng
+    cap = _grown(initial_s, factor, attempt - 1, max_s)
+    return min(cap, cap * rng.uniform(1 - jitter, 1))
 
 
 def eject_duration(

@@ -49,12 +49,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .backoff import retry_delay
 from .buffer import Budget, Ledger, Message, payload_bytes
 from .exceptions import BufferOverflow
 
 __all__ = [
     "State", "Session", "SendToBackend", "SendToClient", "CloseClient", "CloseBackend", "AbandonBackend",
-    "FailoverReport", "encode_fence", "decode_fence", "MAX_FENCES_IN_FLIGHT",
+    "ReleaseBackend", "ConnectBackend", "RecordFailover", "FailoverReport", "encode_fence", "decode_fence",
+    "stuck_peer_to_drop", "MAX_FENCES_IN_FLIGHT", "ENDS_SESSION", "DETACHES",
 ]
 
 CLOSE_NORMAL = 1000
@@ -63,6 +65,12 @@ CLOSE_TRY_AGAIN_LATER = 1013
 MAX_FENCES_IN_FLIGHT = 32  # beyond this, new writes join the last fence's window
 FENCE_INTERVAL_S = 0.002   # while fences are out, a new one at most this often (one per batch when idle-ish)
 EXCUSED_WAIT_LIMIT = 6     # an excused answer is waited for at most this many pong timeouts in all
+#: a backend Close with one of these codes ends the client's session (the application said so);
+#: any other Close, an error or EOF is a failover
+ENDS_SESSION = frozenset({1000}) | frozenset(range(4000, 5000))
+#: a client gone with one of these (no Close frame, or "going away") may come back: with resume on
+#: its session is detached, not ended
+DETACHES = frozenset({1001, 1006})
 
 
 class State(str, enum.Enum):
@@ -113,9 +121,32 @@ class CloseBackend:
 
 @dataclass(frozen=True, slots=True)
 class AbandonBackend:
-    """The backend is considered dead: drop its connection at once and fail over."""
+    """The backend is considered dead: drop its connection at once, count it as a failure of
+    that backend, and fail over."""
     generation: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseBackend:
+    """The backend connection is done with, through no fault of the backend (a completed drain,
+    a session it ended): drop it and give its slot back."""
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectBackend:
+    """Try the pool's backends once each, in the pool's order, and report the outcome with
+    :meth:`Session.backend_connected` or :meth:`Session.connect_failed`. ``avoid`` (the backend
+    just lost) is left out of this round unless it is the only backend."""
+    avoid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailover:
+    """A failover completed: log and count ``report``."""
+    report: "FailoverReport"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +156,20 @@ class FailoverReport:
     replayed: int
     flushed_messages: int
     flushed_bytes: int
+    from_url: str | None = None
+    to_url: str | None = None
+    cause: str = ""
+
+
+def stuck_peer_to_drop(*, client_stuck: bool, backend_stuck: bool) -> str | None:
+    """Which peer's connection to drop when writes to it took no byte for a pong timeout.
+
+    When both are stuck the client goes first: a client that stopped reading is the usual cause,
+    the backend then being blocked writing to us (dropping the client frees it). None: neither.
+    """
+    if client_stuck:
+        return "client"
+    return "backend" if backend_stuck else None
 
 
 def _overflow_reason(exc: BufferOverflow) -> str:
@@ -146,7 +191,8 @@ class Session:
 
     def __init__(self, *, buffer_limit_bytes: int, replay: bool = True, now: float,
                  reconnect_deadline_s: float = 0.0, pong_timeout_s: float = 10.0, keepalive_s: float = 20.0,
-                 resume_grace_s: float = 0.0, idle_timeout_s: float = 0.0, budget: Budget | None = None):
+                 resume_grace_s: float = 0.0, idle_timeout_s: float = 0.0, budget: Budget | None = None,
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0):
         self.to_backend = Ledger(buffer_limit_bytes, keep=replay, now=now, max_fences=MAX_FENCES_IN_FLIGHT,
                                  fence_interval_s=FENCE_INTERVAL_S, budget=budget)
         self.to_client = Ledger(buffer_limit_bytes, keep=resume_grace_s > 0, now=now,
@@ -177,6 +223,15 @@ class Session:
         self._excused_until = {"backend": 0.0, "client": 0.0}
         self._detached_at = now
         self._replayed = 0
+        # finding a backend: the next connect round at _retry_at (None: none planned), _retries
+        # rounds in a row having failed, _avoid left out of the next round
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.backend_url: str | None = None   # the backend in use, or the one last lost
+        self._retry_at: float | None = now
+        self._retries = 0
+        self._avoid: str | None = None
+        self._lost_cause = ""
 
     # ---- queries ----
     @property
@@ -215,8 +270,11 @@ class Session:
             if ledger.fence_due:
                 return ledger.last_fence_at, "fence"  # now
             return (ledger.last_fence_at + self.keepalive_s, "fence") if self.keepalive_s else None
-        if self.needs_backend and self.reconnect_deadline_s:
-            return self._waiting_since + self.reconnect_deadline_s, "no backend"
+        if self.needs_backend:
+            give_up = self._waiting_since + self.reconnect_deadline_s if self.reconnect_deadline_s else None
+            if self._retry_at is not None and (give_up is None or self._retry_at < give_up):
+                return self._retry_at, "connect"
+            return (give_up, "no backend") if give_up is not None else None
         return None
 
     def _client_due(self) -> tuple[float, str] | None:
@@ -247,6 +305,18 @@ class Session:
     def client_pong(self, payload: bytes, now: float) -> bool:
         """A Pong from the client; True when a new client fence is due (the runner should poll)."""
         return self.client_attached and self.to_client.pong(decode_fence(payload))
+
+    def detaches(self, code: int) -> bool:
+        """Would a client connection ending with ``code`` (1006: no Close frame) detach the session
+        (held for a resume) rather than end it?"""
+        return code in DETACHES and self.resume_grace_s > 0
+
+    def client_gone(self, code: int, now: float) -> list:
+        """The attached client's connection ended with ``code``: the session is detached if the
+        client may come back (:meth:`detaches`), else it ends."""
+        if self.detaches(code):
+            return self.client_detached(now)
+        return self.client_closed()
 
     def client_closed(self) -> list:
         """The client ended the session (normal close, or vanished with resume off)."""
@@ -284,24 +354,54 @@ class Session:
         return [SendToClient(messages, fence, nbytes)] if messages else []
 
     # ---- inputs from the backend side ----
-    def backend_connected(self, now: float) -> tuple[int, list]:
-        """A new backend completed its handshake; returns its generation and the flush."""
+    def connect_due(self, now: float) -> ConnectBackend | None:
+        """The connect round to make now, if one is due: the caller makes it (outside any write
+        lock: it waits for handshakes) and reports with :meth:`backend_connected` or
+        :meth:`connect_failed`. Rounds after a failed one wait out a growing, jittered delay."""
+        if not self.needs_backend or self._retry_at is None or now < self._retry_at:
+            return None
+        self._retry_at = None
+        avoid, self._avoid = self._avoid, None  # the backend just lost sits out one round only
+        return ConnectBackend(avoid)
+
+    def connect_failed(self, now: float) -> list:
+        """No backend of the round could be connected: the next round waits a backoff delay, or
+        less if the pool changes (:meth:`pool_changed`)."""
+        if self.needs_backend:
+            self._retries += 1
+            self._retry_at = now + retry_delay(self._retries, initial_s=self.backoff_initial_s,
+                                               max_s=self.backoff_max_s)
+        return []
+
+    def pool_changed(self, now: float) -> list:
+        """A backend was added or freed: a session waiting for one tries again at once."""
+        if self.needs_backend and self._retry_at is not None:
+            self._retry_at = now
+        return []
+
+    def backend_connected(self, now: float, url: str | None = None) -> tuple[int, list]:
+        """A new backend (at ``url``) completed its handshake; returns its generation and the flush,
+        followed by a :class:`RecordFailover` if this connection completed a failover."""
         if not self.needs_backend:
             raise RuntimeError(f"backend_connected in state {self.state.value}")
         was_failover = self.state is State.FAILING_OVER
+        lost_from, self.backend_url = self.backend_url, url
         self.state = State.CONNECTED
         self.generation += 1
+        self._retry_at, self._retries, self._avoid = None, 0, None
         self._excused_until["backend"] = 0.0
         ledger = self.to_backend
         ledger.last_fence_at = now
         flushed_bytes = ledger.buffer.pending_bytes
         messages, fence = ledger.flush(now)
+        actions: list = [SendToBackend(messages, fence, flushed_bytes)] if messages else []
         if was_failover:
             self.failovers += 1
-            self.last_failover = FailoverReport(now - self._waiting_since, self._replayed,
-                                                len(messages), flushed_bytes)
+            self.last_failover = FailoverReport(now - self._waiting_since, self._replayed, len(messages),
+                                                flushed_bytes, lost_from, url, self._lost_cause or "waiting")
+            actions.append(RecordFailover(self.last_failover))
         self._replayed = 0
-        return self.generation, ([SendToBackend(messages, fence, flushed_bytes)] if messages else [])
+        return self.generation, actions
 
     def backend_messages(self, messages: list[Message], now: float) -> list:
         """The backend sent data messages for the client."""
@@ -324,8 +424,9 @@ class Session:
             return False
         return self.to_backend.pong(decode_fence(payload))
 
-    def backend_lost(self, generation: int, now: float) -> list:
-        """The backend of ``generation`` is gone (error, EOF, close frame, failed write)."""
+    def backend_lost(self, generation: int, now: float, cause: str = "backend lost") -> list:
+        """The backend of ``generation`` is gone (error, EOF, failed write, no answer): what it may
+        not have read is replayed to the next one, which is looked for at once."""
         if generation != self.generation or not self.has_backend:
             return []  # stale news about an earlier backend, or already handled
         if self.state is State.DRAINING:
@@ -334,7 +435,34 @@ class Session:
         self._waiting_since = now
         self._replayed = self.to_backend.rewind()
         self.replayed_total += self._replayed
-        return []
+        self._look_again(now, cause)
+        return [AbandonBackend(generation, cause)]
+
+    def backend_close_is_loss(self, code: int) -> bool:
+        """Is a backend Close with ``code`` now a loss (a failover), rather than the reply a drain
+        waits for or an end of the session?"""
+        return self.state is not State.DRAINING and code not in ENDS_SESSION
+
+    def backend_closed(self, generation: int, code: int, reason: str, now: float) -> list:
+        """The backend of ``generation`` sent a Close with ``code``: the reply a drain waited for
+        (a clean move), an end of the session it asks for (:data:`ENDS_SESSION`: the client is
+        closed with the same code), or else a loss like any other."""
+        if generation != self.generation or not self.has_backend:
+            return []
+        if self.state is State.DRAINING:
+            return self.backend_drained(generation, now)
+        if code in ENDS_SESSION:
+            # its close handshake completed (the code echoed) before the client hears of it
+            actions: list = [CloseBackend(generation, code, reason), ReleaseBackend(generation, "ended the session")]
+            return actions + self._close(code, reason, close_backend=False, cause="backend_ended")
+        return self.backend_lost(generation, now, f"backend closed with {code} {reason}".rstrip())
+
+    def _look_again(self, now: float, cause: str) -> None:
+        """The backend is gone: look for the next one at once, with a fresh backoff, leaving out
+        the one just lost in the first round."""
+        self._lost_cause = cause
+        self._avoid = self.backend_url
+        self._retry_at, self._retries = now, 0
 
     def drain(self, now: float) -> list:
         """Move off the current backend without loss or duplicates (planned)."""
@@ -354,13 +482,8 @@ class Session:
         self.state = State.FAILING_OVER
         self._waiting_since = self._drain_started
         self._replayed = 0
-        return []
-
-    def backend_ended_session(self, code: int, reason: str) -> list:
-        """The backend closed with a code that ends the conversation (e.g. 1000): tell the client."""
-        if self.state is State.CLOSED:
-            return []
-        return self._close(code, reason, close_backend=False, cause="backend_ended")
+        self._look_again(now, "drain")
+        return [ReleaseBackend(generation, "drained")]
 
     # ---- flow control ----
     def backend_window_full(self) -> bool:
@@ -401,6 +524,15 @@ class Session:
         self._excused_until[side] = now + self.pong_timeout_s
         return True
 
+    def excuse_if_held_up(self, side: str, since: float, now: float, *, unread: bool,
+                          other_stalled_at: float) -> bool:
+        """Excuse the late answer of ``side`` (one of :meth:`late_answers`, waited for ``since``)
+        if it may be waiting unread on our side: bytes from that peer wait unread (``unread``) and
+        our writes to the other peer have stalled since the wait began (``other_stalled_at``), so
+        our reader of ``side`` may have been held up behind them. A peer that takes none of our
+        bytes is dropped by the I/O layer's write watchdog instead. True if excused."""
+        return unread and other_stalled_at >= since and self.excuse(side, now)
+
     def _waiting_for_answer_since(self, side: str) -> float | None:
         if side == "client":
             return self.to_client.oldest_fence_at()
@@ -436,14 +568,15 @@ class Session:
         return actions
 
     def _backend_falls_due(self, what: str, now: float) -> list:
+        if what == "connect":
+            return []  # see connect_due
         if what == "fence":
             return [SendToBackend([], self.to_backend.take_fence(now))]
         if what == "no backend":
             return self._close(CLOSE_TRY_AGAIN_LATER, f"no backend within {self.reconnect_deadline_s:g} s",
                                cause="deadline")
-        generation = self.generation  # "no pong" or "no close reply": the backend is lost
-        self.backend_lost(generation, now)
-        return [AbandonBackend(generation, f"{what} within {self.pong_timeout_s:g} s")]
+        # "no pong" or "no close reply": the backend is lost
+        return self.backend_lost(self.generation, now, f"{what} within {self.pong_timeout_s:g} s")
 
     # ---- internals ----
     def _clear(self) -> None:

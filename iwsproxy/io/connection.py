@@ -248,8 +248,8 @@ class Connection:
 
     def has_unread(self) -> bool:
         """Bytes from the peer wait in the socket (or in the TLS layer), not yet read by us."""
-        pending = getattr(self.sock, "pending", None)
         try:
+            pending = getattr(self.sock, "pending", None)
             if pending is not None and pending():
                 return True
             return self._byte_count(termios.FIONREAD) > 0

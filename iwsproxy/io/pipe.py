@@ -50,13 +50,12 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..backoff import backoff
 from ..buffer import Message
 from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
 from ..frames import OP_PING, OP_PONG, parse_close_payload
 from ..pool import Admin, Backend
-from ..session import (AbandonBackend, CloseBackend, CloseClient, SendToBackend, SendToClient, Session, State,
-                       encode_fence)
+from ..session import (AbandonBackend, CloseBackend, CloseClient, ConnectBackend, RecordFailover, ReleaseBackend,
+                       SendToBackend, SendToClient, Session, State, encode_fence, stuck_peer_to_drop)
 from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost, Parked
 from .events import (RESCHEDULED, WOKEN, BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone,
@@ -71,11 +70,6 @@ log = logging.getLogger(__name__)
 monotonic = time.monotonic
 
 CLOSE_GRACE_S = 2.0      # how long a close handshake may take before the socket is dropped
-# a backend close with one of these codes ends the client's session (the application said so);
-# any other close, error or EOF is a failover
-_ENDS_SESSION = frozenset({1000}) | frozenset(range(4000, 5000))
-# a client gone with one of these (no Close frame, or "going away") may come back: detach, don't end
-_DETACHES = frozenset({1001, 1006})
 CLOSE_TAKEN_OVER = 4409
 _NEVER = float("inf")
 
@@ -99,7 +93,8 @@ class PersistentPipe:
                                reconnect_deadline_s=settings.reconnect_deadline_s,
                                pong_timeout_s=settings.pong_timeout_s, keepalive_s=settings.keepalive_s,
                                resume_grace_s=settings.resume_grace_s,
-                               idle_timeout_s=settings.idle_timeout_s, budget=manager.budget)
+                               idle_timeout_s=settings.idle_timeout_s, budget=manager.budget,
+                               backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
         self.client: Connection | None = None   # None while detached
         self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
         self._backend_reader: _Reader | None = None
@@ -110,8 +105,6 @@ class PersistentPipe:
         self.backend: BackendConnection | None = None
         self._lease: Backend | None = None    # the pool's backend that self.backend counts against
         self.subprotocol: str | None = None
-        self.reconnects = 0          # backend connections made after the first
-        self.last_move_ms: float | None = None  # how long the last backend switch took
         self._backend_lock = Semaphore()      # session calls + backend writes, together
         self._client_lock = Semaphore()       # session calls + client writes, together
         self._running = False
@@ -125,13 +118,8 @@ class PersistentPipe:
         self._timer = None                    # the supervisor's next deadline while it is not running
         self._group = Group()
         self._stopped = Event()
-        self._retry_at: float | None = None
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
-        self._delays = None
-        self._first_connect = True
-        self._lost_from: str | None = None    # the backend last lost (for the failover's log line)
-        self._avoid: str | None = None        # ... which the next connect round leaves out
-        self._lost_cause = ""
+        self._first_connect = True            # no backend connected yet: a 4xx refusal is the client's answer
         self._seen_state: str | None = None    # last state and buffer size reported to metrics
         self._seen_buffered = 0
 
@@ -144,13 +132,19 @@ class PersistentPipe:
     def backend_url(self) -> str | None:
         return self.backend.url if self.backend is not None else None
 
+    @property
+    def last_move_ms(self) -> float | None:
+        """How long the last completed backend switch took."""
+        report = self.session.last_failover
+        return None if report is None else round(report.duration_s * 1000, 1)
+
     def info(self) -> dict:
         session = self.session
         state = session.state.value if session.client_attached or session.closed else "detached"
         return {"client": short_id(self.client_id), "state": state, "backend_state": session.state.value,
                 "backend": self.backend_url, "buffered_bytes": session.to_backend.buffer.total_bytes,
                 "buffered_to_client_bytes": session.to_client.buffer.total_bytes, "resumes": session.resumes,
-                "failovers": self.session.failovers, "replayed": self.session.replayed_total,
+                "failovers": session.failovers, "replayed": session.replayed_total,
                 "last_move_ms": self.last_move_ms,
                 "age_s": round(monotonic() - self.opened_at, 3)}
 
@@ -162,7 +156,7 @@ class PersistentPipe:
         :class:`NoBackendAvailable` (503), unless ``allow_waiting`` lets the pipe
         start without a backend and buffer until one is free.
         """
-        tried = self._connect_round(monotonic())
+        tried = self._connect_round(self.session.connect_due(monotonic()))
         if self.session.state is State.CONNECTED:
             return
         if not allow_waiting:
@@ -180,8 +174,8 @@ class PersistentPipe:
                  self.subprotocol)
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
-        if self.session.needs_backend:
-            self._retry_at = monotonic()
+        if self.session.needs_backend:  # the first backend could not be had: the pipe started waiting
+            self.session.pool_changed(monotonic())
         if self._park_after:
             self._park_at = monotonic() + self._park_after
         self._observe()
@@ -294,10 +288,9 @@ class PersistentPipe:
         busy_at = -_NEVER if self._park_after else monotonic()
         while not session.closed:
             now = monotonic()
-            if session.needs_backend and self._retry_at is not None and now >= self._retry_at:
-                self._connect_round(now)
-                if session.needs_backend and not session.closed:
-                    self._retry_at = monotonic() + next(self._delays_iter())
+            round_ = session.connect_due(now)
+            if round_ is not None:
+                self._connect_round(round_)
             if self._park_at is not None and now >= self._park_at:
                 self._park_idle_readers(now)
             deadline = self._next_deadline()
@@ -333,8 +326,10 @@ class PersistentPipe:
         stops excusing after ``EXCUSED_WAIT_LIMIT`` pong timeouts in all."""
         for side, since in self.session.late_answers(now):
             conn, other = (self.backend, self.client) if side == "backend" else (self.client, self.backend)
-            if (conn is not None and other is not None and other.stalled_at >= since and conn.has_unread()
-                    and self.session.excuse(side, now)):
+            if conn is None or other is None:
+                continue
+            if self.session.excuse_if_held_up(side, since, now, unread=conn.has_unread(),
+                                              other_stalled_at=other.stalled_at):
                 log.info("pipe %s: the %s's answer is late, but may wait unread behind its data: "
                          "waiting again", short_id(self.client_id), side)
                 self.manager.counters[f"{side}_answers_excused"] += 1
@@ -350,9 +345,7 @@ class PersistentPipe:
     def _next_deadline(self) -> float:
         """When the supervisor must look again: the session's next deadline, a retry, or a look
         for idle readers."""
-        session = self.session
-        deadlines = [d for d in (session.next_deadline(), self._retry_at if session.needs_backend else None,
-                                 self._park_at) if d is not None]
+        deadlines = [d for d in (self.session.next_deadline(), self._park_at) if d is not None]
         return min(deadlines) if deadlines else _NEVER
 
     @contextmanager
@@ -411,15 +404,16 @@ class PersistentPipe:
     def _drop_stuck_writes(self, seen: dict) -> None:
         """Drop the connection (at most one) whose write is under way and has taken no byte since
         the last look, noted in ``seen``."""
-        for side, conn in (("client", self.client), ("backend", self.backend)):
-            if conn is None:
-                continue
-            if conn.writing and seen.get(side) == (conn, conn.progress):
-                log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
-                            short_id(self.client_id), side, self.session.pong_timeout_s)
-                self.manager.counters[side + "s_dropped_stuck"] += 1
-                conn.abort()  # the stuck writer fails at once and lets go of its lock
-                break
+        def stuck(side: str, conn: Connection | None) -> bool:
+            return conn is not None and conn.writing and seen.get(side) == (conn, conn.progress)
+
+        side = stuck_peer_to_drop(client_stuck=stuck("client", self.client),
+                                  backend_stuck=stuck("backend", self.backend))
+        if side is not None:
+            log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
+                        short_id(self.client_id), side, self.session.pong_timeout_s)
+            self.manager.counters[side + "s_dropped_stuck"] += 1
+            (self.client if side == "client" else self.backend).abort()  # its writer fails, lets go of its lock
         self._note_writes(seen)
 
     def _arm_timer(self, deadline: float) -> None:
@@ -508,13 +502,6 @@ class PersistentPipe:
             metrics.buffered_bytes(buffered - self._seen_buffered)
             self._seen_buffered = buffered
 
-    def _delays_iter(self):
-        if self._delays is None:
-            s = self.manager.settings
-            self._delays = backoff(initial_s=s.backoff_initial_s, max_s=s.backoff_max_s)
-            next(self._delays)  # the immediate first retry was the round just made
-        return self._delays
-
     def _handle(self, event: PipeEvent) -> None:
         """Turn one mailbox event into session inputs and perform what they return."""
         kind = type(event)
@@ -533,29 +520,17 @@ class PersistentPipe:
         elif kind is StopAsked:
             self._on_stop(event.code, event.reason)
         elif kind is Woken:
-            if self.session.needs_backend:
-                self._retry_at = monotonic()
+            self.session.pool_changed(monotonic())
         # Rescheduled: nothing to do but recompute the next deadline (the loop does)
 
     def _on_backend_closed(self, generation: int, code: int, reason: str) -> None:
         session = self.session
-        if generation != session.generation:
+        if generation != session.generation or not session.has_backend:
             return
-        if session.state is State.DRAINING:  # the Close reply we waited for: a clean move
-            url = self.backend_url
-            session.backend_drained(generation, monotonic())
-            self._release_backend(failed=False)
-            self._retry_now(url, "drain")
-        elif code in _ENDS_SESSION:
-            log.info("pipe %s: backend %s ended the session (%s %s)", short_id(self.client_id),
-                     self.backend_url, code, reason)
-            if self.backend is not None:
-                with self._holding(backend=True):
-                    self.backend.send_close(code, reason)  # complete its close handshake (echo the code)
-            self._release_backend(failed=False)
-            self._perform(session.backend_ended_session(code, reason))
-        else:
-            self._lose_backend(generation, f"backend closed with {code} {reason}".rstrip())
+        if session.backend_close_is_loss(code) and self.backend is not None:
+            self.backend.abort()  # a writer stuck on it fails now, before we wait for its lock
+        with self._holding(backend=True):
+            self._perform(session.backend_closed(generation, code, reason, monotonic()))
 
     def _on_backend_ping(self, generation: int, payload: bytes) -> None:
         # after our Close (a drain) a ping needs no answer: the backend's Close reply is what we wait for
@@ -570,17 +545,17 @@ class PersistentPipe:
         session = self.session
         if client is not self.client:
             return  # an earlier connection of this client (taken over): already let go
-        if code in _DETACHES and session.resume_grace_s:
+        if session.detaches(code):
             self._let_go(client)
             with self._holding(client=True):
-                session.client_detached(monotonic())
+                self._perform(session.client_gone(code, monotonic()))
             log.info("pipe %s: client detached (%s %s); holding the session for %g s",
                      short_id(self.client_id), code, reason, session.resume_grace_s)
             self.manager.record_resume_event("detached")
             return
         log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
         with self._holding(backend=True):
-            self._perform(session.client_closed())
+            self._perform(session.client_gone(code, monotonic()))
 
     def _on_attach(self, client: Connection) -> None:
         session = self.session
@@ -610,25 +585,14 @@ class PersistentPipe:
         with self._holding(backend=True, client=True):  # closes both
             self._perform(self.session.close(code, reason))
 
-    def _retry_now(self, lost_from: str | None, cause: str) -> None:
-        """The backend is gone: look for the next one at once, with a fresh backoff."""
-        self._lost_from, self._lost_cause = lost_from, cause
-        self._avoid = lost_from
-        self._delays = None
-        self._retry_at = monotonic()
-
     def _lose_backend(self, generation: int, cause: str) -> None:
-        if generation != self.session.generation or self.session.state not in (State.CONNECTED, State.DRAINING):
+        session = self.session
+        if generation != session.generation or not session.has_backend:
             return
-        conn = self.backend
-        if conn is not None:
-            conn.abort()  # unblocks a writer stuck on a dead peer before we take the lock
-        with self._backend_lock:
-            self.session.backend_lost(generation, monotonic())
-        url = conn.url if conn else None
-        log.info("pipe %s: backend %s lost: %s", short_id(self.client_id), url, cause)
-        self._release_backend(failed=True, cause=cause)
-        self._retry_now(url, cause)
+        if self.backend is not None:
+            self.backend.abort()  # unblocks a writer stuck on a dead peer before we take the lock
+        with self._holding(backend=True):
+            self._perform(session.backend_lost(generation, monotonic(), cause))
 
     def _release_backend(self, *, failed: bool, cause: str = "") -> None:
         """Stop using the backend connection: close its socket and give its slot back to the pool."""
@@ -645,13 +609,13 @@ class PersistentPipe:
         self._release_backend(failed=False)
         self._stopped.set()
 
-    def _connect_round(self, now: float) -> list:
-        """Try each usable backend once; returns [(url, error)] for those that failed."""
+    def _connect_round(self, round_: ConnectBackend | None) -> list:
+        """Try each usable backend once, as the session asked; returns [(url, error)] for those
+        that failed."""
+        if round_ is None:
+            return []
         manager, session = self.manager, self.session
-        # the backend just lost is not tried in the first round after the loss (if there is another);
-        # later rounds try every backend, or a pipe could never go back to it while the others are down
-        avoid, self._avoid = self._avoid, None
-        exclude = {avoid} if avoid and manager.pool_size() > 1 else set()
+        exclude = {round_.avoid} if round_.avoid and manager.pool_size() > 1 else set()
         tried: list = []
         while session.needs_backend and not session.closed:
             lease = manager.acquire_backend(exclude)
@@ -661,7 +625,7 @@ class PersistentPipe:
             exclude.add(url)
             try:
                 conn = connect_backend(url, self.offer,
-                                       reconnects=0 if self._first_connect else self.reconnects + 1,
+                                       reconnects=session.generation,
                                        timeout_s=manager.settings.connect_timeout_s,
                                        max_message_size=manager.settings.max_message_size_bytes,
                                        max_fragments=manager.settings.max_fragments,
@@ -688,6 +652,7 @@ class PersistentPipe:
         if tried and session.needs_backend and not self._first_connect:
             log.warning("pipe %s: no backend reachable (%d tried)", short_id(self.client_id), len(tried))
         if session.needs_backend:
+            session.connect_failed(monotonic())
             manager.wait_for_backend(self)
         return tried
 
@@ -697,14 +662,11 @@ class PersistentPipe:
         manager.stop_waiting(self)
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
-        if not self._first_connect:
-            self.reconnects += 1
-        was_first = self._first_connect and not self._running
         self._first_connect = False
         conn.stall_timeout_s = self._stall_timeout_s
         with self._holding(backend=True):
             self.backend, self._lease = conn, lease
-            generation, actions = session.backend_connected(monotonic())
+            generation, actions = session.backend_connected(monotonic(), conn.url)
             if self._running:
                 # reading before the flush: a backend that answers what it reads (an echo) would
                 # otherwise stop reading a flush larger than the sockets hold, and the flush would wait for it
@@ -712,13 +674,6 @@ class PersistentPipe:
             self._perform(actions)
         if lease.admin is Admin.DRAINING:  # drained while this handshake was under way: move on
             self.drain(conn.url)
-        report = session.last_failover
-        if report is not None and session.failovers == self.reconnects and not was_first:
-            log.info("pipe %s: failover %s -> %s after %s: %.1f ms, %d replayed, %d messages / %d bytes flushed",
-                     short_id(self.client_id), self._lost_from, conn.url, self._lost_cause or "waiting",
-                     report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
-            self.last_move_ms = round(report.duration_s * 1000, 1)
-            manager.record_failover(report)
 
     def _spawn_backend_reader(self, conn: BackendConnection, generation: int) -> None:
         self._backend_reader = _Reader(self, conn, self._read_backend, generation)
@@ -746,11 +701,18 @@ class PersistentPipe:
                 if self.backend is not None:
                     self.backend.send_close(action.code, action.reason)
             elif type(action) is AbandonBackend:
-                log.warning("pipe %s: abandoning backend %s: %s", short_id(self.client_id), self.backend_url,
+                log.warning("pipe %s: backend %s lost: %s", short_id(self.client_id), self.backend_url,
                             action.reason)
-                url = self.backend_url
                 self._release_backend(failed=True, cause=action.reason)
-                self._retry_now(url, action.reason)
+            elif type(action) is ReleaseBackend:
+                log.info("pipe %s: backend %s %s", short_id(self.client_id), self.backend_url, action.reason)
+                self._release_backend(failed=False)
+            elif type(action) is RecordFailover:
+                report = action.report
+                log.info("pipe %s: failover %s -> %s after %s: %.1f ms, %d replayed, %d messages / %d bytes "
+                         "flushed", short_id(self.client_id), report.from_url, report.to_url, report.cause,
+                         report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
+                self.manager.record_failover(report)
 
     def _send(self, conn: Connection | None, action: SendToBackend | SendToClient, direction: str) -> bool:
         """Write one send action; False (with the loss reported) if the connection failed."""
@@ -834,7 +796,7 @@ class PersistentPipe:
             self._client_broke_protocol(client, exc)
             return
         echoed = client.send_close(code, reason)  # complete the close handshake (echo the code)
-        if client is self.client and not (code in _DETACHES and self.session.resume_grace_s):
+        if client is self.client and not self.session.detaches(code):
             self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
         self._post(ClientGone(client, code or 1005, reason))
         if echoed:  # the client closed first: its late frames (a Pong) must not reset our reply

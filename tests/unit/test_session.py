@@ -6,8 +6,8 @@ import pytest
 
 from iwsproxy.buffer import MessageBuffer
 from iwsproxy.exceptions import BufferOverflow
-from iwsproxy.session import (EXCUSED_WAIT_LIMIT, FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, SendToBackend, Session, State,
-                              encode_fence)
+from iwsproxy.session import (EXCUSED_WAIT_LIMIT, FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, ConnectBackend, RecordFailover, ReleaseBackend,
+                              SendToBackend, Session, State, encode_fence, stuck_peer_to_drop)
 
 
 def msgs(*names: str) -> list[tuple[int, bytes]]:
@@ -122,7 +122,7 @@ def test_loss_replays_unacknowledged_then_buffered_then_live(acked):
     s.client_messages(msgs("m2"), 1.1)                 # fence 2 covers m2
     if acked:
         s.backend_pong(1, encode_fence(acked), 1.2)
-    assert s.backend_lost(1, 2.0) == []
+    assert s.backend_lost(1, 2.0) == [AbandonBackend(1, "backend lost")]
     assert s.state is State.FAILING_OVER
     assert s.client_messages(msgs("b1", "b2"), 2.1) == []
     generation, actions = s.backend_connected(3.0)
@@ -170,8 +170,10 @@ def test_overflow_of_the_window_while_connected_closes_client_and_backend():
 
 
 def test_reconnect_deadline():
-    s = connected(reconnect_deadline_s=5.0)
+    s = connected(reconnect_deadline_s=5.0, backoff_initial_s=10.0, backoff_max_s=10.0)
     s.backend_lost(1, 10.0)
+    assert s.next_deadline() == 10.0 and s.connect_due(10.0) == ConnectBackend()
+    s.connect_failed(10.0)                             # the next round would come after the deadline
     assert s.next_deadline() == 15.0
     assert s.poll(14.9) == []
     assert s.poll(15.0) == [CloseClient(1013, "no backend within 5 s")]
@@ -257,8 +259,9 @@ def test_client_close_closes_backend_once():
 
 def test_backend_ending_the_session_is_forwarded_to_the_client():
     s = connected()
-    assert s.backend_ended_session(1000, "bye") == [CloseClient(1000, "bye")]
-    assert s.closed
+    assert s.backend_closed(1, 1000, "bye", 1.0) == [CloseBackend(1, 1000, "bye"),
+                                                     ReleaseBackend(1, "ended the session"), CloseClient(1000, "bye")]
+    assert s.closed and s.end_cause == "backend_ended"
 
 
 def test_backend_connected_in_wrong_state_raises_and_changes_nothing():
@@ -275,7 +278,7 @@ def test_drain_buffers_new_messages_and_acknowledges_the_window_on_close_reply()
     assert s.drain(2.0) == [CloseBackend(1, 1001, "backend draining")]
     assert s.state is State.DRAINING
     assert s.client_messages(msgs("b1"), 2.1) == []    # not written to the draining backend
-    assert s.backend_drained(1, 2.5) == []
+    assert s.backend_drained(1, 2.5) == [ReleaseBackend(1, "drained")]
     assert s.state is State.FAILING_OVER
     generation, actions = s.backend_connected(3.0)
     assert sent(actions) == [b"b1"]                    # zero duplicates: the Close reply proved w1, w2 read
@@ -287,7 +290,7 @@ def test_drain_falls_back_to_replay_if_the_backend_dies_first():
     s.client_messages(msgs("w1"), 1.0)
     s.drain(2.0)
     s.client_messages(msgs("b1"), 2.1)
-    assert s.backend_lost(1, 2.2) == []
+    assert s.backend_lost(1, 2.2) == [AbandonBackend(1, "backend lost")]
     assert sent(s.backend_connected(3.0)[1]) == [b"w1", b"b1"]
 
 
@@ -316,3 +319,82 @@ def test_drain_only_from_connected():
     s.backend_lost(1, 1.0)
     assert s.drain(1.5) == [] and s.state is State.FAILING_OVER
     assert s.backend_drained(1, 1.6) == []
+
+
+# ---- the decisions the I/O layer only performs ----
+@pytest.mark.parametrize("code, outcome", [(1000, "ends"), (4001, "ends"), (4999, "ends"), (1001, "fails over"),
+                                           (1011, "fails over"), (1005, "fails over"), (3000, "fails over")])
+def test_a_backend_close_ends_the_session_only_for_1000_and_4000_to_4999(code, outcome):
+    s = connected()
+    actions = s.backend_closed(1, code, "why", 1.0)
+    if outcome == "ends":
+        assert actions[-1] == CloseClient(code, "why") and s.closed
+    else:
+        assert actions == [AbandonBackend(1, f"backend closed with {code} why")]
+        assert s.state is State.FAILING_OVER
+
+
+@pytest.mark.parametrize("code, grace, detached", [(1006, 5.0, True), (1001, 5.0, True), (1000, 5.0, False),
+                                                   (1006, 0.0, False), (4000, 5.0, False)])
+def test_a_client_going_away_or_vanishing_detaches_only_with_resume_on(code, grace, detached):
+    s = connected(resume_grace_s=grace)
+    actions = s.client_gone(code, 1.0)
+    assert s.detaches(code) is detached
+    if detached:
+        assert actions == [] and not s.client_attached and s.state is State.CONNECTED
+    else:
+        assert actions == [CloseBackend(1, 1000, "client closed")] and s.closed
+
+
+def test_the_backend_just_lost_sits_out_one_connect_round():
+    s = Session(buffer_limit_bytes=100, now=0.0)
+    assert s.connect_due(0.0) == ConnectBackend(None)  # the first round: any backend
+    s.backend_connected(0.1, "ws://a")
+    s.backend_lost(1, 1.0, "reset")
+    assert s.connect_due(1.0) == ConnectBackend(avoid="ws://a")
+    assert s.connect_due(1.0) is None                  # one round at a time
+    s.connect_failed(1.0)
+    assert s.connect_due(2.0) == ConnectBackend(None)  # later rounds try every backend, the lost one too
+    s.connect_failed(2.0)
+    _, actions = s.backend_connected(2.5, "ws://b")
+    assert actions[-1] == RecordFailover(s.last_failover)
+    assert (s.last_failover.from_url, s.last_failover.to_url, s.last_failover.cause) == ("ws://a", "ws://b", "reset")
+
+
+def test_failed_connect_rounds_back_off_with_jitter_up_to_the_cap():
+    s = connected(backoff_initial_s=1.0, backoff_max_s=4.0)
+    s.backend_lost(1, 0.0)
+    now, delays = 0.0, []
+    for _ in range(6):
+        assert s.connect_due(now) is not None
+        s.connect_failed(now)
+        delays.append(s.next_deadline() - now)
+        assert s.connect_due(now) is None
+        now = s.next_deadline()
+    caps = [1, 2, 4, 4, 4, 4]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps)), delays
+
+
+def test_a_pool_change_makes_a_waiting_session_try_at_once():
+    s = connected(backoff_initial_s=5.0, backoff_max_s=5.0)
+    s.backend_lost(1, 0.0)
+    s.connect_due(0.0)
+    s.connect_failed(0.0)
+    assert s.connect_due(1.0) is None
+    s.pool_changed(1.0)
+    assert s.connect_due(1.0) == ConnectBackend(None)
+
+
+def test_the_client_is_dropped_first_when_both_peers_are_stuck():
+    assert stuck_peer_to_drop(client_stuck=True, backend_stuck=True) == "client"
+    assert stuck_peer_to_drop(client_stuck=False, backend_stuck=True) == "backend"
+    assert stuck_peer_to_drop(client_stuck=False, backend_stuck=False) is None
+
+
+@pytest.mark.parametrize("unread, stalled_at, excused", [(True, 1.5, True), (False, 1.5, False), (True, 0.5, False)])
+def test_a_late_answer_is_excused_only_with_bytes_unread_and_the_other_side_held_up(unread, stalled_at, excused):
+    s = connected(pong_timeout_s=2.0)
+    s.client_messages(msgs("a"), 1.0)                  # fence 1 at 1.0
+    (side, since), = s.late_answers(3.0)
+    assert s.excuse_if_held_up(side, since, 3.0, unread=unread, other_stalled_at=stalled_at) is excused
+    assert (s.poll(3.0) == []) is excused
