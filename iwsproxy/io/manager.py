@@ -16,7 +16,6 @@ from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import Backend, BackendPool
 from ..metrics import Metrics
-from ..session import FailoverReport
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
@@ -24,6 +23,7 @@ from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
 from .pipe import PersistentPipe, short_id
+from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
 
 __all__ = ["PipeManager"]
@@ -62,8 +62,10 @@ class PipeManager:
                                   "not a directory (it must exist, private to the proxy's user)")
             self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
                                    serve_request=self._serve_handed_in)
-        self.counters: Counter = Counter()
-        self.closed_by_code: Counter = Counter()
+        self.telemetry = Telemetry(self.metrics)
+        self.counters = self.telemetry.counters              # for the status page
+        self.closed_by_code = self.telemetry.closed_by_code
+        self._backend_options = BackendOptions(sslopt=self.backend_sslopt, mask_source=self.mask_source)
         self.registry = registry or LocalRegistry()
         # given to the registry rather than added through it: a shared one only seeds a new set with them
         self.registry.start(self, tuple(check_backend_url(url) for url in (*s.backends, *backends)))
@@ -183,7 +185,8 @@ class PipeManager:
             raise CapacityExceeded(f"this process serves its maximum of {settings.max_pipes} pipes", 503)
         if offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
             raise CapacityExceeded(f"too many sessions from this address (max {settings.max_pipes_per_ip})", 429)
-        pipe = PersistentPipe(self, client_id, offer)
+        pipe = PersistentPipe(client_id, offer, settings=settings, leases=self, telemetry=self.telemetry,
+                              budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended)
         self._pipes[client_id] = pipe
         self._per_ip[offer.remote_addr] += 1
         try:
@@ -294,10 +297,6 @@ class PipeManager:
                                 max_fragments=settings.max_fragments)
         pipe.attach(client)
 
-    def record_resume_event(self, kind: str) -> None:
-        self.counters[f"clients_{kind}"] += 1
-        self.metrics.resume_event(kind)
-
     def _forget(self, pipe: PersistentPipe) -> None:
         if self._pipes.get(pipe.client_id) is pipe:
             del self._pipes[pipe.client_id]
@@ -307,16 +306,7 @@ class PipeManager:
                 del self._per_ip[address]
         self._waiting.discard(pipe)
 
-    # ---- bookkeeping ----
-    def record_failover(self, report: FailoverReport) -> None:
-        self.counters["failovers"] += 1
-        self.counters["replayed"] += report.replayed
-        self.metrics.failover(report.duration_s, report.replayed, report.flushed_bytes)
-
-    def record_client_closed(self, code: int, cause: str | None = None) -> None:
-        self.closed_by_code[code] += 1
-        self.metrics.client_closed(code, cause)
-
+    # ---- shutdown ----
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
         """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only.
 

@@ -58,11 +58,13 @@ from ..session import (AbandonBackend, CloseBackend, CloseClient, ConnectBackend
                        SendToBackend, SendToClient, Session, State, encode_fence, stuck_peer_to_drop)
 from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost, Parked
+from .ports import BackendLeases, BackendOptions, Telemetry
 from .events import (RESCHEDULED, WOKEN, BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone,
                      DrainAsked, Mailbox, PipeEvent, Rescheduled, StopAsked, Woken)
 
 if TYPE_CHECKING:
-    from .manager import PipeManager
+    from ..buffer import Budget
+    from ..settings import Settings
 
 __all__ = ["PersistentPipe"]
 
@@ -82,9 +84,17 @@ def short_id(client_id: str) -> str:
 class PersistentPipe:
     """One client's session across any number of backend connections."""
 
-    def __init__(self, manager: "PipeManager", client_id: str, offer: ClientOffer):
-        settings = manager.settings
-        self.manager = manager
+    def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
+                 telemetry: Telemetry, budget: "Budget | None" = None,
+                 backend_options: BackendOptions = BackendOptions(), on_ended=None):
+        """A pipe for ``client_id``, whose backends see ``offer``; it leases backends from
+        ``leases``, reports to ``telemetry``, charges its buffers to ``budget`` and calls
+        ``on_ended(pipe)`` once it has torn down."""
+        self.settings = settings
+        self.leases = leases
+        self.telemetry = telemetry
+        self.backend_options = backend_options
+        self._on_ended = on_ended
         self.client_id = client_id
         self.offer = offer
         self.opened_at = monotonic()
@@ -93,7 +103,7 @@ class PersistentPipe:
                                reconnect_deadline_s=settings.reconnect_deadline_s,
                                pong_timeout_s=settings.pong_timeout_s, keepalive_s=settings.keepalive_s,
                                resume_grace_s=settings.resume_grace_s,
-                               idle_timeout_s=settings.idle_timeout_s, budget=manager.budget,
+                               idle_timeout_s=settings.idle_timeout_s, budget=budget,
                                backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
         self.client: Connection | None = None   # None while detached
         self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
@@ -161,12 +171,12 @@ class PersistentPipe:
             return
         if not allow_waiting:
             raise NoBackendAvailable(tried)
-        self.manager.wait_for_backend(self)
+        self.leases.wait_for_backend(self)
 
     def start(self, client: Connection) -> None:
         """Serve the pipe with its first client connection; returns at once (the pipe owns ``client``).
 
-        When the pipe ends it calls ``manager.pipe_ended(pipe)``.
+        When the pipe ends it calls ``on_ended(pipe)``.
         """
         self._running = True
         self._use_client(client)
@@ -274,7 +284,8 @@ class PersistentPipe:
                     self._observe(final=True)
                 finally:
                     self._stopped.set()  # even if tearing down failed: no supervisor is spawned again
-                    self.manager.pipe_ended(self)
+                    if self._on_ended is not None:
+                        self._on_ended(self)
             self._supervisor = None
 
     def _work(self) -> bool:
@@ -332,7 +343,7 @@ class PersistentPipe:
                                               other_stalled_at=other.stalled_at):
                 log.info("pipe %s: the %s's answer is late, but may wait unread behind its data: "
                          "waiting again", short_id(self.client_id), side)
-                self.manager.counters[f"{side}_answers_excused"] += 1
+                self.telemetry.count(f"{side}_answers_excused")
 
     def _end_after_crash(self) -> None:
         """Close the session (its buffers go back to the process's budget) and the client with 1011."""
@@ -412,7 +423,7 @@ class PersistentPipe:
         if side is not None:
             log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
                         short_id(self.client_id), side, self.session.pong_timeout_s)
-            self.manager.counters[side + "s_dropped_stuck"] += 1
+            self.telemetry.count(side + "s_dropped_stuck")
             (self.client if side == "client" else self.backend).abort()  # its writer fails, lets go of its lock
         self._note_writes(seen)
 
@@ -489,7 +500,7 @@ class PersistentPipe:
 
     def _observe(self, final: bool = False) -> None:
         """Report state and buffer changes to metrics (once per supervisor turn, not per message)."""
-        metrics, session = self.manager.metrics, self.session
+        metrics, session = self.telemetry.metrics, self.session
         if final:
             state = None
         else:  # a detached pipe keeps its backend state, but is counted as detached
@@ -551,7 +562,7 @@ class PersistentPipe:
                 self._perform(session.client_gone(code, monotonic()))
             log.info("pipe %s: client detached (%s %s); holding the session for %g s",
                      short_id(self.client_id), code, reason, session.resume_grace_s)
-            self.manager.record_resume_event("detached")
+            self.telemetry.resume_event("detached")
             return
         log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
         with self._holding(backend=True):
@@ -567,11 +578,11 @@ class PersistentPipe:
             if old is not None:
                 log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
                 self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
-                self.manager.record_client_closed(CLOSE_TAKEN_OVER, "takeover")
-                self.manager.record_resume_event("takeover")
+                self.telemetry.client_closed(CLOSE_TAKEN_OVER, "takeover")
+                self.telemetry.resume_event("takeover")
             else:
                 log.info("pipe %s: client resumed", short_id(self.client_id))
-                self.manager.record_resume_event("resumed")
+                self.telemetry.resume_event("resumed")
             self._use_client(client)
             self._perform(session.client_attached_again(monotonic()))
 
@@ -601,7 +612,7 @@ class PersistentPipe:
         if conn is not None:
             conn.abort()
         if lease is not None:
-            self.manager.release_backend(lease, failed=failed, cause=cause)
+            self.leases.release_backend(lease, failed=failed, cause=cause)
 
     def abandon(self) -> None:
         """Give back the backend of a pipe that will never start (its client was not answered);
@@ -614,11 +625,11 @@ class PersistentPipe:
         that failed."""
         if round_ is None:
             return []
-        manager, session = self.manager, self.session
-        exclude = {round_.avoid} if round_.avoid and manager.pool_size() > 1 else set()
+        leases, session, settings = self.leases, self.session, self.settings
+        exclude = {round_.avoid} if round_.avoid and leases.pool_size() > 1 else set()
         tried: list = []
         while session.needs_backend and not session.closed:
-            lease = manager.acquire_backend(exclude)
+            lease = leases.acquire_backend(exclude)
             if lease is None:
                 break
             url = lease.url
@@ -626,26 +637,27 @@ class PersistentPipe:
             try:
                 conn = connect_backend(url, self.offer,
                                        reconnects=session.generation,
-                                       timeout_s=manager.settings.connect_timeout_s,
-                                       max_message_size=manager.settings.max_message_size_bytes,
-                                       max_fragments=manager.settings.max_fragments,
-                                       sslopt=manager.backend_sslopt, mask_source=manager.mask_source,
+                                       timeout_s=settings.connect_timeout_s,
+                                       max_message_size=settings.max_message_size_bytes,
+                                       max_fragments=settings.max_fragments,
+                                       sslopt=self.backend_options.sslopt,
+                                       mask_source=self.backend_options.mask_source,
                                        # once the client is answered, its subprotocol is settled
                                        subprotocol=self.subprotocol if self._running else OFFERED)
             except BackendRejected as exc:
-                manager.release_backend(lease, failed=not self._first_connect, cause=str(exc))
+                leases.release_backend(lease, failed=not self._first_connect, cause=str(exc))
                 if self._first_connect and 400 <= exc.status < 500:
                     raise  # the backend refused this client: it gets the same answer
                 tried.append((url, exc))
                 continue
             except BackendError as exc:
-                manager.release_backend(lease, failed=True, cause=str(exc))
+                leases.release_backend(lease, failed=True, cause=str(exc))
                 tried.append((url, exc))
                 log.warning("pipe %s: backend %s failed: %s", short_id(self.client_id), url, exc.detail)
                 continue
             if session.closed:
                 conn.abort()
-                manager.release_backend(lease, failed=False)
+                leases.release_backend(lease, failed=False)
                 break
             self._attach(conn, lease)
             return tried
@@ -653,13 +665,13 @@ class PersistentPipe:
             log.warning("pipe %s: no backend reachable (%d tried)", short_id(self.client_id), len(tried))
         if session.needs_backend:
             session.connect_failed(monotonic())
-            manager.wait_for_backend(self)
+            leases.wait_for_backend(self)
         return tried
 
     def _attach(self, conn: BackendConnection, lease: Backend) -> None:
-        manager, session = self.manager, self.session
-        manager.backend_succeeded(conn.url)
-        manager.stop_waiting(self)
+        session = self.session
+        self.leases.backend_succeeded(conn.url)
+        self.leases.stop_waiting(self)
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
         self._first_connect = False
@@ -694,7 +706,7 @@ class PersistentPipe:
                     client_ok = self._send(self.client, action, "to_client")
             elif type(action) is CloseClient:
                 log.info("pipe %s: closing client with %d %s", short_id(self.client_id), action.code, action.reason)
-                self.manager.record_client_closed(action.code, self.session.end_cause)
+                self.telemetry.client_closed(action.code, self.session.end_cause)
                 if self.client is not None:
                     self.client.send_close(action.code, action.reason)
             elif type(action) is CloseBackend:
@@ -712,7 +724,7 @@ class PersistentPipe:
                 log.info("pipe %s: failover %s -> %s after %s: %.1f ms, %d replayed, %d messages / %d bytes "
                          "flushed", short_id(self.client_id), report.from_url, report.to_url, report.cause,
                          report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
-                self.manager.record_failover(report)
+                self.telemetry.failover(report)
 
     def _send(self, conn: Connection | None, action: SendToBackend | SendToClient, direction: str) -> bool:
         """Write one send action; False (with the loss reported) if the connection failed."""
@@ -728,7 +740,7 @@ class PersistentPipe:
             self._post(lost)
             return False
         if messages:
-            self.manager.metrics.messages(direction, len(messages), action.nbytes)
+            self.telemetry.metrics.messages(direction, len(messages), action.nbytes)
         return True
 
     # ---- readers ----
@@ -804,7 +816,7 @@ class PersistentPipe:
 
     def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
         log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
-        self.manager.record_client_closed(exc.close_code, "protocol")
+        self.telemetry.client_closed(exc.close_code, "protocol")
         client.send_close(exc.close_code, exc.reason)
         self._post(ClientGone(client, exc.close_code, exc.reason))
 
@@ -903,13 +915,13 @@ class PersistentPipe:
             self._release_client(client)
         self._group.kill(timeout=CLOSE_GRACE_S)
         self._release_backend(failed=False)
-        self.manager.stop_waiting(self)
+        self.leases.stop_waiting(self)
         session = self.session
         if not session.client_attached and session.end_cause in ("grace_expired", "overflow"):
             # the client never came back: the grace ran out, or its buffer filled up meanwhile
             reason = session.close_reason.reason if session.close_reason else session.end_cause
             log.warning("pipe %s: session ended while detached: %s", short_id(self.client_id), reason)
-            self.manager.record_resume_event("expired" if session.end_cause == "grace_expired" else "overflow")
+            self.telemetry.resume_event("expired" if session.end_cause == "grace_expired" else "overflow")
         self._cancel_timer()
         self._stopped.set()
         for event in self._events.take_all():  # connections handed over too late
@@ -955,7 +967,7 @@ class _Reader:
                 if self._done is not None:
                     self._done.set()
         if parked:
-            self._pipe.manager.counters["readers_parked"] += 1
+            self._pipe.telemetry.count("readers_parked")
             self.conn.call_when_readable(self._unpark)
 
     def _unpark(self) -> None:

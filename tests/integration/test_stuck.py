@@ -10,13 +10,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from types import SimpleNamespace
 
 import gevent
 from gevent import socket as gsocket
-from gevent.lock import Semaphore
 
 from conftest import stats, wait_for
+from inprocess import make_pipe
 from rawws import frame
 
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, FrameParser
@@ -169,13 +168,9 @@ def _small_buffered_pair():
 
 
 def _pipe_with_backend(conn: Connection, pong_timeout_s: float) -> PersistentPipe:
-    """A pipe reduced to what taking its write locks uses: its backend connection, the timeout
-    and the counters."""
-    pipe = PersistentPipe.__new__(PersistentPipe)
-    pipe.client_id, pipe.client, pipe.backend = "in-process", None, conn
-    pipe.session = SimpleNamespace(pong_timeout_s=pong_timeout_s)
-    pipe.manager = SimpleNamespace(counters=Counter())
-    pipe._client_lock, pipe._backend_lock = Semaphore(), Semaphore()
+    """An in-process pipe holding ``conn`` as its backend connection (no greenlets running)."""
+    pipe = make_pipe(pong_timeout_s=pong_timeout_s)
+    pipe.backend = conn
     return pipe
 
 
@@ -212,7 +207,7 @@ def test_a_slow_peer_that_takes_our_bytes_is_waited_for():
         with pipe._holding(backend=True):  # waits well past 0.2 s, through the whole slow write
             assert outcome == {"written": True}
         assert reader.get(timeout=10) == len(data)
-        assert not conn.closed and pipe.manager.counters == Counter()
+        assert not conn.closed and pipe.telemetry.counters == Counter()
         writer.join(1)
     finally:
         conn.abort()
@@ -227,7 +222,7 @@ def test_a_peer_that_takes_nothing_loses_its_connection_after_the_timeout():
         writer = _write_under_lock(pipe, bytes(512 * 1024), outcome)  # the peer never reads
         with gevent.Timeout(5), pipe._holding(backend=True):
             assert outcome == {"written": False} and conn.closed
-        assert pipe.manager.counters == Counter(backends_dropped_stuck=1)
+        assert pipe.telemetry.counters == Counter(backends_dropped_stuck=1)
         writer.join(1)
     finally:
         conn.abort()
@@ -308,7 +303,7 @@ def test_a_close_to_a_slow_peer_that_takes_bytes_is_waited_for():
         with gevent.Timeout(30), pipe._holding(backend=True):  # far longer than 0.5 s without progress
             assert conn.send_close(1001, "draining", timeout=0.5) is True
         assert time.monotonic() - started > 0.5  # the Close waited longer than that, for a peer taking bytes
-        assert pipe.manager.counters == Counter()
+        assert pipe.telemetry.counters == Counter()
         assert not conn.closed
         assert reader.get(timeout=20) > 16384
     finally:
@@ -322,9 +317,7 @@ def test_a_failed_write_to_one_side_does_not_skip_the_other_sides_actions():
     client = Connection(client_sock, server_side=True, max_message_size=1 << 20)
     pipe = _pipe_with_backend(backend, pong_timeout_s=10)
     pipe.client = client
-    pipe.manager.record_client_closed = lambda code, cause: None
-    pipe.manager.metrics = SimpleNamespace(messages=lambda direction, count, nbytes: None)
-    pipe.session = SimpleNamespace(generation=1, end_cause="client_unresponsive")
+    pipe.session.generation = 1
     posted: list = []
     pipe._post = posted.append
     try:
