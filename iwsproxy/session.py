@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .backoff import retry_delay
 from .buffer import Budget, Ledger, Message, payload_bytes
@@ -89,6 +90,7 @@ class SendToBackend:
 
     ``nbytes`` is their payload size, counted once by the session (it follows from ``messages``).
     """
+    side: ClassVar[str] = "backend"  # the side an action writes to or closes (None: neither)
     messages: list[Message]
     fence: int | None = None
     nbytes: int = field(default=0, compare=False)
@@ -100,6 +102,7 @@ class SendToClient:
 
     ``nbytes`` is their payload size, counted once by the session (it follows from ``messages``).
     """
+    side: ClassVar[str] = "client"
     messages: list[Message]
     fence: int | None = None
     nbytes: int = field(default=0, compare=False)
@@ -107,6 +110,8 @@ class SendToClient:
 
 @dataclass(frozen=True, slots=True)
 class CloseClient:
+    """Close the attached client with ``code``."""
+    side: ClassVar[str] = "client"
     code: int
     reason: str
 
@@ -114,6 +119,7 @@ class CloseClient:
 @dataclass(frozen=True, slots=True)
 class CloseBackend:
     """End the backend connection politely (send Close, wait briefly for the reply)."""
+    side: ClassVar[str] = "backend"
     generation: int
     code: int
     reason: str
@@ -123,6 +129,7 @@ class CloseBackend:
 class AbandonBackend:
     """The backend is considered dead: drop its connection at once, count it as a failure of
     that backend, and fail over."""
+    side: ClassVar[str] = "backend"
     generation: int
     reason: str
 
@@ -131,6 +138,7 @@ class AbandonBackend:
 class ReleaseBackend:
     """The backend connection is done with, through no fault of the backend (a completed drain,
     a session it ended): drop it and give its slot back."""
+    side: ClassVar[str] = "backend"
     generation: int
     reason: str
 
@@ -140,12 +148,14 @@ class ConnectBackend:
     """Try the pool's backends once each, in the pool's order, and report the outcome with
     :meth:`Session.backend_connected` or :meth:`Session.connect_failed`. ``avoid`` (the backend
     just lost) is left out of this round unless it is the only backend."""
+    side: ClassVar[None] = None
     avoid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RecordFailover:
     """A failover completed: log and count ``report``."""
+    side: ClassVar[None] = None
     report: "FailoverReport"
 
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["BackendLost", "BackendClosed", "BackendPinged", "ClientGone", "ClientArrived", "DrainAsked",
-           "StopAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
+           "StopAsked", "PerformAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,13 @@ class StopAsked:
 
 
 @dataclass(frozen=True, slots=True)
+class PerformAsked:
+    """Session actions a greenlet could not perform itself: it did not hold the write lock of
+    their side (see :mod:`iwsproxy.io.locks`)."""
+    actions: tuple
+
+
+@dataclass(frozen=True, slots=True)
 class Woken:
     """The pool changed: a pipe waiting for a backend tries again now."""
 
@@ -80,7 +87,7 @@ class Rescheduled:
 
 
 PipeEvent = Union[BackendLost, BackendClosed, BackendPinged, ClientGone, ClientArrived, DrainAsked, StopAsked,
-                  Woken, Rescheduled]
+                  PerformAsked, Woken, Rescheduled]
 RESCHEDULED = Rescheduled()
 WOKEN = Woken()
 

@@ -51,6 +51,7 @@ class PipeManager:
         self._per_ip: Counter = Counter()  # live pipes per client address
         self._waiting: set[PersistentPipe] = set()  # pipes woken when the pool changes
         self._tasks = Group()          # drain schedulers
+        self._greenlets = Group()      # pipe supervisors and the requests handed in by peers
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
@@ -186,7 +187,8 @@ class PipeManager:
         if offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
             raise CapacityExceeded(f"too many sessions from this address (max {settings.max_pipes_per_ip})", 429)
         pipe = PersistentPipe(client_id, offer, settings=settings, leases=self, telemetry=self.telemetry,
-                              budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended)
+                              budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,
+                              supervisors=self._greenlets)
         self._pipes[client_id] = pipe
         self._per_ip[offer.remote_addr] += 1
         try:
@@ -280,7 +282,7 @@ class PipeManager:
         self.counters["handed_in"] += 1
         handler = ProxyHandler(sock, address, server, rfile=prefixed_reader(request, sock))
         handler.handed_in = True
-        gevent.spawn(handler.handle)
+        self._greenlets.spawn(handler.handle)
 
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
@@ -323,7 +325,9 @@ class PipeManager:
                     pool.add(self._shutdown)
 
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
-        """Close every client with ``code``; True if all pipes ended within ``timeout``."""
+        """Close every client with ``code``; True if all pipes ended within ``timeout``.
+
+        Then the greenlets the pipes and handed-in requests left are joined (briefly) and killed."""
         self._closing.set()
         if self.handoff is not None:
             self.handoff.stop()
@@ -332,8 +336,13 @@ class PipeManager:
         pipes = list(self._pipes.values())
         for pipe in pipes:
             pipe.stop(code, reason)
+        done = False
         with gevent.Timeout(timeout, False):
             for pipe in pipes:
                 pipe.wait_closed()
-            return True
-        return False
+            done = True
+        current = gevent.getcurrent()
+        others = [g for g in list(self._greenlets) if g is not current]
+        gevent.joinall(others, timeout=1.0)
+        gevent.killall([g for g in others if not g.dead], timeout=1.0)
+        return done

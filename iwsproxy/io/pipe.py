@@ -1,94 +1,77 @@
 """PersistentPipe: one client session, driven through its :class:`~iwsproxy.session.Session`.
 
-A pipe runs in greenlets of its own, and only while they have work: the
-request that opened it hands the client socket over and ends.
+The session decides; the pipe feeds it facts and performs what it returns. A pipe runs in
+greenlets of its own, and only while they have work (the request that opened it hands the
+client socket over and ends):
 
-* the *supervisor* reacts to events posted to its mailbox (backend lost, client
-  gone, attach, drain, stop, wake-ups), runs the reconnect loop with backoff and
-  performs deadline actions (pong timeouts, keepalive fences, resume grace);
-* the *client reader* block-reads the client and writes to the backend;
-* one *backend reader* per backend connection block-reads the backend and writes
-  to the client.
+* the *supervisor* (:mod:`iwsproxy.io.supervisor`) takes mailbox events
+  (:mod:`iwsproxy.io.events`), makes the connect rounds the session asks for
+  (:mod:`iwsproxy.io.connect`) and acts on deadlines;
+* the *client reader* and one *backend reader* per backend connection
+  (:mod:`iwsproxy.io.relay`) carry the data, each in a :class:`~iwsproxy.io.readers.Reader`.
 
-After ``park_after_s`` without work each of them is given up: the supervisor
-hands over to a timer set for its next deadline and is spawned again by it or
-by the next event; a reader is parked (:class:`_Reader`) and an idle watcher
-spawns a new one when data arrives. An idle pipe is objects and watchers, no
-greenlet (a blocked greenlet costs about 8 KiB). ``park_after_s = 0`` keeps all
-three for the pipe's life.
+After ``park_after_s`` without work each of them is given up: the supervisor hands over to a
+timer, a reader is parked and an idle watcher spawns a new one when data arrives. An idle pipe
+is objects and watchers, no greenlet (a blocked greenlet costs about 8 KiB).
+``park_after_s = 0`` keeps all three for the pipe's life. Every greenlet of a pipe is in its
+group, which teardown joins, then kills.
 
-Every session call that leads to a backend write happens under
-``_backend_lock``, together with that write, so the order the session decided
-is the order on the wire; ``_client_lock`` does the same for client writes.
-The backend reader never takes the backend lock (a writer blocked on a backend
-that is itself blocked writing to us would deadlock); it only posts events to
-the supervisor's mailbox. The supervisor is the only greenlet that takes both
-locks; while it waits for one, or writes itself, a write that has taken no byte
-for ``--pong-timeout`` is stuck on a peer that stopped reading, and that peer's
-connection is dropped (:meth:`PersistentPipe._holding`). A reader whose peer has left half the
-buffer cap unacknowledged waits for that peer's Pong before it hands on more (flow control:
-TCP then holds its own sender back). The supervisor sleeps
-until its next deadline or event; a reader whose write starts an earlier
-deadline (a new pong timeout) wakes it.
+One concurrency rule, stated and enforced in :mod:`iwsproxy.io.locks`: an action the session
+returns for one side is performed only by a greenlet holding that side's write lock; others
+hand it to the supervisor.
 
-A client that vanishes without a normal close is let go while the pipe lives
-on, detached; a new connection with the same id is handed to the pipe
-(:meth:`PersistentPipe.attach`) and gets a client reader of its own.
+A client that vanishes without a normal close is let go while the pipe lives on, detached; a
+new connection with the same id is handed to the pipe (:meth:`PersistentPipe.attach`) and gets
+a client reader of its own. The pipe depends only on narrow interfaces
+(:mod:`iwsproxy.io.ports`), so a test can build one without a manager.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import gevent
-from gevent import get_hub
+from gevent import getcurrent
 from gevent.event import Event
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..buffer import Message
-from ..exceptions import BackendError, BackendRejected, NoBackendAvailable, ProtocolError
-from ..frames import OP_PING, OP_PONG, parse_close_payload
+from ..exceptions import NoBackendAvailable
 from ..pool import Admin, Backend
 from ..session import (AbandonBackend, CloseBackend, CloseClient, ConnectBackend, RecordFailover, ReleaseBackend,
-                       SendToBackend, SendToClient, Session, State, encode_fence, stuck_peer_to_drop)
-from .backend import OFFERED, BackendConnection, ClientOffer, connect_backend
-from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost, Parked
+                       SendToBackend, SendToClient, Session, State, encode_fence)
+from .backend import OFFERED, BackendConnection, ClientOffer
+from .connect import connect_round
+from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost
+from .events import RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, Mailbox, PerformAsked, StopAsked
+from .locks import WriteLocks
 from .ports import BackendLeases, BackendOptions, Telemetry
-from .events import (RESCHEDULED, WOKEN, BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone,
-                     DrainAsked, Mailbox, PipeEvent, Rescheduled, StopAsked, Woken)
+from .readers import Reader
+from .relay import CLOSE_GRACE_S, Relay
+from .supervisor import CLOSE_TAKEN_OVER, Supervisor, short_id
 
 if TYPE_CHECKING:
     from ..buffer import Budget
     from ..settings import Settings
 
-__all__ = ["PersistentPipe"]
+__all__ = ["PersistentPipe", "short_id", "CLOSE_TAKEN_OVER"]
 
 log = logging.getLogger(__name__)
 monotonic = time.monotonic
 
-CLOSE_GRACE_S = 2.0      # how long a close handshake may take before the socket is dropped
-CLOSE_TAKEN_OVER = 4409
-_NEVER = float("inf")
 
-
-def short_id(client_id: str) -> str:
-    """Client ids are credentials once sessions can be resumed: log only a prefix."""
-    return client_id[:8]
-
-
-class PersistentPipe:
+class PersistentPipe(Supervisor, Relay):
     """One client's session across any number of backend connections."""
 
     def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
                  telemetry: Telemetry, budget: "Budget | None" = None,
-                 backend_options: BackendOptions = BackendOptions(), on_ended=None):
+                 backend_options: BackendOptions = BackendOptions(), on_ended=None,
+                 supervisors: Group | None = None):
         """A pipe for ``client_id``, whose backends see ``offer``; it leases backends from
-        ``leases``, reports to ``telemetry``, charges its buffers to ``budget`` and calls
+        ``leases``, reports to ``telemetry``, charges its buffers to ``budget``, runs its
+        supervisor in ``supervisors`` (the owner's group, which its shutdown joins) and calls
         ``on_ended(pipe)`` once it has torn down."""
         self.settings = settings
         self.leases = leases
@@ -106,8 +89,8 @@ class PersistentPipe:
                                idle_timeout_s=settings.idle_timeout_s, budget=budget,
                                backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
         self.client: Connection | None = None   # None while detached
-        self._client_readers: dict[Connection, _Reader] = {}  # every client connection the pipe holds
-        self._backend_reader: _Reader | None = None
+        self._client_readers: dict[Connection, Reader] = {}  # every client connection the pipe holds
+        self._backend_reader: Reader | None = None
         self._park_after = settings.park_after_s
         # a Close waits for a peer that takes bytes, and gives up on one that takes none for this long
         self._stall_timeout_s = max(settings.pong_timeout_s, CLOSE_SEND_TIMEOUT_S)
@@ -115,10 +98,8 @@ class PersistentPipe:
         self.backend: BackendConnection | None = None
         self._lease: Backend | None = None    # the pool's backend that self.backend counts against
         self.subprotocol: str | None = None
-        self._backend_lock = Semaphore()      # session calls + backend writes, together
-        self._client_lock = Semaphore()       # session calls + client writes, together
+        self._locks = WriteLocks(settings.pong_timeout_s, lambda: (self.client, self.backend), self._drop_stuck)
         self._running = False
-        self._supervisor_waits = False        # for a write lock: readers yield between writes
         self._to_backend_turn = Semaphore()   # client readers (more than one after a takeover) in turn
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
         self._room: Event | None = None       # set when they may have come (made by the first wait)
@@ -126,7 +107,8 @@ class PersistentPipe:
         self._events = Mailbox()
         self._supervisor: gevent.Greenlet | None = None
         self._timer = None                    # the supervisor's next deadline while it is not running
-        self._group = Group()
+        self._group = Group()                 # its readers and lingering closes
+        self._supervisors = supervisors if supervisors is not None else Group()
         self._stopped = Event()
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
         self._first_connect = True            # no backend connected yet: a 4xx refusal is the client's answer
@@ -222,7 +204,7 @@ class PersistentPipe:
     def _use_client(self, client: Connection) -> None:
         client.stall_timeout_s = self._stall_timeout_s
         self.client = client
-        self._client_readers[client] = _Reader(self, client, self._read_client)
+        self._client_readers[client] = Reader(self, client, self._read_client)
 
     def _let_go(self, client: Connection, code: int | None = None, reason: str = "") -> None:
         """Stop using a client connection, closing it with ``code`` if given.
@@ -238,7 +220,7 @@ class PersistentPipe:
             return
         self._release_client(client)
 
-    def _linger(self, client: Connection, reader: "_Reader") -> None:
+    def _linger(self, client: Connection, reader: "Reader") -> None:
         reader.wait_finished(CLOSE_GRACE_S)  # the reader ends when the client's Close reply arrives
         self._release_client(client)
 
@@ -262,217 +244,7 @@ class PersistentPipe:
         """Something changed (pool, fence due): let the supervisor look again."""
         self._post(WOKEN)
 
-    # ---- supervisor ----
-    def _post(self, event: PipeEvent) -> None:
-        """Put an event in the supervisor's mailbox, spawning the supervisor if it is not running."""
-        self._events.put(event)
-        if self._supervisor is None and self._running and not self._stopped.is_set():
-            self._cancel_timer()
-            self._supervisor = gevent.spawn(self._supervise)
-
-    def _supervise(self) -> None:
-        ended = True
-        try:
-            ended = self._work()
-        except Exception:
-            log.exception("pipe %s: supervisor crashed", short_id(self.client_id))
-            self._end_after_crash()
-        finally:
-            if ended:
-                try:
-                    self._teardown()
-                    self._observe(final=True)
-                finally:
-                    self._stopped.set()  # even if tearing down failed: no supervisor is spawned again
-                    if self._on_ended is not None:
-                        self._on_ended(self)
-            self._supervisor = None
-
-    def _work(self) -> bool:
-        """Handle events and deadlines; True when the session has ended, False when no event
-        came for ``park_after_s`` (a timer for the next deadline takes over; at once when only a
-        timer or a ``reschedule`` woke it)."""
-        session = self.session
-        linger = self._park_after or _NEVER
-        # lingering is for events: woken by a deadline alone the supervisor does what is due and
-        # hands over to its timer at once (with parking off it never hands over)
-        busy_at = -_NEVER if self._park_after else monotonic()
-        while not session.closed:
-            now = monotonic()
-            round_ = session.connect_due(now)
-            if round_ is not None:
-                self._connect_round(round_)
-            if self._park_at is not None and now >= self._park_at:
-                self._park_idle_readers(now)
-            deadline = self._next_deadline()
-            self._observe()
-            if not self._events and now - busy_at >= linger and deadline > now:
-                self._arm_timer(deadline)
-                return False
-            self._armed = deadline
-            until = min(deadline, busy_at + linger)
-            event = self._events.get(None if until == _NEVER else max(0.0, until - monotonic()))
-            self._armed = 0.0  # awake: readers need not wake us
-            if event is not None:
-                if type(event) is not Rescheduled:
-                    busy_at = monotonic()
-                self._handle(event)
-            if not session.closed:
-                with self._holding(backend=True, client=True):  # poll may write either way
-                    now = monotonic()
-                    self._excuse_held_up_peers(now)
-                    self._perform(session.poll(now))
-            if self._room_for is not None:  # a peer lost, gone or closed frees a waiting reader too
-                self._room.set()
-            self._observe()
-        return True
-
-    def _excuse_held_up_peers(self, now: float) -> None:
-        """Give a peer whose answer (a Pong, a Close reply) is late another ``--pong-timeout`` if
-        that answer may be waiting unread on our side: bytes from the peer wait in our socket,
-        and since the wait began our reader of it may have been held up behind a write to the
-        other side that had to wait for the other peer (a fast backend's Pong behind what it
-        sends a slow client). The other peer is slow but takes our bytes: one that takes none is
-        dropped by :meth:`_holding` (while this supervisor waited for its lock). The session
-        stops excusing after ``EXCUSED_WAIT_LIMIT`` pong timeouts in all."""
-        for side, since in self.session.late_answers(now):
-            conn, other = (self.backend, self.client) if side == "backend" else (self.client, self.backend)
-            if conn is None or other is None:
-                continue
-            if self.session.excuse_if_held_up(side, since, now, unread=conn.has_unread(),
-                                              other_stalled_at=other.stalled_at):
-                log.info("pipe %s: the %s's answer is late, but may wait unread behind its data: "
-                         "waiting again", short_id(self.client_id), side)
-                self.telemetry.count(f"{side}_answers_excused")
-
-    def _end_after_crash(self) -> None:
-        """Close the session (its buffers go back to the process's budget) and the client with 1011."""
-        try:
-            with self._holding(backend=True, client=True):
-                self._perform(self.session.close(1011, "internal error"))
-        except Exception:
-            log.exception("pipe %s: closing after a crash failed too", short_id(self.client_id))
-
-    def _next_deadline(self) -> float:
-        """When the supervisor must look again: the session's next deadline, a retry, or a look
-        for idle readers."""
-        deadlines = [d for d in (self.session.next_deadline(), self._park_at) if d is not None]
-        return min(deadlines) if deadlines else _NEVER
-
-    @contextmanager
-    def _holding(self, *, backend: bool = False, client: bool = False) -> Iterator[None]:
-        """Hold the write locks of the given sides (the backend's first), never waiting on a
-        peer that has stopped reading.
-
-        While the supervisor waits for a lock, and while it holds them and writes itself (a
-        replay, a flush, a Close), every ``--pong-timeout`` it looks at the writes under way:
-        one that took no byte since the last look is stuck on a peer that stopped reading, and
-        that peer's connection is dropped (the client's first: when both are stuck, a client
-        that stopped reading is the usual cause, the backend then being blocked writing to us).
-        That fails the stuck write (its writer reports the loss, as for any failed write) and
-        frees the lock. A client is then treated as gone without a Close (it could not be
-        sent), a backend as lost (failover, its unacknowledged messages replayed). A slow peer
-        that takes bytes is waited for. With ``--pong-timeout 0`` the waits have no limit."""
-        held = []
-        timeout = self.session.pong_timeout_s
-        seen: dict = {}
-        watchdog = None
-        try:
-            for wanted, lock in ((backend, self._backend_lock), (client, self._client_lock)):
-                if wanted:
-                    self._take(lock, timeout, seen)
-                    held.append(lock)
-            if timeout:
-                self._note_writes(seen)
-                watchdog = get_hub().loop.timer(timeout, timeout)
-                watchdog.start(self._drop_stuck_writes, seen)
-            yield
-        finally:
-            if watchdog is not None:
-                watchdog.close()
-            for lock in reversed(held):
-                lock.release()
-
-    def _take(self, lock: Semaphore, timeout: float, seen: dict) -> None:
-        if not timeout:
-            lock.acquire()
-            return
-        self._supervisor_waits = True  # the readers let it in between their writes
-        try:
-            self._note_writes(seen)
-            while not lock.acquire(timeout=timeout):
-                self._drop_stuck_writes(seen)
-        finally:
-            self._supervisor_waits = False
-
-    def _note_writes(self, seen: dict) -> None:
-        """Note in ``seen`` where each connection's writes stand."""
-        seen.clear()
-        for side, conn in (("client", self.client), ("backend", self.backend)):
-            if conn is not None:
-                seen[side] = (conn, conn.progress)
-
-    def _drop_stuck_writes(self, seen: dict) -> None:
-        """Drop the connection (at most one) whose write is under way and has taken no byte since
-        the last look, noted in ``seen``."""
-        def stuck(side: str, conn: Connection | None) -> bool:
-            return conn is not None and conn.writing and seen.get(side) == (conn, conn.progress)
-
-        side = stuck_peer_to_drop(client_stuck=stuck("client", self.client),
-                                  backend_stuck=stuck("backend", self.backend))
-        if side is not None:
-            log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
-                        short_id(self.client_id), side, self.session.pong_timeout_s)
-            self.telemetry.count(side + "s_dropped_stuck")
-            (self.client if side == "client" else self.backend).abort()  # its writer fails, lets go of its lock
-        self._note_writes(seen)
-
-    def _arm_timer(self, deadline: float) -> None:
-        """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
-        self._armed = deadline
-        if deadline < _NEVER:
-            self._timer = get_hub().loop.timer(max(0.0, deadline - monotonic()))
-            self._timer.start(self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._post(RESCHEDULED)  # runs in the hub: only spawns
-
-    def _timer_fence(self, ledger) -> float | None:
-        """When the waiting supervisor (on its timer, or in its greenlet) waits for the pong
-        timeout of ``ledger``'s oldest fence (as after a keepalive), that fence's send time; else
-        None. Cheap: readers ask it for every Pong."""
-        if not self._armed:
-            return None
-        oldest = ledger.oldest_fence_at()
-        timeout = self.session.pong_timeout_s
-        return oldest if oldest is not None and timeout and oldest + timeout == self._armed else None
-
-    def _settled(self, ledger, armed_for: float | None, keepalive_s: float) -> None:
-        """A Pong came for ``ledger`` while the supervisor waits. If it settled every fence, and
-        the wait was for the pong timeout of one of them, or the next keepalive (every
-        ``keepalive_s``; 0: none) now falls before its end, the supervisor must look again: a
-        supervisor sleeping on its timer gets the timer set for the next deadline, one waiting in
-        its greenlet (lingering, or always with ``--park-after 0``) is woken. It then neither wakes
-        for nothing nor sends the keepalive late. Under load the wait is for something else and
-        this returns at once."""
-        if ledger.oldest_fence_at() is not None or self._events:
-            return
-        if armed_for is None and not (keepalive_s and ledger.last_fence_at + keepalive_s < self._armed):
-            return
-        if self._supervisor is not None:
-            self._post(RESCHEDULED)
-            return
-        deadline = self._next_deadline()
-        if deadline != self._armed:
-            self._cancel_timer()
-            self._arm_timer(deadline)
-
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.close()
-
-    def _readers(self) -> list["_Reader"]:
+    def _readers(self) -> list["Reader"]:
         readers = list(self._client_readers.values())
         if self._backend_reader is not None:
             readers.append(self._backend_reader)
@@ -513,98 +285,6 @@ class PersistentPipe:
             metrics.buffered_bytes(buffered - self._seen_buffered)
             self._seen_buffered = buffered
 
-    def _handle(self, event: PipeEvent) -> None:
-        """Turn one mailbox event into session inputs and perform what they return."""
-        kind = type(event)
-        if kind is BackendLost:
-            self._lose_backend(event.generation, event.cause)
-        elif kind is BackendClosed:
-            self._on_backend_closed(event.generation, event.code, event.reason)
-        elif kind is BackendPinged:
-            self._on_backend_ping(event.generation, event.payload)
-        elif kind is ClientGone:
-            self._on_client_gone(event.client, event.code, event.reason)
-        elif kind is ClientArrived:
-            self._on_attach(event.client)
-        elif kind is DrainAsked:
-            self._on_drain(event.url)
-        elif kind is StopAsked:
-            self._on_stop(event.code, event.reason)
-        elif kind is Woken:
-            self.session.pool_changed(monotonic())
-        # Rescheduled: nothing to do but recompute the next deadline (the loop does)
-
-    def _on_backend_closed(self, generation: int, code: int, reason: str) -> None:
-        session = self.session
-        if generation != session.generation or not session.has_backend:
-            return
-        if session.backend_close_is_loss(code) and self.backend is not None:
-            self.backend.abort()  # a writer stuck on it fails now, before we wait for its lock
-        with self._holding(backend=True):
-            self._perform(session.backend_closed(generation, code, reason, monotonic()))
-
-    def _on_backend_ping(self, generation: int, payload: bytes) -> None:
-        # after our Close (a drain) a ping needs no answer: the backend's Close reply is what we wait for
-        if generation == self.session.generation and self.backend is not None and not self.backend.close_sent:
-            try:
-                with self._holding(backend=True):
-                    self.backend.pong(payload)
-            except ConnectionLost as exc:
-                self._lose_backend(generation, f"write failed: {exc}")
-
-    def _on_client_gone(self, client: Connection, code: int, reason: str) -> None:
-        session = self.session
-        if client is not self.client:
-            return  # an earlier connection of this client (taken over): already let go
-        if session.detaches(code):
-            self._let_go(client)
-            with self._holding(client=True):
-                self._perform(session.client_gone(code, monotonic()))
-            log.info("pipe %s: client detached (%s %s); holding the session for %g s",
-                     short_id(self.client_id), code, reason, session.resume_grace_s)
-            self.telemetry.resume_event("detached")
-            return
-        log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
-        with self._holding(backend=True):
-            self._perform(session.client_gone(code, monotonic()))
-
-    def _on_attach(self, client: Connection) -> None:
-        session = self.session
-        if session.closed:
-            self._let_go(client, 1001, "session ended")
-            return
-        with self._holding(client=True):  # no write to the old connection is under way after this
-            old = self.client
-            if old is not None:
-                log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
-                self._let_go(old, CLOSE_TAKEN_OVER, "session taken over by a new connection")
-                self.telemetry.client_closed(CLOSE_TAKEN_OVER, "takeover")
-                self.telemetry.resume_event("takeover")
-            else:
-                log.info("pipe %s: client resumed", short_id(self.client_id))
-                self.telemetry.resume_event("resumed")
-            self._use_client(client)
-            self._perform(session.client_attached_again(monotonic()))
-
-    def _on_drain(self, url: str) -> None:
-        if self.backend_url == url and self.session.state is State.CONNECTED:
-            log.info("pipe %s: draining backend %s", short_id(self.client_id), url)
-            with self._holding(backend=True):
-                self._perform(self.session.drain(monotonic()))
-
-    def _on_stop(self, code: int, reason: str) -> None:
-        with self._holding(backend=True, client=True):  # closes both
-            self._perform(self.session.close(code, reason))
-
-    def _lose_backend(self, generation: int, cause: str) -> None:
-        session = self.session
-        if generation != session.generation or not session.has_backend:
-            return
-        if self.backend is not None:
-            self.backend.abort()  # unblocks a writer stuck on a dead peer before we take the lock
-        with self._holding(backend=True):
-            self._perform(session.backend_lost(generation, monotonic(), cause))
-
     def _release_backend(self, *, failed: bool, cause: str = "") -> None:
         """Stop using the backend connection: close its socket and give its slot back to the pool."""
         conn, self.backend = self.backend, None
@@ -621,51 +301,19 @@ class PersistentPipe:
         self._stopped.set()
 
     def _connect_round(self, round_: ConnectBackend | None) -> list:
-        """Try each usable backend once, as the session asked; returns [(url, error)] for those
+        """Make the connect round the session asked for; returns [(url, error)] for the backends
         that failed."""
         if round_ is None:
             return []
-        leases, session, settings = self.leases, self.session, self.settings
-        exclude = {round_.avoid} if round_.avoid and leases.pool_size() > 1 else set()
-        tried: list = []
-        while session.needs_backend and not session.closed:
-            lease = leases.acquire_backend(exclude)
-            if lease is None:
-                break
-            url = lease.url
-            exclude.add(url)
-            try:
-                conn = connect_backend(url, self.offer,
-                                       reconnects=session.generation,
-                                       timeout_s=settings.connect_timeout_s,
-                                       max_message_size=settings.max_message_size_bytes,
-                                       max_fragments=settings.max_fragments,
-                                       sslopt=self.backend_options.sslopt,
-                                       mask_source=self.backend_options.mask_source,
-                                       # once the client is answered, its subprotocol is settled
-                                       subprotocol=self.subprotocol if self._running else OFFERED)
-            except BackendRejected as exc:
-                leases.release_backend(lease, failed=not self._first_connect, cause=str(exc))
-                if self._first_connect and 400 <= exc.status < 500:
-                    raise  # the backend refused this client: it gets the same answer
-                tried.append((url, exc))
-                continue
-            except BackendError as exc:
-                leases.release_backend(lease, failed=True, cause=str(exc))
-                tried.append((url, exc))
-                log.warning("pipe %s: backend %s failed: %s", short_id(self.client_id), url, exc.detail)
-                continue
-            if session.closed:
-                conn.abort()
-                leases.release_backend(lease, failed=False)
-                break
+        conn, lease, tried = connect_round(
+            round_, self.session, self.offer, leases=self.leases, settings=self.settings,
+            options=self.backend_options, first=self._first_connect, name=short_id(self.client_id),
+            subprotocol=self.subprotocol if self._running else OFFERED)  # settled once the client is answered
+        if conn is not None:
             self._attach(conn, lease)
-            return tried
-        if tried and session.needs_backend and not self._first_connect:
-            log.warning("pipe %s: no backend reachable (%d tried)", short_id(self.client_id), len(tried))
-        if session.needs_backend:
-            session.connect_failed(monotonic())
-            leases.wait_for_backend(self)
+        elif self.session.needs_backend:
+            self.session.connect_failed(monotonic())
+            self.leases.wait_for_backend(self)
         return tried
 
     def _attach(self, conn: BackendConnection, lease: Backend) -> None:
@@ -676,7 +324,7 @@ class PersistentPipe:
             self.subprotocol = conn.subprotocol
         self._first_connect = False
         conn.stall_timeout_s = self._stall_timeout_s
-        with self._holding(backend=True):
+        with self._locks.holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(monotonic(), conn.url)
             if self._running:
@@ -688,16 +336,26 @@ class PersistentPipe:
             self.drain(conn.url)
 
     def _spawn_backend_reader(self, conn: BackendConnection, generation: int) -> None:
-        self._backend_reader = _Reader(self, conn, self._read_backend, generation)
+        self._backend_reader = Reader(self, conn, self._read_backend, generation)
 
     # ---- actions ----
     def _perform(self, actions: list) -> None:
-        """Perform session actions in order; backend writes must hold ``_backend_lock``.
+        """Perform session actions in order, under the pipe's rule (:mod:`iwsproxy.io.locks`):
+        an action for a side whose write lock the calling greenlet does not hold is handed to
+        the supervisor, which performs it under that lock, after the rest.
 
         After a failed write to one side (its loss is reported) the later writes to that side
         are skipped; the rest is still performed (a fence for the other side, a Close)."""
         backend_ok = client_ok = True
+        locks, here = self._locks, getcurrent()
+        later = None
         for action in actions:
+            side = action.side
+            if side is not None and (locks.backend if side == "backend" else locks.client).owner is not here:
+                if later is None:
+                    later = []
+                later.append(action)
+                continue
             if type(action) is SendToBackend:
                 if backend_ok:
                     backend_ok = self._send(self.backend, action, "to_backend")
@@ -725,6 +383,8 @@ class PersistentPipe:
                          "flushed", short_id(self.client_id), report.from_url, report.to_url, report.cause,
                          report.duration_s * 1000, report.replayed, report.flushed_messages, report.flushed_bytes)
                 self.telemetry.failover(report)
+        if later:
+            self._post(PerformAsked(tuple(later)))
 
     def _send(self, conn: Connection | None, action: SendToBackend | SendToClient, direction: str) -> bool:
         """Write one send action; False (with the loss reported) if the connection failed."""
@@ -743,164 +403,13 @@ class PersistentPipe:
             self.telemetry.metrics.messages(direction, len(messages), action.nbytes)
         return True
 
-    # ---- readers ----
-    def _read_client(self, client: Connection) -> None:
-        session = self.session
-        lock = self._backend_lock
-        try:
-            while True:
-                data = client.read()
-                close = None
-                for op, payload in client.controls:  # usually none; pongs first: they free buffer space
-                    if op == OP_PING:
-                        client.pong(payload)
-                    elif op == OP_PONG:
-                        armed_for = self._timer_fence(session.to_client)
-                        if session.client_pong(payload, monotonic()):
-                            self.wake()
-                        elif self._armed:
-                            self._settled(session.to_client, armed_for, 0.0)
-                        if self._room_for is not None:
-                            self._room.set()
-                    else:  # CLOSE, always the last
-                        close = payload
-                if data:  # handed on as it is
-                    self._client_data(data, lock, session)
-                if close is not None:
-                    self._client_closing(client, close)
-                    return
-        except ProtocolError as exc:
-            self._client_broke_protocol(client, exc)
-        except ConnectionLost as exc:
-            self._post(ClientGone(client, 1006, str(exc)))
-
-    def _client_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
-        # in turn: a batch an old connection's reader holds while it waits for room goes on before
-        # what a new connection (a takeover) reads meanwhile
-        with self._to_backend_turn:
-            if session.backend_window_full():
-                self._wait_for_room("backend", session.backend_window_full)
-            with lock:
-                self._perform(session.client_messages(data, monotonic()))
-        if self._supervisor_waits:
-            # a Semaphore lets its releaser take it again before a waiter wakes: without this yield
-            # the supervisor could wait for as long as data keeps coming
-            gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, not a wait
-        if self._armed:
-            self._check_pong_deadline(session.to_backend)
-
-    def _check_pong_deadline(self, ledger) -> None:
-        """Wake the sleeping supervisor if a write started a pong timeout earlier than its wake-up.
-
-        Writes can only make a deadline earlier by sending the first fence after a
-        quiet spell (later fences fall due after it), so this wakes it rarely.
-        """
-        oldest = ledger.oldest_fence_at()
-        timeout = self.session.pong_timeout_s
-        if oldest is not None and timeout and oldest + timeout < self._armed:
-            self._armed = oldest + timeout
-            self.wake()
-
-    def _client_closing(self, client: Connection, payload: bytes) -> None:
-        try:
-            code, reason = parse_close_payload(payload)
-        except ProtocolError as exc:
-            self._client_broke_protocol(client, exc)
-            return
-        echoed = client.send_close(code, reason)  # complete the close handshake (echo the code)
-        if client is self.client and not self.session.detaches(code):
-            self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
-        self._post(ClientGone(client, code or 1005, reason))
-        if echoed:  # the client closed first: its late frames (a Pong) must not reset our reply
-            client.linger(CLOSE_GRACE_S)
-
-    def _client_broke_protocol(self, client: Connection, exc: ProtocolError) -> None:
-        log.info("pipe %s: client broke the protocol: %s", short_id(self.client_id), exc)
-        self.telemetry.client_closed(exc.close_code, "protocol")
-        client.send_close(exc.close_code, exc.reason)
-        self._post(ClientGone(client, exc.close_code, exc.reason))
-
-    def _read_backend(self, conn: BackendConnection, generation: int) -> None:
-        session = self.session
-        lock = self._client_lock
-        try:
-            while True:
-                data = conn.read()
-                close = None
-                for op, payload in conn.controls:  # as above
-                    if op == OP_PONG:
-                        armed_for = self._timer_fence(session.to_backend)
-                        if session.backend_pong(generation, payload, monotonic()):
-                            self.wake()
-                        elif self._armed:
-                            self._settled(session.to_backend, armed_for, session.keepalive_s)
-                        if self._room_for is not None:
-                            self._room.set()
-                    elif op == OP_PING:
-                        self._post(BackendPinged(generation, payload))
-                    else:
-                        close = payload
-                if data:
-                    self._backend_data(data, lock, session)
-                if close is not None:
-                    try:
-                        code, reason = parse_close_payload(close)
-                    except ProtocolError as exc:
-                        code, reason = exc.close_code, exc.reason
-                    self._post(BackendClosed(generation, code or 1005, reason))
-                    return
-        except ProtocolError as exc:
-            conn.send_close(exc.close_code, exc.reason)
-            self._post(BackendLost(generation, f"protocol error: {exc.reason}"))
-        except ConnectionLost as exc:
-            self._post(BackendLost(generation, str(exc)))
-
-    def _backend_data(self, data: list[Message], lock: Semaphore, session: Session) -> None:
-        if session.client_window_full():
-            self._wait_for_room("client", session.client_window_full)
-        with lock:
-            self._perform(session.backend_messages(data, monotonic()))
-        if self._supervisor_waits:
-            gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, as above
-        if self._armed:
-            self._check_pong_deadline(session.to_client)
-
-    def _wait_for_room(self, peer: str, full) -> None:
-        """Hold this reader, and so through TCP its sender, while ``peer`` has left half the buffer
-        cap unacknowledged (``full()``): its Pong frees room. The wait shows as a stall of writes
-        to ``peer``, so the peer this reader stops reading is not blamed for a Pong it holds up.
-
-        At most one direction waits so: each would wait for a Pong that only the other
-        direction's reader reads. A reader of the other direction goes on, and the cap ends the
-        session if it overflows, as it would without this wait. (Client readers of one pipe,
-        more than one after a takeover, wait in turn: see ``_client_data``.) Every supervisor
-        turn (a peer lost, gone, closed) and every Pong wakes the waiter to look again."""
-        if self._room_for is not None:
-            return
-        self._room_for = peer
-        if self._room is None:
-            self._room = Event()
-        try:
-            while full() and not self.session.closed:
-                conn = self.backend if peer == "backend" else self.client
-                if conn is not None:
-                    conn.stalled_at = monotonic()
-                self._room.clear()
-                self._room.wait(self.session.pong_timeout_s or None)
-        finally:
-            self._room_for = None
-            conn = self.backend if peer == "backend" else self.client
-            if conn is not None:
-                conn.stalled_at = monotonic()
-
-    def _crashed(self, greenlet) -> None:
-        """A reader crashed: the supervisor ends the session (1011)."""
-        log.error("pipe %s: greenlet crashed", short_id(self.client_id), exc_info=greenlet.exc_info)
-        self._post(StopAsked(1011, "internal error"))
-
     # ---- teardown ----
     def _teardown(self) -> None:
         """Finish both close handshakes briefly, then drop sockets and greenlets; always runs."""
+        pending = self._events.take_all()
+        for event in pending:  # what readers handed over as the session ended (its Close frames)
+            if type(event) is PerformAsked:
+                self._perform_asked(event)
         if self._room is not None:
             self._room.set()  # a reader waiting for room sees the session closed
         for reader in self._readers():
@@ -924,69 +433,9 @@ class PersistentPipe:
             self.telemetry.resume_event("expired" if session.end_cause == "grace_expired" else "overflow")
         self._cancel_timer()
         self._stopped.set()
-        for event in self._events.take_all():  # connections handed over too late
+        for event in pending + self._events.take_all():  # connections handed over too late
             if type(event) is ClientArrived:
                 event.client.abort()
         log.info("pipe %s closed: %s", short_id(self.client_id),
                  self.session.close_reason or "client closed")
-
-
-class _Reader:
-    """Runs a pipe's read loop for one connection: in a greenlet while the connection
-    has traffic, as an idle watcher while it is parked.
-
-    ``target(conn, *args)`` returns when the connection is done with; if it is
-    parked (:class:`Parked` raised from its read) a new greenlet runs it again
-    when data arrives.
-    """
-
-    __slots__ = ("conn", "_pipe", "_target", "_args", "greenlet", "finished", "reads_seen", "_done")
-
-    def __init__(self, pipe: PersistentPipe, conn: Connection, target, *args):
-        self.conn, self._pipe, self._target, self._args = conn, pipe, target, args
-        self.greenlet = None
-        self.finished = False
-        self.reads_seen = -1   # the connection's read count at the supervisor's last look
-        self._done: Event | None = None
-        self._spawn()
-
-    def _spawn(self) -> None:
-        self.greenlet = self._pipe._group.spawn(self._run)
-        self.greenlet.link_exception(self._pipe._crashed)
-
-    def _run(self) -> None:
-        parked = False
-        try:
-            self._target(self.conn, *self._args)
-        except Parked:
-            parked = True
-        finally:
-            self.greenlet = None
-            if not parked:
-                self.finished = True
-                if self._done is not None:
-                    self._done.set()
-        if parked:
-            self._pipe.telemetry.count("readers_parked")
-            self.conn.call_when_readable(self._unpark)
-
-    def _unpark(self) -> None:
-        self.conn.resume(self._pipe._reader_unparked)  # a lone pong parks it again by itself
-        self._spawn()
-
-    def park(self) -> None:
-        """Let go of the greenlet if it is waiting for data (else nothing happens)."""
-        self.conn.park()
-
-    def wake(self) -> None:
-        """Run again now if parked."""
-        if self.conn.stop_watching():
-            self._spawn()
-
-    def wait_finished(self, timeout: float) -> bool:
-        if self.finished:
-            return True
-        if self._done is None:
-            self._done = Event()
-        return self._done.wait(timeout)
 
