@@ -6,16 +6,10 @@ The runner in :mod:`iwsproxy.io.pipe` feeds facts into a :class:`Session`
 it gets back, strictly in order. The session never touches a socket or a clock,
 so every failure point can be unit-tested with plain values.
 
-Backend side (``state``)::
-
-    CONNECTING --backend_connected--> CONNECTED --backend_lost / pong timeout--> FAILING_OVER
-        |                               |   ^                                      ^   |
-        |                         drain |   +-----------backend_connected----------|---+
-        |                               v                                          |
-        |                            DRAINING --backend_drained (its Close reply)--+
-        +--(client closed, overflow, deadline, grace expired, backend ended it)--> CLOSED (from any state)
-
-Client side (``client_attached``): a client that vanishes without a normal
+Its states and every transition are the tables of :mod:`iwsproxy.states` (shown in
+``docs/session-states.md``); the session changes state only through them. Backend side
+(``state``): CONNECTING, CONNECTED, DRAINING, FAILING_OVER, CLOSED (the end). Client side
+(``client_side``): a client that vanishes without a normal
 close is *detached* for ``resume_grace_s``; the backend connection stays and
 what it sends is buffered; a client that comes back with the same id is
 attached again and gets, in order, what its old connection had not
@@ -46,13 +40,13 @@ falls back to an ordinary loss (replay).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .backoff import retry_delay
 from .buffer import Budget, Ledger, Message, payload_bytes
 from .exceptions import BufferOverflow
+from .states import ClientSide, IllegalTransition, State, move, move_client
 
 __all__ = [
     "State", "Session", "SendToBackend", "SendToClient", "CloseClient", "CloseBackend", "AbandonBackend",
@@ -72,14 +66,6 @@ ENDS_SESSION = frozenset({1000}) | frozenset(range(4000, 5000))
 #: a client gone with one of these (no Close frame, or "going away") may come back: with resume on
 #: its session is detached, not ended
 DETACHES = frozenset({1001, 1006})
-
-
-class State(str, enum.Enum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DRAINING = "draining"
-    FAILING_OVER = "failing_over"
-    CLOSED = "closed"
 
 
 # ---- actions (imperatives the runner performs in order) ----
@@ -217,7 +203,7 @@ class Session:
         self.keepalive_s = keepalive_s
         self.resume_grace_s = resume_grace_s
         self.state = State.CONNECTING
-        self.client_attached = True
+        self.client_side = ClientSide.ATTACHED
         self.generation = 0          # bumps with each backend connection
         self.failovers = 0           # completed backend switches
         self.replayed_total = 0      # messages re-sent to backends after a loss (possible duplicates)
@@ -244,6 +230,10 @@ class Session:
         self._lost_cause = ""
 
     # ---- queries ----
+    @property
+    def client_attached(self) -> bool:
+        return self.client_side is ClientSide.ATTACHED
+
     @property
     def needs_backend(self) -> bool:
         return self.state in (State.CONNECTING, State.FAILING_OVER)
@@ -333,7 +323,7 @@ class Session:
         if self.state is State.CLOSED:
             return []
         had_backend = self.has_backend
-        self.state = State.CLOSED
+        self.state = move(self.state, "end")
         self.end_cause = "client_closed"
         self._clear()
         return [CloseBackend(self.generation, CLOSE_NORMAL, "client closed")] if had_backend else []
@@ -344,7 +334,7 @@ class Session:
             return []
         if not self.resume_grace_s:
             return self.client_closed()
-        self.client_attached = False
+        self.client_side = move_client(self.client_side, "client detached")
         self._detached_at = now
         self.to_client.rewind()
         return []
@@ -352,12 +342,12 @@ class Session:
     def client_attached_again(self, now: float) -> list:
         """A client came back with this session's id: deliver what it missed, in order."""
         if self.state is State.CLOSED:
-            raise RuntimeError("cannot attach a client to a closed session")
+            raise IllegalTransition("cannot attach a client to a closed session")
         if not self.client_attached:
             self.resumes += 1
         else:
             self.to_client.rewind()  # takeover: the old connection's unacknowledged messages go again
-        self.client_attached = True
+        self.client_side = move_client(self.client_side, "client attached")
         self._excused_until["client"] = 0.0
         nbytes = self.to_client.buffer.pending_bytes
         messages, fence = self.to_client.flush(now)
@@ -393,10 +383,10 @@ class Session:
         """A new backend (at ``url``) completed its handshake; returns its generation and the flush,
         followed by a :class:`RecordFailover` if this connection completed a failover."""
         if not self.needs_backend:
-            raise RuntimeError(f"backend_connected in state {self.state.value}")
+            raise IllegalTransition(f"'backend connected' in state {self.state.value}")
         was_failover = self.state is State.FAILING_OVER
         lost_from, self.backend_url = self.backend_url, url
-        self.state = State.CONNECTED
+        self.state = move(self.state, "backend connected")
         self.generation += 1
         self._retry_at, self._retries, self._avoid = None, 0, None
         self._excused_until["backend"] = 0.0
@@ -441,7 +431,7 @@ class Session:
             return []  # stale news about an earlier backend, or already handled
         if self.state is State.DRAINING:
             now = self._drain_started
-        self.state = State.FAILING_OVER
+        self.state = move(self.state, "backend lost")
         self._waiting_since = now
         self._replayed = self.to_backend.rewind()
         self.replayed_total += self._replayed
@@ -478,7 +468,7 @@ class Session:
         """Move off the current backend without loss or duplicates (planned)."""
         if self.state is not State.CONNECTED:
             return []
-        self.state = State.DRAINING
+        self.state = move(self.state, "drain")
         self.to_backend.fences.clear()
         self._drain_started = now
         self._excused_until["backend"] = 0.0
@@ -489,7 +479,7 @@ class Session:
         if generation != self.generation or self.state is not State.DRAINING:
             return []
         self.to_backend.settle()
-        self.state = State.FAILING_OVER
+        self.state = move(self.state, "backend drained")
         self._waiting_since = self._drain_started
         self._replayed = 0
         self._look_again(now, "drain")
@@ -595,7 +585,7 @@ class Session:
 
     def _close(self, code: int, reason: str, *, cause: str, close_backend: bool = True) -> list:
         had_backend = self.has_backend
-        self.state = State.CLOSED
+        self.state = move(self.state, "end")
         self.end_cause = cause
         self._clear()
         self.close_reason = CloseClient(code, reason)

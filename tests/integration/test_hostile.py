@@ -423,12 +423,13 @@ def test_backend_that_never_answers_pings_is_failed_and_its_window_replayed(proc
 def test_an_idle_pipe_notices_a_deaf_backend_by_its_keepalive(processes):
     deaf = DeafBackend()
     try:
+        good = processes.echo(name="good")
         proxy = processes.proxy("--backend", deaf.url, "--keepalive", "0.3", "--pong-timeout", "0.5")
         ws = proxy.connect()  # and stays quiet: only the keepalive fence can tell
-        good = processes.echo(name="good")
         proxy.admin("POST", {"url": good.url})
         wait_for(lambda: proxy.pipes()[0]["backend"] == good.url, timeout=10, what="the idle pipe to move")
-        assert proxy.pipes()[0]["failovers"] == 1
+        # once if the good backend was added in time, more if the deaf one had to be retried alone first
+        assert proxy.pipes()[0]["failovers"] >= 1
         ws.send("still here")
         assert ws.recv() == "still here"
         ws.close()
