@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["PersistentPipe", "short_id", "CLOSE_TAKEN_OVER"]
 
 log = logging.getLogger(__name__)
-monotonic = time.monotonic
 
 
 class PersistentPipe(Supervisor, Relay):
@@ -68,11 +67,13 @@ class PersistentPipe(Supervisor, Relay):
     def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
                  telemetry: Telemetry, budget: "Budget | None" = None,
                  backend_options: BackendOptions = BackendOptions(), on_ended=None,
-                 supervisors: Group | None = None):
+                 supervisors: Group | None = None, clock=time.monotonic):
         """A pipe for ``client_id``, whose backends see ``offer``; it leases backends from
         ``leases``, reports to ``telemetry``, charges its buffers to ``budget``, runs its
         supervisor in ``supervisors`` (the owner's group, which its shutdown joins) and calls
-        ``on_ended(pipe)`` once it has torn down."""
+        ``on_ended(pipe)`` once it has torn down. Every time the session is given comes from
+        ``clock`` (``time.monotonic``; a test may pass a clock it controls, then wake the pipe)."""
+        self.clock = clock
         self.settings = settings
         self.leases = leases
         self.telemetry = telemetry
@@ -80,7 +81,7 @@ class PersistentPipe(Supervisor, Relay):
         self._on_ended = on_ended
         self.client_id = client_id
         self.offer = offer
-        self.opened_at = monotonic()
+        self.opened_at = self.clock()
         self.session = Session(buffer_limit_bytes=settings.buffer_limit_bytes,
                                replay=settings.delivery == "at-least-once", now=self.opened_at,
                                reconnect_deadline_s=settings.reconnect_deadline_s,
@@ -138,7 +139,7 @@ class PersistentPipe(Supervisor, Relay):
                 "buffered_to_client_bytes": session.to_client.buffer.total_bytes, "resumes": session.resumes,
                 "failovers": session.failovers, "replayed": session.replayed_total,
                 "last_move_ms": self.last_move_ms,
-                "age_s": round(monotonic() - self.opened_at, 3)}
+                "age_s": round(self.clock() - self.opened_at, 3)}
 
     # ---- life cycle ----
     def connect_first(self, *, allow_waiting: bool) -> None:
@@ -148,7 +149,7 @@ class PersistentPipe(Supervisor, Relay):
         :class:`NoBackendAvailable` (503), unless ``allow_waiting`` lets the pipe
         start without a backend and buffer until one is free.
         """
-        tried = self._connect_round(self.session.connect_due(monotonic()))
+        tried = self._connect_round(self.session.connect_due(self.clock()))
         if self.session.state is State.CONNECTED:
             return
         if not allow_waiting:
@@ -167,9 +168,9 @@ class PersistentPipe(Supervisor, Relay):
         if self.backend is not None:
             self._spawn_backend_reader(self.backend, self.session.generation)
         if self.session.needs_backend:  # the first backend could not be had: the pipe started waiting
-            self.session.pool_changed(monotonic())
+            self.session.pool_changed(self.clock())
         if self._park_after:
-            self._park_at = monotonic() + self._park_after
+            self._park_at = self.clock() + self._park_after
         self._observe()
         self._post(RESCHEDULED)
 
@@ -266,7 +267,7 @@ class PersistentPipe(Supervisor, Relay):
     def _reader_unparked(self) -> None:
         """A reader brought back from parking got data: look again in ``park_after_s``."""
         if self._park_after and self._park_at is None:
-            self._park_at = monotonic() + self._park_after
+            self._park_at = self.clock() + self._park_after
             if self._park_at < self._armed:  # the supervisor sleeps past it
                 self._post(RESCHEDULED)
 
@@ -312,7 +313,7 @@ class PersistentPipe(Supervisor, Relay):
         if conn is not None:
             self._attach(conn, lease)
         elif self.session.needs_backend:
-            self.session.connect_failed(monotonic())
+            self.session.connect_failed(self.clock())
             self.leases.wait_for_backend(self)
         return tried
 
@@ -326,7 +327,7 @@ class PersistentPipe(Supervisor, Relay):
         conn.stall_timeout_s = self._stall_timeout_s
         with self._locks.holding(backend=True):
             self.backend, self._lease = conn, lease
-            generation, actions = session.backend_connected(monotonic(), conn.url)
+            generation, actions = session.backend_connected(self.clock(), conn.url)
             if self._running:
                 # reading before the flush: a backend that answers what it reads (an echo) would
                 # otherwise stop reading a flush larger than the sockets hold, and the flush would wait for it

@@ -12,7 +12,6 @@ for that peer's Pong before it hands on more, so TCP holds its own sender back.
 from __future__ import annotations
 
 import logging
-import time
 
 import gevent
 from gevent.event import Event
@@ -30,7 +29,6 @@ from .supervisor import short_id
 __all__ = ["Relay", "CLOSE_GRACE_S"]
 
 log = logging.getLogger("iwsproxy.io.pipe")
-monotonic = time.monotonic
 
 CLOSE_GRACE_S = 2.0      # how long a close handshake may take before the socket is dropped
 
@@ -51,7 +49,7 @@ class Relay:
                         client.pong(payload)
                     elif op == OP_PONG:
                         armed_for = self._timer_fence(session.to_client)
-                        if session.client_pong(payload, monotonic()):
+                        if session.client_pong(payload, self.clock()):
                             self.wake()
                         elif self._armed:
                             self._settled(session.to_client, armed_for, 0.0)
@@ -76,7 +74,7 @@ class Relay:
             if session.backend_window_full():
                 self._wait_for_room("backend", session.backend_window_full)
             with lock:
-                self._perform(session.client_messages(data, monotonic()))
+                self._perform(session.client_messages(data, self.clock()))
         if self._locks.supervisor_waits:
             # a Semaphore lets its releaser take it again before a waiter wakes: without this yield
             # the supervisor could wait for as long as data keeps coming
@@ -125,7 +123,7 @@ class Relay:
                 for op, payload in conn.controls:  # as above
                     if op == OP_PONG:
                         armed_for = self._timer_fence(session.to_backend)
-                        if session.backend_pong(generation, payload, monotonic()):
+                        if session.backend_pong(generation, payload, self.clock()):
                             self.wake()
                         elif self._armed:
                             self._settled(session.to_backend, armed_for, session.keepalive_s)
@@ -154,7 +152,7 @@ class Relay:
         if session.client_window_full():
             self._wait_for_room("client", session.client_window_full)
         with lock:
-            self._perform(session.backend_messages(data, monotonic()))
+            self._perform(session.backend_messages(data, self.clock()))
         if self._locks.supervisor_waits:
             gevent.sleep(0)  # ok-sleep: a yield to the waiting supervisor, as above
         if self._armed:
@@ -179,14 +177,14 @@ class Relay:
             while full() and not self.session.closed:
                 conn = self.backend if peer == "backend" else self.client
                 if conn is not None:
-                    conn.stalled_at = monotonic()
+                    conn.stalled_at = self.clock()
                 self._room.clear()
                 self._room.wait(self.session.pong_timeout_s or None)
         finally:
             self._room_for = None
             conn = self.backend if peer == "backend" else self.client
             if conn is not None:
-                conn.stalled_at = monotonic()
+                conn.stalled_at = self.clock()
 
     def _crashed(self, greenlet) -> None:
         """A reader crashed: the supervisor ends the session (1011)."""

@@ -13,7 +13,6 @@ greenlet. Readers whose Pong settles the fence the supervisor waits for re-arm i
 from __future__ import annotations
 
 import logging
-import time
 
 from gevent import get_hub
 
@@ -25,7 +24,6 @@ from .events import (BackendClosed, BackendLost, BackendPinged, ClientArrived, C
 __all__ = ["Supervisor", "short_id", "CLOSE_TAKEN_OVER"]
 
 log = logging.getLogger("iwsproxy.io.pipe")
-monotonic = time.monotonic
 
 CLOSE_TAKEN_OVER = 4409
 _NEVER = float("inf")
@@ -73,9 +71,9 @@ class Supervisor:
         linger = self._park_after or _NEVER
         # lingering is for events: woken by a deadline alone the supervisor does what is due and
         # hands over to its timer at once (with parking off it never hands over)
-        busy_at = -_NEVER if self._park_after else monotonic()
+        busy_at = -_NEVER if self._park_after else self.clock()
         while not session.closed:
-            now = monotonic()
+            now = self.clock()
             round_ = session.connect_due(now)
             if round_ is not None:
                 self._connect_round(round_)
@@ -88,15 +86,15 @@ class Supervisor:
                 return False
             self._armed = deadline
             until = min(deadline, busy_at + linger)
-            event = self._events.get(None if until == _NEVER else max(0.0, until - monotonic()))
+            event = self._events.get(None if until == _NEVER else max(0.0, until - self.clock()))
             self._armed = 0.0  # awake: readers need not wake us
             if event is not None:
                 if type(event) is not Rescheduled:
-                    busy_at = monotonic()
+                    busy_at = self.clock()
                 self._handle(event)
             if not session.closed:
                 with self._locks.holding(backend=True, client=True):  # poll may write either way
-                    now = monotonic()
+                    now = self.clock()
                     self._excuse_held_up_peers(now)
                     self._perform(session.poll(now))
             if self._room_for is not None:  # a peer lost, gone or closed frees a waiting reader too
@@ -147,7 +145,7 @@ class Supervisor:
         """Sleep without a greenlet: the next event, or this timer, spawns the supervisor again."""
         self._armed = deadline
         if deadline < _NEVER:
-            self._timer = get_hub().loop.timer(max(0.0, deadline - monotonic()))
+            self._timer = get_hub().loop.timer(max(0.0, deadline - self.clock()))
             self._timer.start(self._timer_fired)
 
     def _timer_fired(self) -> None:
@@ -206,7 +204,7 @@ class Supervisor:
         elif kind is StopAsked:
             self._on_stop(event.code, event.reason)
         elif kind is Woken:
-            self.session.pool_changed(monotonic())
+            self.session.pool_changed(self.clock())
         elif kind is PerformAsked:
             self._perform_asked(event)
         # Rescheduled: nothing to do but recompute the next deadline (the loop does)
@@ -222,7 +220,7 @@ class Supervisor:
         if session.backend_close_is_loss(code) and self.backend is not None:
             self.backend.abort()  # a writer stuck on it fails now, before we wait for its lock
         with self._locks.holding(backend=True, client=True):  # it may end the session: both sides
-            self._perform(session.backend_closed(generation, code, reason, monotonic()))
+            self._perform(session.backend_closed(generation, code, reason, self.clock()))
 
     def _on_backend_ping(self, generation: int, payload: bytes) -> None:
         # after our Close (a drain) a ping needs no answer: the backend's Close reply is what we wait for
@@ -240,14 +238,14 @@ class Supervisor:
         if session.detaches(code):
             self._let_go(client)
             with self._locks.holding(client=True):
-                self._perform(session.client_gone(code, monotonic()))
+                self._perform(session.client_gone(code, self.clock()))
             log.info("pipe %s: client detached (%s %s); holding the session for %g s",
                      short_id(self.client_id), code, reason, session.resume_grace_s)
             self.telemetry.resume_event("detached")
             return
         log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
         with self._locks.holding(backend=True):
-            self._perform(session.client_gone(code, monotonic()))
+            self._perform(session.client_gone(code, self.clock()))
 
     def _on_attach(self, client: Connection) -> None:
         session = self.session
@@ -265,13 +263,13 @@ class Supervisor:
                 log.info("pipe %s: client resumed", short_id(self.client_id))
                 self.telemetry.resume_event("resumed")
             self._use_client(client)
-            self._perform(session.client_attached_again(monotonic()))
+            self._perform(session.client_attached_again(self.clock()))
 
     def _on_drain(self, url: str) -> None:
         if self.backend_url == url and self.session.state is State.CONNECTED:
             log.info("pipe %s: draining backend %s", short_id(self.client_id), url)
             with self._locks.holding(backend=True):
-                self._perform(self.session.drain(monotonic()))
+                self._perform(self.session.drain(self.clock()))
 
     def _on_stop(self, code: int, reason: str) -> None:
         with self._locks.holding(backend=True, client=True):  # closes both
@@ -284,4 +282,4 @@ class Supervisor:
         if self.backend is not None:
             self.backend.abort()  # unblocks a writer stuck on a dead peer before we take the lock
         with self._locks.holding(backend=True):
-            self._perform(session.backend_lost(generation, monotonic(), cause))
+            self._perform(session.backend_lost(generation, self.clock(), cause))
