@@ -112,7 +112,6 @@ class PersistentPipe(Supervisor, Relay):
         self._supervisors = supervisors if supervisors is not None else Group()
         self._stopped = Event()
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
-        self._first_connect = True            # no backend connected yet: a 4xx refusal is the client's answer
         self._seen_state: str | None = None    # last state and buffer size reported to metrics
         self._seen_buffered = 0
 
@@ -308,7 +307,7 @@ class PersistentPipe(Supervisor, Relay):
             return []
         conn, lease, tried = connect_round(
             round_, self.session, self.offer, leases=self.leases, settings=self.settings,
-            options=self.backend_options, first=self._first_connect, name=short_id(self.client_id),
+            options=self.backend_options, first=self.session.generation == 0, name=short_id(self.client_id),
             subprotocol=self.subprotocol if self._running else OFFERED)  # settled once the client is answered
         if conn is not None:
             self._attach(conn, lease)
@@ -323,7 +322,6 @@ class PersistentPipe(Supervisor, Relay):
         self.leases.stop_waiting(self)
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
-        self._first_connect = False
         conn.stall_timeout_s = self._stall_timeout_s
         with self._locks.holding(backend=True):
             self.backend, self._lease = conn, lease
