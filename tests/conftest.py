@@ -16,8 +16,8 @@ import websocket
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from iwsproxy.echo import EchoProcess  # noqa: E402
-from iwsproxy.process import ChildProcess  # noqa: E402
+from iwsproxy.tools.echo import EchoProcess  # noqa: E402
+from iwsproxy.tools.process import ChildProcess  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import websocket
 
-from iwsproxy.echo import EchoProcess, accept_key
+from iwsproxy.tools.echo import EchoProcess, accept_key
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser, MaskSource, encode_frame
 
 TIMEOUT_S = 5
@@ -357,7 +357,7 @@ def test_start_raises_with_stderr_when_the_child_dies():
 
 
 def test_start_times_out_when_no_line_comes(monkeypatch):
-    # A child that never prints: python -m iwsproxy.echo replaced by a sleeping child.
+    # A child that never prints: python -m iwsproxy.tools.echo replaced by a sleeping child.
     real_popen = subprocess.Popen
 
     def silent_popen(cmd, **kwargs):
@@ -372,6 +372,6 @@ def test_start_times_out_when_no_line_comes(monkeypatch):
 
 
 def test_importing_echo_does_not_monkey_patch():
-    code = "import iwsproxy.echo\nfrom gevent import monkey\nprint(monkey.is_module_patched('socket'))\n"
+    code = "import iwsproxy.tools.echo\nfrom gevent import monkey\nprint(monkey.is_module_patched('socket'))\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert result.stdout.strip() == "False"

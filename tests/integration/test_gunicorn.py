@@ -13,7 +13,7 @@ import websocket
 
 from conftest import ADMIN_TOKEN, Proxy, recv_close, stats, wait_for
 from iwsproxy.io.server import GC_YOUNG_THRESHOLD
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.process import ChildProcess
 
 
 class Gunicorn(Proxy):

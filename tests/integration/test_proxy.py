@@ -15,7 +15,7 @@ import websocket
 from conftest import recv_close, stats, wait_for
 from rawws import FakeBackend, RawClient, RecordingBackend, frame
 
-from iwsproxy.echo import EchoProcess
+from iwsproxy.tools.echo import EchoProcess
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser
 
 
