@@ -668,7 +668,7 @@ def when_ready(server):
 def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -> ChildProcess:
     config = workdir / "gunicorn.conf.py"
     config.write_text(_GUNICORN_CONFIG)
-    proxy = ChildProcess("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+    proxy = ChildProcess("gunicorn", "-k", "iwsproxy.gunicorn.Worker", "-w", "1",
                          "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
                          env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
                                          "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
