@@ -1,9 +1,10 @@
 """WSGI entry point.
 
-    gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker wsgi:app
+    gunicorn -k iwsproxy.gunicorn.Worker wsgi:app
+    gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker wsgi:app   (works too)
     python wsgi.py
 
-Both read their settings from IWSPROXY_* environment variables.
+All read their settings from IWSPROXY_* environment variables.
 """
 
 import logging

@@ -20,9 +20,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBackendAvailable, ResumeRefused
 from .frames import encode_close_payload
 from .io.backend import ClientOffer, check_backend_url, url_allowed
-from .io.client import UPGRADE_KEY, install_gunicorn_handler
+from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
-from .io.server import install_gunicorn_graceful_stop
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
 from .settings import Settings, check_drain_window
@@ -309,8 +308,9 @@ class IWSProxy:
         app.register_blueprint(admin_bp, url_prefix=settings.admin_prefix or None)
         app.register_blueprint(status_bp, url_prefix=settings.admin_prefix or None)
         app.register_blueprint(proxy_bp, url_prefix=settings.proxy_prefix or None)
-        install_gunicorn_handler()
-        install_gunicorn_graceful_stop(manager)
+        from .gunicorn import support_stock_worker  # here: it imports gunicorn
+
+        support_stock_worker(manager)
 
     @staticmethod
     def manager(app: Flask | None = None) -> PipeManager:

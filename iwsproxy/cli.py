@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
     return run_demo(messages=args.messages)
 
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own options (argparse.REMAINDER drops leading --flags)
-        from .bench import main as bench_main
+        from .tools.bench import main as bench_main
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":

@@ -1,9 +1,9 @@
 """A gunicorn config for running iwsproxy under gunicorn in scripts, tests and the benchmark.
 
-    gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker -c python:iwsproxy.gunicorn_conf wsgi:app
+    gunicorn -k iwsproxy.gunicorn.Worker -c python:iwsproxy.gunicorn_conf wsgi:app
 
 Binding to port 0 is fine: once the workers can be started, ``LISTENING <port>``
-is printed on stdout, which :class:`iwsproxy.process.ChildProcess` waits for.
+is printed on stdout, which :class:`iwsproxy.tools.process.ChildProcess` waits for.
 """
 
 graceful_timeout = 10

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 
-__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS",
+__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "CLOSE_REASONS",
            "FAILOVER_BUCKETS_S", "close_reason_label", "close_code_label", "backend_label"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -48,8 +48,8 @@ class Metrics:
     def failover(self, duration_s: float, replayed: int, flushed_bytes: int) -> None: ...
 
     def client_closed(self, code: int, cause: str | None = None) -> None:
-        """The proxy closed a client with ``code``; ``cause`` is the session's ``end_cause``
-        (it tells a 1013 for a full buffer from a 1013 for a missed reconnect deadline)."""
+        """The proxy closed a client with ``code``; ``cause`` is what ended the session (the
+        session's ``end_cause``, or takeover, protocol), None if unknown (see :func:`close_reason_label`)."""
 
     def backend_error(self, url: str) -> None: ...
 
@@ -67,24 +67,36 @@ class Metrics:
 
 
 # ---- label values: a small fixed set, never free text ----
-_REASON_BY_CODE = {1000: "backend_ended", 1001: "going_away", 1002: "protocol", 1007: "protocol",
-                   1009: "too_big", 1011: "internal", 1012: "restart"}
+#: the ``reason`` of a client close, by the cause that ended its session (``Session.end_cause``,
+#: or the pipe's own: takeover, protocol)
+_REASON_BY_CAUSE = {"overflow": "overflow", "deadline": "deadline", "idle": "idle",
+                    "client_unresponsive": "client_unresponsive", "backend_ended": "backend_ended",
+                    "takeover": "takeover"}
+#: the ``reason`` by close code, for the causes several closes share (proxy, protocol) and unknown ones
+_REASON_BY_CODE = {1001: "going_away", 1002: "protocol", 1007: "protocol", 1009: "too_big", 1011: "internal",
+                   1012: "restart"}
+CLOSE_REASONS = ("overflow", "deadline", "idle", "client_unresponsive", "backend_ended", "takeover", "restart",
+                 "going_away", "protocol", "too_big", "internal", "other")
 
 
 def close_reason_label(code: int, cause: str | None = None) -> str:
-    """The ``reason`` label for a client closed with ``code``, from a fixed set.
+    """The ``reason`` label for a client the proxy closed with ``code``: one of :data:`CLOSE_REASONS`.
 
-    overflow (1013: its buffer or the process's budget is full), deadline (1013: no
-    backend in time), both from the session's ``cause``; takeover (4409: a new
-    connection took the session over); restart (1012), going_away (1001), protocol
-    (1002, 1007), too_big (1009), internal (1011), backend_ended (1000 and the
-    application codes 3000-4999 passed on from a backend), other.
+    ``cause`` is what ended the session, and where it names the reason it is the
+    label, whatever the code: overflow (1013: the client's buffer or the process's
+    budget is full), deadline (1013: no backend in time), idle (1001),
+    client_unresponsive (1001: no Pong in time), backend_ended (the backend's 1000
+    or 3000-4999 passed on), takeover (4409: a new connection took the session
+    over). The causes several closes share ("proxy": a shutdown or an internal
+    error; "protocol") are told apart by the code: restart (1012), going_away
+    (1001), internal (1011), protocol (1002, 1007), too_big (1009), other. An
+    unknown cause (None) is read from the code alone, 1000 and 3000-4999 as
+    backend_ended. (``client_closed`` and ``grace_expired`` end a session with no
+    client to close.)
     """
-    if cause == "takeover":
-        return "takeover"
-    if code == 1013:
-        return cause if cause in ("overflow", "deadline") else "other"
-    if 3000 <= code <= 4999:
+    if cause in _REASON_BY_CAUSE:
+        return _REASON_BY_CAUSE[cause]
+    if cause is None and (code == 1000 or 3000 <= code <= 4999):
         return "backend_ended"
     return _REASON_BY_CODE.get(code, "other")
 

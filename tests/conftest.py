@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -16,8 +17,8 @@ import websocket
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from iwsproxy.echo import EchoProcess  # noqa: E402
-from iwsproxy.process import ChildProcess  # noqa: E402
+from iwsproxy.tools.echo import EchoProcess  # noqa: E402
+from iwsproxy.tools.process import ChildProcess  # noqa: E402
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -122,6 +123,9 @@ def processes():
             return proc.start()
 
     yield Starter()
+    # The clients a test dropped are garbage in reference cycles (websocket-client's are): collected
+    # now, their sockets close, so a proxy's graceful stop below has no Close reply to wait for.
+    gc.collect()
     for proc in reversed(started):
         proc.terminate(timeout=5)
         assert not proc.alive

@@ -38,7 +38,7 @@ from geventwebsocket.handler import WebSocketHandler
 from .connection import Connection
 from .handoff import prefixed_reader
 
-__all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request", "install_gunicorn_handler"]
+__all__ = ["ProxyHandler", "ClientUpgrade", "UPGRADE_KEY", "is_upgrade_request"]
 
 UPGRADE_KEY = "iwsproxy.upgrade"
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
@@ -342,16 +342,3 @@ class ProxyHandler(WebSocketHandler):
     def log_request(self):
         WSGIHandler.log_request(self)
 
-
-def install_gunicorn_handler() -> None:
-    """Make ``geventwebsocket.gunicorn.workers.GeventWebSocketWorker`` use :class:`ProxyHandler`.
-
-    The documented command ``gunicorn -k geventwebsocket.gunicorn.workers.GeventWebSocketWorker wsgi:app``
-    loads the app before the worker reads ``wsgi_handler``, so calling this from the app module
-    gives gunicorn the same pre-upgrade behaviour as ``iwsproxy serve``.
-    """
-    try:
-        from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
-    except ImportError:  # gunicorn is not installed: nothing to configure
-        return
-    GeventWebSocketWorker.wsgi_handler = ProxyHandler

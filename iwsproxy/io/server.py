@@ -12,7 +12,7 @@ from gevent.pywsgi import WSGIServer
 
 from .client import ProxyHandler
 
-__all__ = ["make_server", "serve_forever", "install_gunicorn_graceful_stop", "tune_process"]
+__all__ = ["make_server", "serve_forever", "tune_process"]
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +61,3 @@ def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s:
         log.warning("some pipes did not close within %.1f s", shutdown_timeout_s)
     server.stop(timeout=1)
 
-
-def install_gunicorn_graceful_stop(manager) -> bool:
-    """Under gunicorn, make a worker's SIGTERM also close every client with 1012 (Service Restart).
-
-    gunicorn's worker answers SIGTERM by no longer accepting and waiting up to
-    ``graceful_timeout`` for open requests, which for WebSockets means hanging
-    on until it kills them. The worker registers its handlers before it loads
-    the app, so the app can chain onto them: gunicorn's handler runs first, then
-    the pipes are closed with 1012 so that clients reconnect to another
-    instance at once, and the worker exits as soon as they are gone. Returns
-    False when not running in a gunicorn worker (nothing to do).
-    """
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        from gunicorn.workers.base import Worker
-    except ImportError:
-        return False
-    if not isinstance(getattr(previous, "__self__", None), Worker) and not getattr(previous, "iwsproxy", False):
-        return False
-
-    def on_sigterm(signum, frame):
-        previous(signum, frame)
-        manager.begin_shutdown(1012, "proxy restarting")
-
-    on_sigterm.iwsproxy = True  # several apps in one worker chain onto each other
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return True

@@ -10,7 +10,7 @@ import sys
 import pytest
 import websocket
 
-from iwsproxy.echo import EchoProcess, accept_key
+from iwsproxy.tools.echo import EchoProcess, accept_key
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser, MaskSource, encode_frame
 
 TIMEOUT_S = 5
@@ -32,9 +32,13 @@ def start_echo():
         assert echo.proc.poll() is not None
 
 
-@pytest.fixture
-def echo(start_echo) -> EchoProcess:
-    return start_echo()
+@pytest.fixture(scope="module")
+def echo():
+    """One echo backend for the module's tests that need no fresh one of their own (those that read
+    its stats, kill or stop it start one with ``start_echo``)."""
+    with EchoProcess(name="echo") as shared:
+        yield shared
+    assert shared.proc.poll() is not None
 
 
 def connect(url: str, **kwargs) -> websocket.WebSocket:
@@ -261,7 +265,8 @@ def test_stream_mode_sends_numbers_in_order_and_still_echoes(start_echo):
         ws.close()
 
 
-def test_stats_counts_connections_and_shows_the_last_upgrade(echo):
+def test_stats_counts_connections_and_shows_the_last_upgrade(start_echo):
+    echo = start_echo()
     assert echo.stats() == {
         "name": "echo",
         "connections_total": 0,
@@ -319,7 +324,8 @@ def test_plain_get_elsewhere_is_426_and_bad_requests_do_not_kill_the_server(echo
     ws.close()
 
 
-def test_kill_makes_the_next_recv_fail(echo):
+def test_kill_makes_the_next_recv_fail(start_echo):
+    echo = start_echo()
     ws = connect(echo.url)
     ws.send("x")
     assert ws.recv() == "x"
@@ -330,7 +336,8 @@ def test_kill_makes_the_next_recv_fail(echo):
     ws.shutdown()
 
 
-def test_terminate_sends_going_away_and_exits_cleanly(echo):
+def test_terminate_sends_going_away_and_exits_cleanly(start_echo):
+    echo = start_echo()
     ws = connect(echo.url)
     ws.send("x")
     assert ws.recv() == "x"
@@ -357,7 +364,7 @@ def test_start_raises_with_stderr_when_the_child_dies():
 
 
 def test_start_times_out_when_no_line_comes(monkeypatch):
-    # A child that never prints: python -m iwsproxy.echo replaced by a sleeping child.
+    # A child that never prints: python -m iwsproxy.tools.echo replaced by a sleeping child.
     real_popen = subprocess.Popen
 
     def silent_popen(cmd, **kwargs):
@@ -372,6 +379,6 @@ def test_start_times_out_when_no_line_comes(monkeypatch):
 
 
 def test_importing_echo_does_not_monkey_patch():
-    code = "import iwsproxy.echo\nfrom gevent import monkey\nprint(monkey.is_module_patched('socket'))\n"
+    code = "import iwsproxy.tools.echo\nfrom gevent import monkey\nprint(monkey.is_module_patched('socket'))\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert result.stdout.strip() == "False"

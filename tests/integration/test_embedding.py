@@ -21,7 +21,7 @@ import websocket
 
 from conftest import ROOT, recv_close, stats, wait_for
 from rawws import DeafBackend, FakeBackend
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.process import ChildProcess
 
 
 class LegacyApp(ChildProcess):

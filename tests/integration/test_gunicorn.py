@@ -1,7 +1,10 @@
-"""The documented gunicorn command gets the same behaviour as ``iwsproxy serve``."""
+"""Both documented gunicorn commands get the same behaviour as ``iwsproxy serve``: the proxy's own
+worker class (``-k iwsproxy.gunicorn.Worker``) and geventwebsocket's stock one."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 import urllib.error
@@ -11,24 +14,30 @@ import uuid
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, Proxy, recv_close, stats, wait_for
+from conftest import ADMIN_TOKEN, ROOT, Proxy, recv_close, stats, wait_for
 from iwsproxy.io.server import GC_YOUNG_THRESHOLD
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.process import ChildProcess
+
+
+OUR_WORKER = "iwsproxy.gunicorn.Worker"
+STOCK_WORKER = "geventwebsocket.gunicorn.workers.GeventWebSocketWorker"
+WORKERS = pytest.mark.parametrize("worker_class", [OUR_WORKER, STOCK_WORKER], ids=["ours", "stock"])
 
 
 class Gunicorn(Proxy):
-    def __init__(self, *backends: str, workers: int = 2, args: tuple[str, ...] = ()):
+    def __init__(self, *backends: str, workers: int = 2, args: tuple[str, ...] = (), worker_class: str = OUR_WORKER):
         ChildProcess.__init__(
-            self, "gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", str(workers),
+            self, "gunicorn", "-k", worker_class, "-w", str(workers),
             "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf", *args, "wsgi:app",
             env={"IWSPROXY_BACKENDS": ",".join(backends),
                  "IWSPROXY_ADMIN_TOKEN": ADMIN_TOKEN}, name="gunicorn")
 
 
-def test_gunicorn_worker_command(processes):
+@WORKERS
+def test_gunicorn_worker_command(processes, worker_class):
     a = processes.echo(name="a")
     b = processes.echo(name="b")
-    server = processes.add(Gunicorn(a.url, b.url))
+    server = processes.add(Gunicorn(a.url, b.url, worker_class=worker_class))
     # refusals are real HTTP statuses, so the worker runs the proxy's own handler
     with pytest.raises(websocket.WebSocketBadStatusException) as bad:
         websocket.create_connection(server.url_for("not-a-uuid"), timeout=5)
@@ -50,11 +59,12 @@ def test_gunicorn_worker_command(processes):
     assert server.admin("GET", path="/admin/status")[1]["gc"]["threshold"][0] == GC_YOUNG_THRESHOLD  # wsgi.py tuned it
 
 
-def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(processes):
+@WORKERS
+def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(processes, worker_class):
     backend = processes.echo()
     # one worker: once it has answered, it has installed its signal handlers (a worker still
     # booting when SIGTERM arrives would make the master wait out the graceful timeout)
-    server = processes.add(Gunicorn(backend.url, workers=1))
+    server = processes.add(Gunicorn(backend.url, workers=1, worker_class=worker_class))
     clients = [server.connect() for _ in range(6)]
     for ws in clients:
         ws.send("x")
@@ -66,3 +76,39 @@ def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(process
     assert server.proc.wait(15) == 0
     # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
     assert time.monotonic() - started < 6
+
+
+def test_our_worker_serves_an_app_of_its_own_and_stops_it_gracefully(processes):
+    """An app that mounts the extension itself (tests/legacy_app.py): the worker finds its manager."""
+    backend = processes.echo()
+    server = processes.add(ChildProcess(
+        "gunicorn", "-k", OUR_WORKER, "-w", "1", "-b", "127.0.0.1:0", "-c", "python:iwsproxy.gunicorn_conf",
+        "legacy_app:app", env={"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}, name="legacy"))
+    req = urllib.request.Request(server.http_url + "/deploy/backends", data=json.dumps({"url": backend.url}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    assert urllib.request.urlopen(req, timeout=5).status == 201
+    with pytest.raises(websocket.WebSocketBadStatusException) as bad:
+        websocket.create_connection(server.url_for("/ws/not-a-uuid"), timeout=5)
+    assert bad.value.status_code == 400
+    clients = [websocket.create_connection(server.url_for(f"/ws/{uuid.uuid4()}"), timeout=5) for _ in range(3)]
+    for ws in clients:
+        ws.send("x")
+        assert ws.recv() == "x"
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        assert recv_close(ws)[0] == 1012
+    assert server.proc.wait(15) == 0
+    assert time.monotonic() - started < 6
+
+
+def test_outside_a_gunicorn_worker_the_app_changes_no_worker_and_no_signal_handler():
+    from flask import Flask
+    from geventwebsocket.gunicorn.workers import GeventWebSocketWorker
+    from geventwebsocket.handler import WebSocketHandler
+
+    from iwsproxy import IWSProxy, Settings
+    before = signal.getsignal(signal.SIGTERM)
+    IWSProxy(Flask("outside"), settings=Settings())
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert GeventWebSocketWorker.wsgi_handler is WebSocketHandler

@@ -307,6 +307,14 @@ def test_per_ip_limit_trusts_x_forwarded_for_only_behind_trusted_proxies(process
         ws.close()
 
 
+def clients_closed(proxy) -> dict[tuple[str, str], float]:
+    """``iwsproxy_clients_closed_total`` as {(code, reason): count}, scraped from the proxy."""
+    with urllib.request.urlopen(proxy.http_url + "/metrics", timeout=5) as resp:
+        families = text_string_to_metric_families(resp.read().decode())
+    return {(s.labels["code"], s.labels["reason"]): s.value for family in families for s in family.samples
+            if s.name == "iwsproxy_clients_closed_total"}
+
+
 def test_idle_timeout_closes_with_1001(processes):
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url, "--idle-timeout", "0.5")
@@ -314,6 +322,7 @@ def test_idle_timeout_closes_with_1001(processes):
     ws.send("active")
     assert ws.recv() == "active"
     assert recv_close(ws) == (1001, "idle for 0.5 s")
+    assert clients_closed(proxy) == {("1001", "idle"): 1}  # the session's end cause, not the code's going_away
 
 
 def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
@@ -327,11 +336,7 @@ def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
     wait_for(lambda: sum(p["buffered_bytes"] for p in proxy.pipes()) >= 60 * 1024, what="a's buffer")
     b.send_binary(b"b" * 60 * 1024)                  # within b's cap, but past the process budget
     assert recv_close(b) == (1013, "proxy buffer budget exhausted")
-    with urllib.request.urlopen(proxy.http_url + "/metrics", timeout=5) as resp:
-        families = text_string_to_metric_families(resp.read().decode())
-    closed = {(s.labels["code"], s.labels["reason"]): s.value for family in families for s in family.samples
-              if s.name == "iwsproxy_clients_closed_total"}
-    assert closed == {("1013", "overflow"): 1}  # the process budget counts as an overflow, like a client's cap
+    assert clients_closed(proxy) == {("1013", "overflow"): 1}  # the process budget is an overflow, like a cap
     fresh = processes.echo(name="fresh")
     proxy.admin("POST", {"url": fresh.url})
     a.send("still here")

@@ -15,7 +15,7 @@ import websocket
 from conftest import recv_close, stats, wait_for
 from rawws import FakeBackend, RawClient, RecordingBackend, frame
 
-from iwsproxy.echo import EchoProcess
+from iwsproxy.tools.echo import EchoProcess
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, FrameParser
 
 
@@ -108,12 +108,15 @@ def test_buffer_overflow_closes_client_with_1013(processes):
     a.kill()
     wait_for(lambda: all(p["state"] == "failing_over" for p in proxy.pipes()), what="failover state")
     chunk = b"x" * 16 * 1024
-    with pytest.raises(websocket.WebSocketException):
+    try:
         for _ in range(8):  # 128 KiB > 64 KiB
             ws.send_binary(chunk)
-        code, reason = recv_close(ws)
-        assert code == 1013 and "buffer limit" in reason
-        raise websocket.WebSocketException("closed as expected")
+    except OSError:
+        # The proxy may close before the last chunks are written (then a reset fails the send);
+        # its Close frame came first and stays in this socket's receive queue, read below.
+        pass
+    code, reason = recv_close(ws)
+    assert code == 1013 and "buffer limit" in reason
     # the other client is untouched and recovers when a backend comes back
     b = processes.echo(name="b")
     proxy.admin("POST", {"url": b.url})

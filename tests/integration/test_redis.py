@@ -17,8 +17,8 @@ import pytest
 import websocket
 
 from conftest import ADMIN_TOKEN, Proxy, needs, stats, wait_for
-from iwsproxy.echo import EchoProcess
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.echo import EchoProcess
+from iwsproxy.tools.process import ChildProcess
 from redis_server import RedisServer, redis_server_missing
 
 WORKERS = 3

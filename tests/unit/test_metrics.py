@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from iwsproxy.metrics import (FAILOVER_BUCKETS_S, STATES, Metrics, PrometheusMetrics, backend_label,
+from iwsproxy.metrics import (CLOSE_REASONS, FAILOVER_BUCKETS_S, STATES, Metrics, PrometheusMetrics, backend_label,
                               close_code_label, close_reason_label)
 
 
@@ -108,23 +108,40 @@ def test_messages_and_bytes_per_direction(metrics):
 
 
 @pytest.mark.parametrize(("code", "cause", "label"), [
+    # the session's end cause names the reason, whatever the code
     (1013, "overflow", "overflow"),      # the client's buffer, or the process's budget
     (1013, "deadline", "deadline"),
-    (1013, "proxy", "other"),
-    (1013, None, "other"),
-    (1012, "proxy", "restart"),
-    (1001, "idle", "going_away"),
-    (1002, "protocol", "protocol"),
-    (1007, "protocol", "protocol"),
-    (1009, "protocol", "too_big"),
-    (1011, "proxy", "internal"),
+    (1001, "idle", "idle"),
+    (1001, "client_unresponsive", "client_unresponsive"),
     (1000, "backend_ended", "backend_ended"),
     (4321, "backend_ended", "backend_ended"),
     (4409, "takeover", "takeover"),
+    # a cause several closes share: the code tells them apart
+    (1012, "proxy", "restart"),
+    (1011, "proxy", "internal"),
+    (1001, "proxy", "going_away"),
+    (1013, "proxy", "other"),
+    (4000, "proxy", "other"),            # not the backend's code, though in its range
+    (1002, "protocol", "protocol"),
+    (1007, "protocol", "protocol"),
+    (1009, "protocol", "too_big"),
+    # no cause known: the code alone
+    (1013, None, "other"),
+    (1000, None, "backend_ended"),
+    (4321, None, "backend_ended"),
+    (1001, None, "going_away"),
     (1014, None, "other"),
 ])
-def test_close_reasons_come_from_a_fixed_set(code, cause, label):
+def test_close_reasons_come_from_the_end_cause_then_the_code(code, cause, label):
     assert close_reason_label(code, cause) == label
+
+
+@pytest.mark.parametrize("cause", [None, "client_closed", "overflow", "grace_expired", "idle", "deadline",
+                                   "client_unresponsive", "backend_ended", "proxy", "takeover", "protocol", "?"])
+def test_close_reasons_are_a_fixed_set(cause):
+    codes = [0, 999, 1000, 1001, 1002, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 1014, 2999, 3000, 4409, 4999,
+             5000]
+    assert {close_reason_label(code, cause) for code in codes} <= set(CLOSE_REASONS)
 
 
 def test_close_codes_of_applications_are_grouped():

@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["ChildProcess", "LISTENING"]
 
 LISTENING = "LISTENING"
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds the iwsproxy package
 
 
 class ChildProcess:

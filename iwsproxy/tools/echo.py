@@ -2,7 +2,7 @@
 
 ::
 
-    python -m iwsproxy.echo --port 0 [--host 127.0.0.1] [--name NAME] [--subprotocol P ...]
+    python -m iwsproxy.tools.echo --port 0 [--host 127.0.0.1] [--name NAME] [--subprotocol P ...]
                             [--reject-status CODE] [--stream-interval-ms N]
 
 It prints ``LISTENING <port>`` once bound, then echoes every text/binary message back
@@ -37,7 +37,7 @@ import gevent.pool
 import gevent.server
 
 from iwsproxy.exceptions import ProtocolError
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.process import ChildProcess
 from iwsproxy.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -370,7 +370,7 @@ class EchoServer:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m iwsproxy.echo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iwsproxy.tools.echo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True, help="TCP port, 0 for any free one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="echo", help="shown by GET /stats")
@@ -430,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class EchoProcess(ChildProcess):
-    """``python -m iwsproxy.echo --port 0 ...`` as a child process (see :class:`ChildProcess`)."""
+    """``python -m iwsproxy.tools.echo --port 0 ...`` as a child process (see :class:`ChildProcess`)."""
 
     def __init__(self, *args: str, name: str = "echo"):
-        super().__init__("iwsproxy.echo", "--port", "0", "--name", name, *args, name=name)
+        super().__init__("iwsproxy.tools.echo", "--port", "0", "--name", name, *args, name=name)
 
     def stats(self) -> dict:
         return self.get_json("/stats")

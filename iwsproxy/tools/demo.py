@@ -32,7 +32,8 @@ def _serving_backend(proxy: ChildProcess) -> str | None:
 
 def run_demo(messages: int = 200, interval_s: float = 0.01) -> int:
     """Stream ``messages`` numbered messages, SIGKILL the serving backend halfway, check every echo."""
-    backends = [ChildProcess("iwsproxy.echo", "--port", "0", "--name", name, name=name) for name in ("alpha", "beta")]
+    backends = [ChildProcess("iwsproxy.tools.echo", "--port", "0", "--name", name, name=name)
+                for name in ("alpha", "beta")]
     proxy = None
     try:
         for backend in backends:

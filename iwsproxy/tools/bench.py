@@ -2,10 +2,10 @@
 
 ::
 
-    python -m iwsproxy.bench [--quick] [--duration S] [--rounds R] [--connections N] [--window W]
+    python -m iwsproxy.tools.bench [--quick] [--duration S] [--rounds R] [--connections N] [--window W]
                              [--idle-pipes M] [--no-nginx] [--gunicorn] [--no-pin] [--json PATH]
 
-Two echo backends (``python -m iwsproxy.echo``) serve every path, and every path's
+Two echo backends (``python -m iwsproxy.tools.echo``) serve every path, and every path's
 server is started at the beginning and stopped at the end:
 
 ``direct``          the load generator talks to the echo backends (connections round robin)
@@ -42,7 +42,7 @@ the ratios are also given per round (lowest-highest), which shows how noisy the 
 4. large messages: ``--large-connections`` connections, 1 MiB binary messages one at a time:
    echoed payload bytes per second (MB = 10**6 bytes).
 
-The load comes from :mod:`iwsproxy.loadgen` worker processes (raw sockets, the
+The load comes from :mod:`iwsproxy.tools.loadgen` worker processes (raw sockets, the
 project's codec, ``selectors``). After the table, the CPU use of the load
 generator, the echo backends and the server during each throughput phase is
 printed: a path limited by the generator shows a busiest worker near 100 %, a
@@ -83,13 +83,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import BrokenBarrierError
 
-from iwsproxy.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, TIMEOUT_SCALE, Phase, PhaseResult, Target,
-                              worker_main)
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, TIMEOUT_SCALE, Phase, PhaseResult,
+                                    Target, worker_main)
+from iwsproxy.tools.process import ChildProcess
 
 __all__ = ["Options", "PathResult", "LoadGenerator", "run", "main"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: wsgi.py and the iwsproxy package
 SMALL_BYTES = 100
 LARGE_BYTES = 1024 * 1024
 RTT_BYTES = 32
@@ -347,7 +347,7 @@ def rtt_ms(results: list[PhaseResult]) -> tuple[float, float]:
 
 # ---- the load generator processes ----
 class LoadGenerator:
-    """``workers`` processes of :func:`iwsproxy.loadgen.worker_main`, driven phase by phase."""
+    """``workers`` processes of :func:`iwsproxy.tools.loadgen.worker_main`, driven phase by phase."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -638,7 +638,7 @@ def _start(child: ChildProcess, started: list, timeout: float = START_TIMEOUT_S)
 def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
     backends = []
     for i in range(n):
-        echo = ChildProcess("iwsproxy.echo", "--port", "0", "--host", HOST, "--name", f"echo{i + 1}",
+        echo = ChildProcess("iwsproxy.tools.echo", "--port", "0", "--host", HOST, "--name", f"echo{i + 1}",
                             env=_child_env(), name=f"echo{i + 1}")
         backends.append(_start(echo, started))
     return backends
@@ -655,7 +655,7 @@ def start_proxy(backends: list[ChildProcess], started: list) -> ChildProcess:
 
 
 _GUNICORN_CONFIG = '''\
-# written by iwsproxy.bench
+# written by iwsproxy.tools.bench
 loglevel = "warning"
 graceful_timeout = 3
 
@@ -668,7 +668,7 @@ def when_ready(server):
 def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -> ChildProcess:
     config = workdir / "gunicorn.conf.py"
     config.write_text(_GUNICORN_CONFIG)
-    proxy = ChildProcess("gunicorn", "-k", "geventwebsocket.gunicorn.workers.GeventWebSocketWorker", "-w", "1",
+    proxy = ChildProcess("gunicorn", "-k", "iwsproxy.gunicorn.Worker", "-w", "1",
                          "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
                          env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
                                          "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
@@ -677,7 +677,7 @@ def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -
 
 
 _NGINX_CONFIG = """\
-# written by iwsproxy.bench
+# written by iwsproxy.tools.bench
 daemon off;
 master_process on;
 worker_processes 1;
