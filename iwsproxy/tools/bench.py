@@ -10,6 +10,7 @@ server is started at the beginning and stopped at the end:
 
 ``direct``          the load generator talks to the echo backends (connections round robin)
 ``proxy``           ``python -m iwsproxy serve`` in front of both backends
+``proxy-base``      the proxy of another source tree (``--compare-with DIR``): a same-run A/B
 ``proxy-gunicorn``  the same app under gunicorn's gevent-websocket worker (``--gunicorn``)
 ``nginx``           nginx with a minimal WebSocket reverse-proxy config (if ``nginx`` is on PATH)
 
@@ -128,6 +129,7 @@ class Options:
     workers: int = 2
     nginx: bool = True
     gunicorn: bool = False
+    compare_with: str | None = None  # a source tree whose proxy runs as the path "proxy-base"
     pin: bool = True
     json_path: str | None = None
     quick: bool = False
@@ -175,6 +177,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
     parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
+    parser.add_argument("--compare-with", metavar="DIR",
+                        help="also run the proxy of the source tree DIR (e.g. a checkout of the code before a "
+                             "change) as the path proxy-base: a same-run A/B")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave the idle RTT phase's processes to the scheduler (default: client and servers "
                              "pinned to two different CPUs)")
@@ -193,6 +198,7 @@ def parse_args(argv: list[str] | None) -> Options:
         workers=args.workers if args.workers is not None else 2,
         nginx=not args.no_nginx,
         gunicorn=args.gunicorn,
+        compare_with=args.compare_with,
         pin=not args.no_pin,
         json_path=args.json_path,
         quick=quick,
@@ -200,6 +206,8 @@ def parse_args(argv: list[str] | None) -> Options:
     for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if options.compare_with is not None and not (Path(options.compare_with) / "iwsproxy" / "__init__.py").is_file():
+        parser.error(f"--compare-with {options.compare_with}: not a source tree of iwsproxy")
     if options.duration_s <= 0 or options.idle_pipes < 0 or not 0 <= options.idle_settle_s < BARRIER_TIMEOUT_S / 2:
         parser.error(f"--duration must be positive, --idle-pipes not negative and --idle-settle in [0, "
                      f"{BARRIER_TIMEOUT_S / 2:g})")
@@ -622,8 +630,8 @@ def run_paths(loadgen: LoadGenerator, paths: list[PathUnderTest], options: Optio
 
 
 # ---- servers ----
-def _child_env(extra: dict | None = None) -> dict:
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+def _child_env(extra: dict | None = None, root: Path = ROOT) -> dict:
+    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     return {"PYTHONPATH": pythonpath, **(extra or {})}
 
 
@@ -644,13 +652,15 @@ def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
     return backends
 
 
-def start_proxy(backends: list[ChildProcess], started: list) -> ChildProcess:
+def start_proxy(backends: list[ChildProcess], started: list, *, root: Path = ROOT,
+                name: str = "proxy") -> ChildProcess:
+    """``iwsproxy serve`` from the source tree ``root`` (this one by default)."""
     urls = [arg for b in backends for arg in ("--backend", b.url)]
     # --log-level belongs to the top-level parser: `iwsproxy --log-level warning serve ...`
     # one load generator address opens every pipe: lift the per-address and per-process caps
     limits = ["--max-pipes", "100000", "--max-pipes-per-ip", "100000"]
     proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *limits, *urls,
-                         env=_child_env(), name="proxy")
+                         env=_child_env(root=root), name=name)
     return _start(proxy, started)
 
 
@@ -798,6 +808,9 @@ def format_table(results: list[PathResult]) -> str:
 _RATIOS = (("msg/s", "small_msgs_per_s", "small"), ("MB/s", "large_mb_per_s", "large"))
 
 
+PROXY_PATHS = ("proxy", "proxy-base", "proxy-gunicorn")
+
+
 def ratios(results: list[PathResult]) -> dict[str, float | None]:
     """Each proxy against direct and nginx: throughput ratios (of the means over the rounds) and
     the idle RTT it adds."""
@@ -807,7 +820,7 @@ def ratios(results: list[PathResult]) -> dict[str, float | None]:
         return getattr(by.get(path), key, None)
 
     out: dict[str, float | None] = {}
-    for proxy in [p for p in ("proxy", "proxy-gunicorn") if p in by]:
+    for proxy in [p for p in PROXY_PATHS if p in by]:
         for other in ("direct", "nginx"):
             for unit, key, _ in _RATIOS:
                 x, y = get(proxy, key), get(other, key)
@@ -822,7 +835,7 @@ def round_ratios(results: list[PathResult]) -> dict[str, list[float]]:
     apart at most, so these pairs saw the same machine)."""
     by = {r.path: r for r in results}
     out: dict[str, list[float]] = {}
-    for proxy in [p for p in ("proxy", "proxy-gunicorn") if p in by]:
+    for proxy in [p for p in PROXY_PATHS if p in by]:
         for other in [p for p in ("direct", "nginx") if p in by]:
             for unit, _, scenario in _RATIOS:
                 pairs = zip(by[proxy].rounds.get(scenario, ()), by[other].rounds.get(scenario, ()))
@@ -886,6 +899,10 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
             proxy = start_proxy(backends, started)
             progress(f"proxy: pid {proxy.proc.pid}, port {proxy.port}")
             paths.append(_proxy_path("proxy", proxy, backends))
+            if options.compare_with is not None:
+                base = start_proxy(backends, started, root=Path(options.compare_with).resolve(), name="proxy-base")
+                progress(f"proxy-base ({options.compare_with}): pid {base.proc.pid}, port {base.port}")
+                paths.append(_proxy_path("proxy-base", base, backends))
             if options.gunicorn:
                 workdir = Path(tmp) / "gunicorn"
                 workdir.mkdir()
