@@ -41,29 +41,37 @@ def test_quick_bench_prints_the_table(tmp_path):
     # quick, and shorter still: the table's shape is checked, not its figures
     shorter = ["--duration", "0.6", "--rtt-count", "100", "--idle-pipes", "50", "--idle-settle", "1"]
     run = subprocess.run([sys.executable, "-m", "iwsproxy.tools.bench", "--quick", *shorter, "--no-nginx", "--gunicorn",
-                          "--json", str(json_path)],
+                          "--compare-with", ROOT, "--json", str(json_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stdout.splitlines()
     assert HEADER in lines, run.stdout
 
     rows = {_cells(line)[0]: _cells(line)[1:] for line in lines if line.startswith("| ") and line != HEADER}
-    assert set(rows) == {"direct", "proxy", "proxy-gunicorn"}, run.stdout
-    for path in ("proxy", "proxy-gunicorn"):  # every cell measured, RSS per idle pipe included
+    assert set(rows) == {"direct", "proxy", "proxy-base", "proxy-gunicorn"}, run.stdout
+    for path in ("proxy", "proxy-base", "proxy-gunicorn"):  # every cell measured, RSS per idle pipe included
         assert len(rows[path]) == 8 and all(_is_number(cell) for cell in rows[path]), rows[path]
     # the throughput ratios come with their range over the rounds (quick: two)
     assert any(line.startswith("- proxy/direct msg/s: ") and "(rounds " in line for line in lines), run.stdout
     assert any(line.startswith("machine: nproc ") for line in lines), run.stdout
 
     data = json.loads(json_path.read_text())
-    assert [r["path"] for r in data["results"]] == ["direct", "proxy", "proxy-gunicorn"]
+    assert [r["path"] for r in data["results"]] == ["direct", "proxy", "proxy-base", "proxy-gunicorn"]
     two_cpus = len(os.sched_getaffinity(0)) >= 2
-    assert [r["notes"]["idle_rtt_pinned"] for r in data["results"]] == [two_cpus] * 3
+    assert [r["notes"]["idle_rtt_pinned"] for r in data["results"]] == [two_cpus] * 4
     for r in data["results"]:  # every path ran in every round; the row is the mean of its rounds
         assert [len(r["rounds"][s]) for s in ("small", "large")] == [2, 2], r
         assert r["small_msgs_per_s"] == pytest.approx(sum(r["rounds"]["small"]) / 2)
         assert r["large_mb_per_s"] == pytest.approx(sum(r["rounds"]["large"]) / 2)
     assert len(data["round_ratios"]["proxy-gunicorn/direct msg/s"]) == 2
+    assert len(data["round_ratios"]["proxy-base/direct msg/s"]) == 2
+
+
+def test_compare_with_needs_a_source_tree(tmp_path):
+    from iwsproxy.tools.bench import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--compare-with", str(tmp_path)])
+    assert parse_args(["--compare-with", ROOT]).compare_with == ROOT
 
 
 def test_a_worker_closing_on_a_garbled_close_reply_still_closes_every_socket():
