@@ -460,3 +460,17 @@ class Session:
         if had_backend and close_backend:
             actions.append(CloseBackend(self.generation, CLOSE_NORMAL, "client session closed"))
         return actions
+
+    # ---- snapshots (see iwsproxy.snapshot) ----
+    def export(self, now: float, extra: dict | None = None) -> bytes:
+        """This session's complete state at ``now`` as bytes, with the caller's JSON object
+        ``extra``: :func:`iwsproxy.snapshot.export`."""
+        from . import snapshot
+        return snapshot.export(self, now, extra)
+
+    @staticmethod
+    def restore(data: bytes, now: float, *, budget: Budget | None = None, **settings) -> tuple["Session", dict]:
+        """A session from :meth:`export`'s bytes at ``now``, and its ``extra``; ``settings`` given
+        replace the snapshot's: :func:`iwsproxy.snapshot.restore` (raises ``SnapshotError``)."""
+        from . import snapshot
+        return snapshot.restore(data, now, budget=budget, **settings)

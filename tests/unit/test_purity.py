@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-PURE = ["iwsproxy.buffer", "iwsproxy.policy", "iwsproxy.tokens", "iwsproxy.session", "iwsproxy.pool", "iwsproxy.backoff", "iwsproxy.frames",
+PURE = ["iwsproxy.buffer", "iwsproxy.policy", "iwsproxy.tokens", "iwsproxy.session", "iwsproxy.snapshot", "iwsproxy.pool", "iwsproxy.backoff", "iwsproxy.frames",
         "iwsproxy.settings", "iwsproxy.exceptions", "iwsproxy"]
 IO = ["gevent", "geventwebsocket", "socket", "flask", "werkzeug", "websocket", "ssl"]
 
