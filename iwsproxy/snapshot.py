@@ -59,6 +59,13 @@ JSON object, and gets it back from :func:`restore`. Keys of
 :data:`EXTRA_FIELDS` are checked for their types on restore, any other key is
 returned as stored. Times in ``extra`` are the caller's to make relative.
 
+Trust. Reading a snapshot runs no code, builds only lists, strings and numbers
+whose size follows from the snapshot's, and yields a session whose invariants
+hold; the checksum catches accidents, not an adversary. Whoever can write a
+snapshot can still choose what the session sends, and ``extra`` may hold the
+client id, a credential where sessions can be resumed: the store must be as
+private as the proxy's own memory.
+
 Adding to a Session. :data:`SESSION_FIELDS`, :data:`LEDGER_FIELDS` and
 :data:`BUFFER_FIELDS` name every attribute of a session, a ledger and a
 buffer with how it is kept; ``tests/unit/test_snapshot.py`` fails when an
@@ -119,7 +126,10 @@ SETTINGS: dict[str, str] = {
     "pong_timeout_s": "seconds", "keepalive_s": "seconds", "resume_grace_s": "seconds",
     "idle_timeout_s": "seconds",
 }
-#: keys of ``extra`` that are checked on restore (each optional), with their kinds
+#: keys of ``extra`` that are checked on restore (each optional), with their kinds: the client's id,
+#: the subprotocol it was answered with, the backend in use, the one the next connect leaves out,
+#: backend connections after the first, the last switch's duration, the pipe's age, and what the
+#: client's handshake asks of every backend (query, subprotocols, headers, origin, address)
 EXTRA_FIELDS: dict[str, str] = {
     "client_id": "text", "subprotocol": "text?", "backend_url": "text?", "avoid_url": "text?",
     "reconnects": "count", "last_move_ms": "seconds?", "age_s": "seconds", "offer": "object",
@@ -230,26 +240,26 @@ def _plain(value):
     return value
 
 
-def _key(name: str) -> str:
-    return name.lstrip("_")
+def _stored(fields: dict[str, str]) -> tuple[tuple[str, str, str], ...]:
+    """(attribute, header key, kind) for each attribute of ``fields`` stored under its own key."""
+    return tuple((name, name.lstrip("_"), kind) for name, kind in fields.items() if kind in _READ)
 
 
-def _stored(fields: dict[str, str]) -> list[str]:
-    """The attributes of ``fields`` stored in the header under their own key."""
-    return [name for name, kind in fields.items() if kind in _READ]
+_SESSION_STORED = _stored(SESSION_FIELDS)
+_LEDGER_STORED = _stored(LEDGER_FIELDS)
 
 
-def _encode_fields(obj, fields: dict[str, str]) -> dict:
-    return {_key(name): _WRITE.get(fields[name], _plain)(getattr(obj, name)) for name in _stored(fields)}
+def _encode_fields(obj, stored) -> dict:
+    return {key: _WRITE.get(kind, _plain)(getattr(obj, name)) for name, key, kind in stored}
 
 
-def _decode_fields(template, fields: dict[str, str], data: dict, where: str, shift: float) -> dict:
-    """The checked values of the stored attributes of ``fields`` in ``data``; ``template`` (a new
-    object of the same class) gives the keys of each "times" dict."""
+def _decode_fields(template, stored, data: dict, where: str, shift: float) -> dict:
+    """The checked values of the ``stored`` attributes in ``data``; ``template`` (a new object of
+    the same class) gives the keys of each "times" dict."""
     values = {}
-    for name in _stored(fields):
-        kind, here = fields[name], f"{where}.{_key(name)}"
-        values[name] = _READ[kind](data[_key(name)], here, shift)
+    for name, key, kind in stored:
+        here = f"{where}.{key}"
+        values[name] = _READ[kind](data[key], here, shift)
         if kind == "times" and set(values[name]) != set(getattr(template, name)):
             raise _fail(here, f"expected the keys {sorted(getattr(template, name))}, got {sorted(values[name])}")
     return values
@@ -318,7 +328,7 @@ def _setting(session: Session, name: str):
 
 
 def _encode_ledger(ledger: Ledger, payloads: list) -> dict:
-    data = _encode_fields(ledger, LEDGER_FIELDS)
+    data = _encode_fields(ledger, _LEDGER_STORED)
     data["fences"] = [list(fence) for fence in ledger.fences]
     for key, messages in (("pending", ledger.buffer._pending), ("window", ledger.buffer._window)):
         data[key] = [[opcode for opcode, _ in messages], [len(payload) for _, payload in messages]]
@@ -339,7 +349,7 @@ def export(session: Session, now: float, extra: dict | None = None) -> bytes:
     header = {
         "clock": now,
         "settings": {name: _setting(session, name) for name in SETTINGS},
-        "session": _encode_fields(session, SESSION_FIELDS),
+        "session": _encode_fields(session, _SESSION_STORED),
         "to_backend": _encode_ledger(session.to_backend, payloads),
         "to_client": _encode_ledger(session.to_client, payloads),
         "extra": extra or {},
@@ -376,8 +386,8 @@ class _Payloads:
 def _decode_ledger(template: Ledger, data, where: str, shift: float, payloads: _Payloads,
                    keep: bool, closed: bool) -> dict:
     """The checked state of one ledger (``keep`` and ``closed`` as the snapshot has them)."""
-    data = _expect_keys(data, [_key(name) for name in _stored(LEDGER_FIELDS)] + list(_LEDGER_KEYS), where)
-    values = _decode_fields(template, LEDGER_FIELDS, data, where, shift)
+    data = _expect_keys(data, [key for _, key, _ in _LEDGER_STORED] + list(_LEDGER_KEYS), where)
+    values = _decode_fields(template, _LEDGER_STORED, data, where, shift)
     pending, pending_bytes = payloads.take(data["pending"], where + ".pending")
     window, window_bytes = payloads.take(data["window"], where + ".window")
     sent, acked = values["sent_total"], values["acked_total"]
@@ -418,8 +428,9 @@ def _check_extra(extra) -> dict:
 
 def _load_ledger(ledger: Ledger, values: dict) -> None:
     buffer: MessageBuffer = ledger.buffer
-    for name in _stored(LEDGER_FIELDS) + ["fences"]:
+    for name, _, _ in _LEDGER_STORED:
         setattr(ledger, name, values[name])
+    ledger.fences = values["fences"]
     buffer._pending, buffer._window = values["pending"], values["window"]
     buffer.pending_bytes, buffer.window_bytes = values["pending_bytes"], values["window_bytes"]
 
@@ -451,9 +462,8 @@ def restore(data, now: float, *, budget: Budget | None = None, **settings) -> tu
     # attributes, the code's constants); a budget is charged only once everything checked out
     template = Session(**merged, now=now, budget=budget)
     as_stored = Session(**stored, now=now)  # what the snapshot's settings derive (which windows it keeps)
-    fields = [_key(name) for name in _stored(SESSION_FIELDS)]
-    values = _decode_fields(template, SESSION_FIELDS, _expect_keys(header["session"], fields, "session"),
-                            "session", shift)
+    session_data = _expect_keys(header["session"], [key for _, key, _ in _SESSION_STORED], "session")
+    values = _decode_fields(template, _SESSION_STORED, session_data, "session", shift)
     closed = values["state"] is State.CLOSED
     payloads = _Payloads(data, len(data) - len(view))
     keeps = (as_stored.to_backend.keep, as_stored.to_client.keep)
