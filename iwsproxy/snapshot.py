@@ -66,10 +66,10 @@ snapshot can still choose what the session sends, and ``extra`` may hold the
 client id, a credential where sessions can be resumed: the store must be as
 private as the proxy's own memory.
 
-Adding to a Session. :data:`SESSION_FIELDS`, :data:`LEDGER_FIELDS` and
-:data:`BUFFER_FIELDS` name every attribute of a session, a ledger and a
-buffer with how it is kept; ``tests/unit/test_snapshot.py`` fails when an
-attribute is missing from them. A change to these tables changes the format:
+Adding to a Session. :data:`SESSION_FIELDS`, :data:`LEDGER_FIELDS`,
+:data:`BUFFER_FIELDS` and :data:`RECORDS` name every attribute of a session, a
+ledger, a buffer and the records they hold with how it is kept;
+``tests/unit/test_snapshot.py`` fails when an attribute is missing from them. A change to these tables changes the format:
 once a version has been released, bump :data:`VERSION` (a reader refuses
 versions it does not know).
 """
@@ -88,23 +88,24 @@ from .exceptions import BufferOverflow, SnapshotError
 from .session import CloseClient, FailoverReport, Session, State
 
 __all__ = ["VERSION", "MAGIC", "export", "restore", "pack", "unpack", "SETTINGS", "SESSION_FIELDS",
-           "LEDGER_FIELDS", "BUFFER_FIELDS", "EXTRA_FIELDS"]
+           "LEDGER_FIELDS", "BUFFER_FIELDS", "RECORDS", "EXTRA_FIELDS"]
 
 MAGIC = b"IWSS"
 VERSION = 1
 _PREFIX = struct.Struct("!4sHII")  # magic, version, header length, crc32
 DATA_OPCODES = (1, 2)              # text, binary: what a session buffers
 
-# How each attribute is kept. Kinds _READ knows are stored in the header under the
-# attribute's name without a leading "_"; "setting": in "settings"; "derived": rebuilt by the
-# constructor from the settings; "code": the restoring code's constant; "process": the restoring
-# process's (the budget); "ledger", "buffer", "fences", "messages": written out below.
+# How each attribute is kept. Kinds _READ knows (count, flag, text, text?, seconds, time, time?,
+# times, enum, and the RECORDS kinds) are stored in the header under the attribute's name without
+# a leading "_"; "setting": in "settings"; "derived": rebuilt by the constructor from the settings;
+# "code": the restoring code's constant; "process": the restoring process's (the budget);
+# "ledger", "buffer", "fences", "messages": written out below.
 SESSION_FIELDS: dict[str, str] = {
     "to_backend": "ledger", "to_client": "ledger",
     "buffer": "derived", "_flow_limit": "derived",
     "replay": "setting", "reconnect_deadline_s": "setting", "pong_timeout_s": "setting",
     "keepalive_s": "setting", "resume_grace_s": "setting", "idle_timeout_s": "setting",
-    "state": "state", "client_attached": "flag",
+    "state": "enum", "client_attached": "flag",
     "generation": "count", "failovers": "count", "replayed_total": "count", "resumes": "count",
     "_replayed": "count",
     "close_reason": "close?", "end_cause": "text?", "last_failover": "failover?",
@@ -119,6 +120,12 @@ LEDGER_FIELDS: dict[str, str] = {
 BUFFER_FIELDS: dict[str, str] = {
     "limit_bytes": "setting", "budget": "process", "_pending": "messages", "_window": "messages",
     "pending_bytes": "derived", "window_bytes": "derived",
+}
+#: the records a session holds (frozen dataclasses, stored as JSON objects): kind -> (class, fields)
+RECORDS: dict[str, tuple[type, dict[str, str]]] = {
+    "close?": (CloseClient, {"code": "count", "reason": "text"}),
+    "failover?": (FailoverReport, {"duration_s": "seconds", "replayed": "count", "flushed_messages": "count",
+                                   "flushed_bytes": "count"}),
 }
 #: Session()'s keyword settings and their kinds ("seconds": a duration, not moved in time)
 SETTINGS: dict[str, str] = {
@@ -184,27 +191,10 @@ def _optional(decode: Callable) -> Callable:
     return lambda value, where: None if value is None else decode(value, where)
 
 
-def _state(value, where: str) -> State:
-    try:
-        return State(_text(value, where))
-    except ValueError:
-        raise _fail(where, f"unknown state {value!r:.40}") from None
-
-
 def _fixed_list(value, where: str, size: int) -> list:
     if type(value) is not list or len(value) != size:
         raise _fail(where, f"expected a list of {size}, got {value!r:.60}")
     return value
-
-
-def _close(value, where: str) -> CloseClient:
-    code, reason = _fixed_list(value, where, 2)
-    return CloseClient(_int(code, where + ".code"), _text(reason, where + ".reason"))
-
-
-def _failover(value, where: str) -> FailoverReport:
-    duration, *counts = _fixed_list(value, where, 4)
-    return FailoverReport(_seconds(duration, where), *(_int(c, where) for c in counts))
 
 
 def _times(value, where: str, shift: float) -> dict[str, float]:
@@ -212,12 +202,7 @@ def _times(value, where: str, shift: float) -> dict[str, float]:
 
 
 # kind -> how a value is written into the header (as it is, if not here)
-_WRITE: dict[str, Callable] = {
-    "state": lambda v: v.value,
-    "close?": lambda v: None if v is None else [v.code, v.reason],
-    "failover?": lambda v: None if v is None else [v.duration_s, v.replayed, v.flushed_messages, v.flushed_bytes],
-    "times": dict,
-}
+_WRITE: dict[str, Callable] = {"enum": lambda v: v.value, "times": dict}
 # kind -> read(value, where, shift): the value checked, times moved to this process's clock by shift
 _READ: dict[str, Callable] = {
     "count": lambda v, w, s: _int(v, w),
@@ -229,11 +214,25 @@ _READ: dict[str, Callable] = {
     "seconds?": lambda v, w, s: _optional(_seconds)(v, w),
     "time": lambda v, w, s: _number(v, w) + s,
     "time?": lambda v, w, s: None if v is None else _number(v, w) + s,
-    "times": _times,  # a dict of times, with the keys the constructor gives it
-    "state": lambda v, w, s: _state(v, w),
-    "close?": lambda v, w, s: _optional(_close)(v, w),
-    "failover?": lambda v, w, s: _optional(_failover)(v, w),
+    "times": _times,                   # a dict of times, with the keys the constructor gives it
+    "enum": lambda v, w, s: _text(v, w),  # a member of the constructor's value's enum, see _decode_fields
 }
+
+
+def _add_record_kind(kind: str, cls: type, fields: dict[str, str]) -> None:
+    """Store the optional frozen dataclass ``cls`` (kind ``kind``) as a JSON object of ``fields``."""
+    def read(value, where: str, shift: float):
+        if value is None:
+            return None
+        value = _expect_keys(value, fields, where)
+        return cls(**{name: _READ[field](value[name], f"{where}.{name}", shift) for name, field in fields.items()})
+    _WRITE[kind] = lambda v: None if v is None else {name: _WRITE.get(fields[name], _plain)(getattr(v, name))
+                                                     for name in fields}
+    _READ[kind] = read
+
+
+for _kind, (_cls, _fields) in RECORDS.items():
+    _add_record_kind(_kind, _cls, _fields)
 
 
 def _plain(value):
@@ -255,13 +254,19 @@ def _encode_fields(obj, stored) -> dict:
 
 def _decode_fields(template, stored, data: dict, where: str, shift: float) -> dict:
     """The checked values of the ``stored`` attributes in ``data``; ``template`` (a new object of
-    the same class) gives the keys of each "times" dict."""
+    the same class) gives the enum of each "enum" attribute and the keys of each "times" dict."""
     values = {}
     for name, key, kind in stored:
         here = f"{where}.{key}"
-        values[name] = _READ[kind](data[key], here, shift)
-        if kind == "times" and set(values[name]) != set(getattr(template, name)):
-            raise _fail(here, f"expected the keys {sorted(getattr(template, name))}, got {sorted(values[name])}")
+        value = values[name] = _READ[kind](data[key], here, shift)
+        like = getattr(template, name)
+        if kind == "enum":
+            try:
+                values[name] = type(like)(value)
+            except ValueError:
+                raise _fail(here, f"not a {type(like).__name__}: {value!r:.40}") from None
+        elif kind == "times" and set(value) != set(like):
+            raise _fail(here, f"expected the keys {sorted(like)}, got {sorted(value)}")
     return values
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import struct
@@ -101,6 +102,8 @@ def test_the_format_names_every_attribute_of_a_session_its_ledgers_and_buffers()
         assert attributes - set(table) == set(), (
             f"{cls} has attributes a snapshot does not keep: add them to iwsproxy/snapshot.py's field tables")
         assert set(table) - attributes == set(), f"iwsproxy/snapshot.py names attributes {cls} no longer has"
+    for kind, (cls, fields) in snapshot.RECORDS.items():
+        assert {f.name for f in dataclasses.fields(cls)} == set(fields), f"{cls.__name__} and RECORDS[{kind!r}] differ"
     settings_ = set(inspect.signature(Session).parameters) - {"now", "budget"}
     assert settings_ == set(snapshot.SETTINGS), "Session() settings and snapshot.SETTINGS differ"
 
@@ -318,9 +321,11 @@ MUTATIONS = {
     "fences out of order": lambda h: h["to_backend"]["fences"].reverse(),
     "fence not issued yet": lambda h: h["to_backend"].update(next_fence=1),
     "fence covering too much": lambda h: h["to_backend"]["fences"][-1].__setitem__(1, 99),
-    "close reason malformed": lambda h: h["session"].update(close_reason=[1000]),
+    "close reason malformed": lambda h: h["session"].update(close_reason=[1000, "bye"]),
+    "close reason incomplete": lambda h: h["session"].update(close_reason={"code": 1000}),
+    "close reason of the wrong type": lambda h: h["session"].update(close_reason={"code": "1000", "reason": ""}),
     "excuses of unknown sides": lambda h: h["session"].update(excused_until={"backend": 0.0}),
-    "failover report malformed": lambda h: h["session"].update(last_failover=[1.0, -1, 0, 0]),
+    "failover report malformed": lambda h: h["session"]["last_failover"].update(replayed=-1),
     "extra not an object": lambda h: h.update(extra=[]),
     "window kept without replay": lambda h: h["settings"].update(replay=False),
 }
