@@ -99,13 +99,14 @@ def test_the_format_names_every_attribute_of_a_session_its_ledgers_and_buffers()
               ("Ledger", set(Ledger.__slots__), snapshot.LEDGER_FIELDS),
               ("MessageBuffer", set(MessageBuffer.__slots__), snapshot.BUFFER_FIELDS)]
     for cls, attributes, table in tables:
-        assert attributes - set(table) == set(), (
-            f"{cls} has attributes a snapshot does not keep: add them to iwsproxy/snapshot.py's field tables")
-        assert set(table) - attributes == set(), f"iwsproxy/snapshot.py names attributes {cls} no longer has"
+        missing, gone = sorted(attributes - set(table)), sorted(set(table) - attributes)
+        assert not missing, f"{cls} has attributes a snapshot does not keep: add {missing} to iwsproxy/snapshot.py"
+        assert not gone, f"iwsproxy/snapshot.py names attributes {cls} no longer has: {gone}"
     for kind, (cls, fields) in snapshot.RECORDS.items():
-        assert {f.name for f in dataclasses.fields(cls)} == set(fields), f"{cls.__name__} and RECORDS[{kind!r}] differ"
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names == set(fields), f"{cls.__name__} has {sorted(names)}, RECORDS[{kind!r}] {sorted(fields)}"
     settings_ = set(inspect.signature(Session).parameters) - {"now", "budget"}
-    assert settings_ == set(snapshot.SETTINGS), "Session() settings and snapshot.SETTINGS differ"
+    assert settings_ == set(snapshot.SETTINGS), f"Session() takes {sorted(settings_)}, SETTINGS {sorted(snapshot.SETTINGS)}"
 
 
 def test_every_kind_in_the_tables_is_known():
