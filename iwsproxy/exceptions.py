@@ -11,6 +11,7 @@
     ├── ProtocolError            a peer broke RFC 6455; carries the close code to answer with
     │   └── MessageTooBig        a message passed the size limit (close code 1009)
     ├── NoBackendAvailable       every backend was tried or none is usable (-> HTTP 503)
+    ├── SnapshotError            a session snapshot is not whole, not valid, or of an unknown version
     └── BackendError             something went wrong with one backend
         ├── BackendConnectError  TCP/TLS/handshake failed or timed out
         └── BackendRejected      the backend answered the handshake with an HTTP error status
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolError",
     "MessageTooBig",
     "NoBackendAvailable",
+    "SnapshotError",
     "BackendError",
     "BackendConnectError",
     "BackendRejected",
@@ -102,6 +104,11 @@ class NoBackendAvailable(IwsProxyError):
         if parts:
             msg += " (" + "; ".join(parts) + ")"
         super().__init__(msg)
+
+
+class SnapshotError(IwsProxyError):
+    """A session snapshot cannot be read (bad magic, unknown version, truncated, corrupted,
+    inconsistent) or written (see :mod:`iwsproxy.snapshot`)."""
 
 
 class BackendError(IwsProxyError):

@@ -88,7 +88,7 @@ class Session:
     def __init__(self, *, buffer_limit_bytes: int, replay: bool = True, now: float,
                  reconnect_deadline_s: float = 0.0, pong_timeout_s: float = 10.0, keepalive_s: float = 20.0,
                  resume_grace_s: float = 0.0, idle_timeout_s: float = 0.0, budget: Budget | None = None,
-                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0):
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0, backoff_jitter: float = 0.5):
         self.to_backend = Ledger(buffer_limit_bytes, keep=replay, now=now, max_fences=MAX_FENCES_IN_FLIGHT,
                                  fence_interval_s=FENCE_INTERVAL_S, budget=budget)
         self.to_client = Ledger(buffer_limit_bytes, keep=resume_grace_s > 0, now=now,
@@ -123,6 +123,7 @@ class Session:
         # rounds in a row having failed, _avoid left out of the next round
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.backoff_jitter = backoff_jitter  # 0: the bare delays (a repeatable session, for tests)
         self.backend_url: str | None = None   # the backend in use, or the one last lost
         self._retry_at: float | None = now
         self._retries = 0
@@ -270,7 +271,7 @@ class Session:
         if self.needs_backend:
             self._retries += 1
             self._retry_at = now + retry_delay(self._retries, initial_s=self.backoff_initial_s,
-                                               max_s=self.backoff_max_s)
+                                               max_s=self.backoff_max_s, jitter=self.backoff_jitter)
         return []
 
     def pool_changed(self, now: float) -> list:
@@ -493,3 +494,17 @@ class Session:
         if had_backend and close_backend:
             actions.append(CloseBackend(self.generation, CLOSE_NORMAL, "client session closed"))
         return actions
+
+    # ---- snapshots (see iwsproxy.snapshot) ----
+    def export(self, now: float, extra: dict | None = None) -> bytes:
+        """This session's complete state at ``now`` as bytes, with the caller's JSON object
+        ``extra``: :func:`iwsproxy.snapshot.export`."""
+        from . import snapshot
+        return snapshot.export(self, now, extra)
+
+    @staticmethod
+    def restore(data: bytes, now: float, *, budget: Budget | None = None, **settings) -> tuple["Session", dict]:
+        """A session from :meth:`export`'s bytes at ``now``, and its ``extra``; ``settings`` given
+        replace the snapshot's: :func:`iwsproxy.snapshot.restore` (raises ``SnapshotError``)."""
+        from . import snapshot
+        return snapshot.restore(data, now, budget=budget, **settings)

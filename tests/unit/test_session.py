@@ -9,6 +9,15 @@ from iwsproxy.exceptions import BufferOverflow
 from iwsproxy.session import (EXCUSED_WAIT_LIMIT, FENCE_INTERVAL_S, MAX_FENCES_IN_FLIGHT, AbandonBackend, CloseBackend, CloseClient, ConnectBackend, RecordFailover, ReleaseBackend,
                               SendToBackend, Session, State, encode_fence, stuck_peer_to_drop)
 
+from .test_snapshot import RoundTripSession
+
+
+@pytest.fixture(autouse=True, params=["plain", "roundtrip"])
+def _session_kind(request, monkeypatch):
+    """Every scenario runs twice: on a Session, and on one exported and restored after every call."""
+    if request.param == "roundtrip":
+        monkeypatch.setitem(globals(), "Session", RoundTripSession)
+
 
 def msgs(*names: str) -> list[tuple[int, bytes]]:
     return [(1, n.encode()) for n in names]
