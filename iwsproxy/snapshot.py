@@ -138,12 +138,11 @@ SETTINGS: dict[str, str] = {
     "backoff_jitter": "fraction",
 }
 #: keys of ``extra`` that are checked on restore (each optional), with their kinds: the client's id,
-#: the subprotocol it was answered with, the backend in use, the one the next connect leaves out,
-#: backend connections after the first, the last switch's duration, the pipe's age, and what the
-#: client's handshake asks of every backend (query, subprotocols, headers, origin, address)
+#: the subprotocol it was answered with, the pipe's age, and what the client's handshake asks of
+#: every backend (query, subprotocols, headers, origin, address). The backend in use, the one to
+#: avoid, and the counts of connections and failovers are the session's own fields.
 EXTRA_FIELDS: dict[str, str] = {
-    "client_id": "text", "subprotocol": "text?", "backend_url": "text?", "avoid_url": "text?",
-    "reconnects": "count", "last_move_ms": "seconds?", "age_s": "seconds", "offer": "object",
+    "client_id": "text", "subprotocol": "text?", "age_s": "seconds", "offer": "object",
 }
 _LEDGER_KEYS = ("fences", "pending", "window")
 
