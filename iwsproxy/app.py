@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 import gevent
 from greenlet import greenlet
@@ -102,8 +102,30 @@ def _without_token(query: str) -> str:
 proxy_bp = Blueprint("iwsproxy", __name__)
 
 
-@proxy_bp.route("/<client_id>", websocket=True)
-def proxy(client_id: str):
+def _raw_path() -> str:
+    """The request's path as the client sent it (percent escapes kept), as forwarded to backends.
+
+    From ``RAW_URI`` (set by :class:`~iwsproxy.io.client.ProxyHandler` and gunicorn), else
+    rebuilt from the decoded ``SCRIPT_NAME`` + ``PATH_INFO``. ValueError (400) if its bytes are not
+    UTF-8 (see :func:`_as_sent`).
+    """
+    environ = request.environ
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    path = raw.partition("?")[0]
+    if not path.startswith("/"):  # absent, or an absolute-form target: rebuild it
+        path = quote((environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"),
+                     safe="/:@!$&'()*+,;=~")
+    return _as_sent(path, "request path")
+
+
+def _without_last_segment(path: str) -> str:
+    """``/chat/<id>`` -> ``/chat``, ``/<id>`` -> ``/``: the path a backend gets when the id is in it."""
+    return path.rstrip("/").rpartition("/")[0] or "/"
+
+
+@proxy_bp.route("/", websocket=True, defaults={"path": ""})
+@proxy_bp.route("/<path:path>", websocket=True)
+def proxy(path: str):
     state = _state()
     upgrade = request.environ.get(UPGRADE_KEY)
     if upgrade is None:
@@ -121,10 +143,8 @@ def proxy(client_id: str):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
     try:
-        client_id = state.client_id(client_id, request)
-    except ValueError as exc:
-        return _text(400, str(exc))
-    try:
+        client_id = state.client_id(path.rpartition("/")[2], request)
+        backend_path = _without_last_segment(_raw_path())
         forwarded = ((name, _forwarded(name, request.headers[name])) for name in state.settings.forward_headers
                      if name in request.headers)
         headers = tuple((name, value) for name, value in forwarded if value is not None)
@@ -137,7 +157,7 @@ def proxy(client_id: str):
         query = _without_token(query)
     offer = ClientOffer(client_id=client_id, query=query,
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
-                        origin=origin, remote_addr=request.remote_addr or "")
+                        origin=origin, remote_addr=request.remote_addr or "", path=backend_path)
     try:
         state.manager.create_pipe(client_id, upgrade, offer, token=token)
     except DuplicateClient as exc:
@@ -154,8 +174,8 @@ def proxy(client_id: str):
     return ""
 
 
-@proxy_bp.route("/<client_id>")
-def proxy_plain_http(client_id: str):
+@proxy_bp.route("/<path:path>")  # (no plain "/" rule: an embedding app's index page keeps it)
+def proxy_plain_http(path: str):
     return _text(426, "this is a WebSocket endpoint: connect with a WebSocket client",
                  Upgrade="websocket", Connection="Upgrade")
 

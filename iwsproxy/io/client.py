@@ -256,8 +256,12 @@ class ProxyHandler(WebSocketHandler):
         return super().read_requestline()
 
     def get_environ(self):
+        """The WSGI environ, plus ``RAW_URI``: the request target as the client sent it (gevent's
+        ``PATH_INFO`` has its percent escapes decoded), so that a path passes on unchanged."""
         self._cancel_handshake_timer()  # the request line and headers are in
-        return super().get_environ()
+        environ = super().get_environ()
+        environ.setdefault("RAW_URI", self.path)
+        return environ
 
     def _cancel_handshake_timer(self) -> None:
         timer, self._handshake_timer = self._handshake_timer, None
