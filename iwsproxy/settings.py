@@ -205,9 +205,10 @@ class Settings:
     max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
                              "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
                              "--max-pipes")
-    max_pipes_per_ip: int = setting(1000, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
-                                    "most concurrent pipes per client IP (more: HTTP 429); behind a load "
-                                    "balancer every client has the balancer's address", "--max-pipes-per-ip")
+    max_pipes_per_ip: int = setting(0, "IWSPROXY_MAX_PIPES_PER_IP", _parse_count,
+                                    "most concurrent pipes per client IP (more: HTTP 429); 0 = no limit. "
+                                    "Behind a load balancer every client has the balancer's address unless "
+                                    "--trusted-proxy-hops is set", "--max-pipes-per-ip")
     trusted_proxy_hops: int = setting(0, "IWSPROXY_TRUSTED_PROXY_HOPS", _parse_count,
                                       "load balancers in front that append the client's address to "
                                       "X-Forwarded-For: the address that many entries from the end is the "
