@@ -7,6 +7,7 @@ request target it got, then echoes); the clients are python-websockets' sync cli
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -205,7 +206,9 @@ def test_the_reconnecting_client_resumes_by_its_query_id_after_a_cut(processes):
                 continue
         raise AssertionError("the iterator ended")
 
-    connections, received = asyncio.run(run())
+    # in a thread of its own: the browser tests' Playwright may leave an event loop on this one
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        connections, received = executor.submit(lambda: asyncio.run(run())).result(timeout=50)
     assert connections == 2
     firsts = list(dict.fromkeys(received))  # at-least-once: an unacknowledged echo may come twice
     assert firsts == [str(n) for n in range(1, 12)]
