@@ -10,16 +10,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 import gevent
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from .clientid import cookie_name, find_client_id, id_cookie, new_client_id
 from .exceptions import BackendRejected, CapacityExceeded, DuplicateClient, NoBackendAvailable, ResumeRefused
 from .frames import encode_close_payload
-from .io.backend import ClientOffer, check_backend_url, url_allowed
+from .io.backend import CLIENT_ID_HEADER, ClientOffer, check_backend_url, url_allowed
 from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
@@ -101,8 +102,46 @@ def _without_token(query: str) -> str:
 proxy_bp = Blueprint("iwsproxy", __name__)
 
 
-@proxy_bp.route("/<client_id>", websocket=True)
-def proxy(client_id: str):
+def _raw_path() -> str:
+    """The request's path as the client sent it (percent escapes kept), as forwarded to backends.
+
+    From ``RAW_URI`` (set by :class:`~iwsproxy.io.client.ProxyHandler` and gunicorn), else
+    rebuilt from the decoded ``SCRIPT_NAME`` + ``PATH_INFO``. ValueError (400) if its bytes are not
+    UTF-8 (see :func:`_as_sent`).
+    """
+    environ = request.environ
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    path = raw.partition("?")[0]
+    if not path.startswith("/"):  # absent, or an absolute-form target: rebuild it
+        path = quote((environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"),
+                     safe="/:@!$&'()*+,;=~")
+    return _as_sent(path, "request path")
+
+
+def _client_id(state: _State, path: str) -> tuple[str, bool]:
+    """The request's client id, from the configured sources (see :mod:`iwsproxy.clientid`) and
+    checked by the extension's ``client_id`` rule, and whether it was assigned just now (none in
+    the request, ``assign_client_id`` on). ValueError (400) for a missing, ambiguous or invalid id."""
+    sources = state.settings.client_id_from
+    headers = {name.lower(): request.headers.getlist(name)
+               for kind, _, name in (source.partition(":") for source in sources) if kind == "header"}
+    found = find_client_id(sources, path=path, query=request.args.to_dict(flat=False), headers=headers,
+                           cookie_header=request.headers.get("Cookie", ""))
+    if found is not None:
+        return state.client_id(found, request), False
+    if state.settings.assign_client_id:
+        return new_client_id(), True
+    raise ValueError("no client id in the request (looked in " + ", ".join(sources) + ")")
+
+
+def _without_last_segment(path: str) -> str:
+    """``/chat/<id>`` -> ``/chat``, ``/<id>`` -> ``/``: the path a backend gets when the id is in it."""
+    return path.rstrip("/").rpartition("/")[0] or "/"
+
+
+@proxy_bp.route("/", websocket=True, defaults={"path": ""})
+@proxy_bp.route("/<path:path>", websocket=True)
+def proxy(path: str):
     state = _state()
     upgrade = request.environ.get(UPGRADE_KEY)
     if upgrade is None:
@@ -120,10 +159,10 @@ def proxy(client_id: str):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
     try:
-        client_id = state.client_id(client_id, request)
-    except ValueError as exc:
-        return _text(400, str(exc))
-    try:
+        client_id, assigned = _client_id(state, path)
+        backend_path = _raw_path()
+        if "path" in settings.client_id_from:
+            backend_path = _without_last_segment(backend_path)
         forwarded = ((name, _forwarded(name, request.headers[name])) for name in state.settings.forward_headers
                      if name in request.headers)
         headers = tuple((name, value) for name, value in forwarded if value is not None)
@@ -134,9 +173,13 @@ def proxy(client_id: str):
     query = request.query_string.decode("utf-8")  # (checked by _query_must_be_utf8)
     if state.settings.resume_secret and "token" in request.args:  # the resume token is not the backend's business
         query = _without_token(query)
+    if assigned:  # on the 101 only: a refusal carries no id, and each request gets its own
+        cookie = id_cookie(cookie_name(settings.client_id_from), client_id, secure=request.scheme == "https",
+                           path=settings.proxy_prefix or "/")
+        upgrade.response_headers[:] = [("Set-Cookie", cookie), (CLIENT_ID_HEADER, client_id)]
     offer = ClientOffer(client_id=client_id, query=query,
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
-                        origin=origin, remote_addr=request.remote_addr or "")
+                        origin=origin, remote_addr=request.remote_addr or "", path=backend_path)
     try:
         state.manager.create_pipe(client_id, upgrade, offer, token=token)
     except DuplicateClient as exc:
@@ -153,8 +196,8 @@ def proxy(client_id: str):
     return ""
 
 
-@proxy_bp.route("/<client_id>")
-def proxy_plain_http(client_id: str):
+@proxy_bp.route("/<path:path>")  # (no plain "/" rule: an embedding app's index page keeps it)
+def proxy_plain_http(path: str):
     return _text(426, "this is a WebSocket endpoint: connect with a WebSocket client",
                  Upgrade="websocket", Connection="Upgrade")
 
@@ -320,13 +363,14 @@ class IWSProxy:
 def create_app(settings: Settings | None = None) -> Flask:
     """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn).
 
-    With ``trusted_proxy_hops`` the client address is taken from
-    X-Forwarded-For by Werkzeug's ``ProxyFix`` (an app embedding the extension
+    With ``trusted_proxy_hops`` the client address is taken from X-Forwarded-For,
+    and the scheme (https makes an assigned id's cookie Secure) from
+    X-Forwarded-Proto, by Werkzeug's ``ProxyFix`` (an app embedding the extension
     applies ``ProxyFix`` itself, as it does for its own routes).
     """
     app = Flask("iwsproxy", static_folder=None)  # the status page serves its own script
     IWSProxy(app, settings=settings)
     hops = app.extensions[EXTENSION_KEY].settings.trusted_proxy_hops
     if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     return app

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .clientid import parse_source
 from .exceptions import ConfigError
 
 __all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
@@ -132,6 +133,13 @@ def _parse_prefix(value: Any) -> str:
     return text.rstrip("/")
 
 
+def _parse_id_sources(value: Any) -> tuple[str, ...]:
+    sources = tuple(parse_source(item) for item in _parse_list(value))
+    if not sources:
+        raise ValueError("expected at least one of path, query:NAME, header:NAME, cookie:NAME")
+    return sources
+
+
 def _parse_optional_str(value: Any) -> str | None:
     text = str(value) if value is not None else ""
     return text or None
@@ -153,6 +161,16 @@ class Settings:
                                       "bearer token for the admin routes; unset turns them off", "--admin-token")
     proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,
                                 "URL prefix of the proxy route (clients connect to PREFIX/<client-id>)")
+    client_id_from: tuple[str, ...] = setting(("path",), "IWSPROXY_CLIENT_ID_FROM", _parse_id_sources,
+                                              "where the client id is read: path (the path's last segment), "
+                                              "query:NAME, header:NAME or cookie:NAME (the flag is repeatable, "
+                                              "the variable comma separated; ids that disagree: 400)",
+                                              "--client-id-from")
+    assign_client_id: bool = setting(False, "IWSPROXY_ASSIGN_CLIENT_ID", _parse_bool,
+                                     "give a request without a client id a new random one, returned in the 101 "
+                                     "as a cookie (named by the first cookie:NAME source, else iwsproxy_id) and "
+                                     "in X-Iwsproxy-Client-Id (otherwise such a request gets 400)",
+                                     "--assign-client-id")
     admin_prefix: str = setting("/admin", "IWSPROXY_ADMIN_PREFIX", _parse_prefix, "URL prefix of the admin routes")
     # --- sessions ---
     buffer_limit_bytes: int = setting(5 * 1024 * 1024, "IWSPROXY_BUFFER_LIMIT", parse_size,
@@ -205,9 +223,10 @@ class Settings:
     max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
                              "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
                              "--max-pipes")
-    max_pipes_per_ip: int = setting(1000, "IWSPROXY_MAX_PIPES_PER_IP", _parse_positive_int,
-                                    "most concurrent pipes per client IP (more: HTTP 429); behind a load "
-                                    "balancer every client has the balancer's address", "--max-pipes-per-ip")
+    max_pipes_per_ip: int = setting(0, "IWSPROXY_MAX_PIPES_PER_IP", _parse_count,
+                                    "most concurrent pipes per client IP (more: HTTP 429); 0 = no limit. "
+                                    "Behind a load balancer every client has the balancer's address unless "
+                                    "--trusted-proxy-hops is set", "--max-pipes-per-ip")
     trusted_proxy_hops: int = setting(0, "IWSPROXY_TRUSTED_PROXY_HOPS", _parse_count,
                                       "load balancers in front that append the client's address to "
                                       "X-Forwarded-For: the address that many entries from the end is the "

@@ -22,8 +22,8 @@ from ..exceptions import BackendConnectError, BackendRejected
 from ..frames import MaskSource
 from .connection import Connection
 
-__all__ = ["ClientOffer", "BackendConnection", "connect_backend", "check_backend_url", "tls_options",
-           "url_allowed"]
+__all__ = ["ClientOffer", "BackendConnection", "backend_target", "connect_backend", "check_backend_url",
+           "tls_options", "url_allowed"]
 
 CLIENT_ID_HEADER = "X-Iwsproxy-Client-Id"
 RECONNECTS_HEADER = "X-Iwsproxy-Reconnects"
@@ -94,13 +94,18 @@ def _host_and_port(entry: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class ClientOffer:
-    """What a client's handshake asks of every backend its pipe will use."""
+    """What a client's handshake asks of every backend its pipe will use.
+
+    ``path`` is the client's path as it sent it (percent escapes kept), given to a backend URL
+    that has no path of its own; ``query`` is added to the backend URL's own query.
+    """
     client_id: str
     query: str = ""
     subprotocols: tuple[str, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
     origin: str | None = None
     remote_addr: str = ""
+    path: str = ""
 
 
 class BackendConnection(Connection):
@@ -117,12 +122,16 @@ class BackendConnection(Connection):
 OFFERED = object()  # connect_backend's subprotocol for a session's first backend: the client's offer
 
 
-def _target(url: str, query: str) -> str:
-    if not query:
-        return url
+def backend_target(url: str, path: str, query: str) -> str:
+    """The URL a backend is asked for, as nginx's ``proxy_pass`` builds it: a backend URL without a
+    path (``ws://host:9000``) gets the client's ``path``; one with a path (``ws://host:9000/`` too)
+    keeps its own. The client's ``query`` follows the backend URL's own query, if any."""
     parts = urlsplit(url)
-    merged = f"{parts.query}&{query}" if parts.query else query
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", merged, parts.fragment))
+    target_path = parts.path or path or "/"
+    if not query and target_path == parts.path:
+        return url
+    merged = f"{parts.query}&{query}" if parts.query and query else parts.query or query
+    return urlunsplit((parts.scheme, parts.netloc, target_path, merged, parts.fragment))
 
 
 def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s: float,
@@ -158,7 +167,7 @@ def connect_backend(url: str, offer: ClientOffer, *, reconnects: int, timeout_s:
         options["suppress_origin"] = True
     try:
         with gevent.Timeout(timeout_s, BackendConnectError(url, f"handshake not done within {timeout_s:g} s")):
-            ws = websocket.create_connection(_target(url, offer.query), timeout=timeout_s, **options)
+            ws = websocket.create_connection(backend_target(url, offer.path, offer.query), timeout=timeout_s, **options)
     except websocket.WebSocketBadStatusException as exc:
         raise BackendRejected(url, exc.status_code) from exc
     except (OSError, ssl.SSLError, websocket.WebSocketException, ValueError) as exc:

@@ -144,6 +144,7 @@ class ClientUpgrade:
         self.server = handler.server
         self.server_pool = getattr(handler.server, "pool", None)  # where a shutdown can make the server wait
         self.connection: Connection | None = None
+        self.response_headers: list[tuple[str, str]] = []  # added to the 101 by accept(), to no other answer
         self.detached = False
         self.handed_in = handler.handed_in    # another process of this host sent us this request
         self.handed_over = False              # this request went to another process, which answers it
@@ -175,7 +176,8 @@ class ClientUpgrade:
 
     def accept(self, subprotocol: str | None = None, *, max_message_size: int,
                max_fragments: int = 1024) -> Connection:
-        """Answer 101 (with the chosen subprotocol) and return the client connection."""
+        """Answer 101 (with the chosen subprotocol and :attr:`response_headers`) and return the
+        client connection."""
         if self.connection is not None:
             raise RuntimeError("upgrade already accepted")
         if subprotocol is not None and subprotocol not in self.subprotocols:
@@ -185,6 +187,7 @@ class ClientUpgrade:
                  f"Sec-WebSocket-Accept: {accept}"]
         if subprotocol:
             lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+        lines.extend(f"{name}: {value}" for name, value in self.response_headers)
         handler = self._handler
         handler.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         handler.mark_upgraded()
@@ -256,8 +259,12 @@ class ProxyHandler(WebSocketHandler):
         return super().read_requestline()
 
     def get_environ(self):
+        """The WSGI environ, plus ``RAW_URI``: the request target as the client sent it (gevent's
+        ``PATH_INFO`` has its percent escapes decoded), so that a path passes on unchanged."""
         self._cancel_handshake_timer()  # the request line and headers are in
-        return super().get_environ()
+        environ = super().get_environ()
+        environ.setdefault("RAW_URI", self.path)
+        return environ
 
     def _cancel_handshake_timer(self) -> None:
         timer, self._handshake_timer = self._handshake_timer, None

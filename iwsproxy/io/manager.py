@@ -184,7 +184,7 @@ class PipeManager:
         settings = self.settings
         if len(self._pipes) >= settings.max_pipes:
             raise CapacityExceeded(f"this process serves its maximum of {settings.max_pipes} pipes", 503)
-        if offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
+        if settings.max_pipes_per_ip and offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
             raise CapacityExceeded(f"too many sessions from this address (max {settings.max_pipes_per_ip})", 429)
         pipe = PersistentPipe(client_id, offer, settings=settings, leases=self, telemetry=self.telemetry,
                               budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,

@@ -94,3 +94,11 @@ def test_the_header_size_cap_is_a_size_above_zero():
     assert Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "8KiB"}).max_header_size_bytes == 8192
     with pytest.raises(ConfigError, match="IWSPROXY_MAX_HEADER_SIZE"):
         Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "0"})
+
+
+def test_no_per_ip_limit_by_default_and_zero_means_none():
+    assert Settings().max_pipes_per_ip == 0
+    assert Settings.load(env={"IWSPROXY_MAX_PIPES_PER_IP": "0"}).max_pipes_per_ip == 0
+    assert Settings.load(env={"IWSPROXY_MAX_PIPES_PER_IP": "50"}).max_pipes_per_ip == 50
+    with pytest.raises(ConfigError):
+        Settings.load(env={"IWSPROXY_MAX_PIPES_PER_IP": "-1"})
