@@ -305,6 +305,7 @@ class PersistentPipe(Supervisor, Relay):
         that failed."""
         if round_ is None:
             return []
+        self.leases.stop_waiting(self)  # the round's own failed leases must not wake it again
         conn, lease, tried = connect_round(
             round_, self.session, self.offer, leases=self.leases, settings=self.settings,
             options=self.backend_options, first=self.session.generation == 0, name=short_id(self.client_id),

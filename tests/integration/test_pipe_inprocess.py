@@ -138,10 +138,6 @@ def test_rounds_wait_out_the_backoff_on_the_clock_and_a_pool_change_retries_at_o
     assert len(rig.leases.acquired) == 7
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a pipe waiting for a backend is woken by its own release of a failed lease (PoolLeases, like "
-    "PipeManager, wakes every waiting pipe on release), and the wake's pool_changed cancels its "
-    "backoff: it retries at once, as often as connects fail, until the pool ejects the backend"))
 def test_a_failed_round_is_not_retried_before_its_backoff(rig):
     rig.leases.pool.max_failures = 20  # the pool ejects it after 20 failures in a row
     dead = rig.backend()
