@@ -20,8 +20,10 @@ After each round, once the proxy reports no pipe left, the soak reads:
   (``sys.getallocatedblocks()``) and the objects the garbage collector tracks.
 
 A line is printed every ``--every`` rounds, then how much each grew over the last two thirds
-of the run (from a third of the sessions to the end, e.g. 20,000 to 60,000), per session. A
-proxy that keeps nothing per session shows flat Python figures and an RSS that levels off.
+of the run (from a third of the sessions to the end, e.g. 20,000 to 60,000), per session, with
+the highest Python figures after a round before and after that point. A proxy that keeps
+nothing per session shows flat Python figures and an RSS that levels off; sessions freed only
+by the cyclic collector show as a saw whose teeth grow.
 
 :func:`soak_rounds` runs the rounds against a proxy started by someone else (the tests).
 """
@@ -55,6 +57,7 @@ SETTLE_TIMEOUT_S = 30.0 * TIMEOUT_SCALE   # beyond the grace period, for the pro
 START_TIMEOUT_S = 30.0 * TIMEOUT_SCALE
 ADMIN_TOKEN = "iwsproxy-soak"
 READ_CHUNK_BYTES = 64 * 1024
+FDS_SETTLE_S = 1.0                        # see settled_fds
 
 
 class SoakError(Exception):
@@ -206,6 +209,18 @@ def open_fds(pids: list[int]) -> int:
     return total
 
 
+def settled_fds(pids: list[int], baseline: int | None, timeout_s: float = FDS_SETTLE_S) -> int:
+    """The open fds of ``pids``: while more than ``baseline`` (None: any number), looked at again
+    for up to ``timeout_s``, and the fewest seen. The server may not yet have closed the socket of
+    an admin request it has just answered; a leaked descriptor stays, and is counted."""
+    deadline = time.monotonic() + timeout_s
+    fewest = open_fds(pids)
+    while baseline is not None and fewest > baseline and time.monotonic() < deadline:
+        time.sleep(0.01)  # ok-sleep: between looks at another process's descriptors (bounded)
+        fewest = min(fewest, open_fds(pids))
+    return fewest
+
+
 def settle(port: int, timeout_s: float, token: str = ADMIN_TOKEN) -> dict:
     """The proxy's ``/admin/status`` once it reports no pipe (SoakError after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
@@ -221,17 +236,22 @@ def settle(port: int, timeout_s: float, token: str = ADMIN_TOKEN) -> dict:
 
 
 def soak_rounds(port: int, server_pid: int, rounds: int, *, round_sessions: int = 500, messages: int = 10,
-                resume_grace_s: float = 1.0, token: str = ADMIN_TOKEN, on_sample=None) -> list[Sample]:
+                resume_grace_s: float = 1.0, token: str = ADMIN_TOKEN, baseline_fds: int | None = None,
+                on_sample=None) -> list[Sample]:
     """Run ``rounds`` rounds against the proxy on ``port`` (its admin token ``token``, its process
     tree rooted at ``server_pid``) and return one :class:`Sample` per round; ``on_sample(sample)``
-    is called after each. Raises SoakError (a session failed, pipes did not end) or OSError."""
+    is called after each. Open fds are read as :func:`settled_fds` does, against ``baseline_fds``
+    (None: the first round's count). Raises SoakError (a session failed, pipes did not end) or
+    OSError."""
     started = time.monotonic()
     samples: list[Sample] = []
     for number in range(1, rounds + 1):
         run_round(port, round_sessions, messages)
         status = settle(port, resume_grace_s + SETTLE_TIMEOUT_S, token)
         pids = process_tree(server_pid)
-        sample = Sample(sessions=number * round_sessions, rss_kib=rss_kib(pids), fds=open_fds(pids),
+        fds = settled_fds(pids, baseline_fds)
+        baseline_fds = fds if baseline_fds is None else baseline_fds
+        sample = Sample(sessions=number * round_sessions, rss_kib=rss_kib(pids), fds=fds,
                         allocated_blocks=status["memory"]["allocated_blocks"],
                         gc_objects=status["memory"]["gc_objects"], elapsed_s=time.monotonic() - started)
         samples.append(sample)
@@ -284,22 +304,31 @@ def _line(sample: Sample) -> str:
 
 def summary(samples: list[Sample], baseline_fds: int) -> list[str]:
     """Growth from a third of the sessions to the end (20,000 to 60,000 of 60,000), in all and per
-    session, and the open fds after every round against ``baseline_fds`` (before the first session)."""
+    session, and the open fds after every round against ``baseline_fds`` (before the first session).
+
+    Python's live memory goes up and down with the garbage the cyclic collector has yet to find,
+    so its highest value after a round is given for either part too: a leak of reference cycles
+    shows as a saw whose teeth grow."""
     last = samples[-1]
     start = next(s for s in samples if s.sessions >= last.sessions / 3)
     served = last.sessions - start.sessions
-    rss, blocks, objects = (last.rss_kib - start.rss_kib, last.allocated_blocks - start.allocated_blocks,
-                            last.gc_objects - start.gc_objects)
+    first, rest = samples[:samples.index(start) + 1], samples[samples.index(start):]
 
-    def per_session(delta: int, unit: str) -> str:
-        return f" ({delta / served:+.3f} {unit} per session)" if served else ""
+    def growth(name: str, key: str, unit: str) -> str:
+        a, b = getattr(start, key), getattr(last, key)
+        per = f" ({(b - a) / served:+.3f} {unit} per session)" if served else ""
+        peaks = f"; highest after a round: {max(getattr(s, key) for s in first):,} up to {start.sessions:,} " \
+                f"sessions, {max(getattr(s, key) for s in rest):,} from there on"
+        return f"- {name} {a:,} -> {b:,}: {b - a:+,}{per}{peaks}"
 
+    rss = last.rss_kib - start.rss_kib
     fds = sorted({s.fds for s in samples})
     return [
         f"from {start.sessions:,} to {last.sessions:,} sessions:",
-        f"- RSS {rss / 1024:+.1f} MiB{per_session(rss, 'KiB')}",
-        f"- allocated blocks {blocks:+,}{per_session(blocks, 'blocks')}",
-        f"- gc objects {objects:+,}{per_session(objects, 'objects')}",
+        f"- RSS {start.rss_kib / 1024:.1f} -> {last.rss_kib / 1024:.1f} MiB: {rss / 1024:+.1f} MiB"
+        + (f" ({rss / served:+.3f} KiB per session)" if served else ""),
+        growth("allocated blocks", "allocated_blocks", "blocks"),
+        growth("gc objects", "gc_objects", "objects"),
         f"- open fds after each round: {fds[0]}" + (f"-{fds[-1]}" if len(fds) > 1 else "")
         + f" (before the first session: {baseline_fds})",
     ]
@@ -319,8 +348,9 @@ def run_soak(options: SoakOptions) -> list[Sample]:
         _progress(f"proxy ({kind}) pid {server.proc.pid} port {server.port}; {rounds} rounds of "
                   f"{options.round_sessions} sessions x {options.messages} messages, resume grace "
                   f"{options.resume_grace_s:g} s")
+        settle(server.port, SETTLE_TIMEOUT_S)  # answered: the proxy (gunicorn's worker) is up
         pids = process_tree(server.proc.pid)
-        baseline = {"rss_kib": rss_kib(pids), "fds": open_fds(pids)}
+        baseline = {"rss_kib": rss_kib(pids), "fds": settled_fds(pids, 0)}  # the fewest within FDS_SETTLE_S
         print(f"before the first session: RSS {baseline['rss_kib'] / 1024:.1f} MiB, {baseline['fds']} fds",
               flush=True)
         print(" sessions | RSS MiB  |  fds | alloc blocks | gc objects | seconds", flush=True)
@@ -331,7 +361,8 @@ def run_soak(options: SoakOptions) -> list[Sample]:
                 print(_line(sample), flush=True)
 
         samples = soak_rounds(server.port, server.proc.pid, rounds, round_sessions=options.round_sessions,
-                              messages=options.messages, resume_grace_s=options.resume_grace_s, on_sample=on_sample)
+                              messages=options.messages, resume_grace_s=options.resume_grace_s,
+                              baseline_fds=baseline["fds"], on_sample=on_sample)
     finally:
         if server is not None:
             server.terminate()
