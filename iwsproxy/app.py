@@ -6,6 +6,7 @@ import gc
 import hmac
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -274,8 +275,12 @@ def list_backends():
 def status():
     """Process-level numbers for operators and leak checks."""
     manager = _state().manager
-    live_greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and obj and not obj.dead)
-    return jsonify(pipes=len(manager), greenlets=live_greenlets, counters=dict(manager.counters),
+    objects = gc.get_objects()
+    live_greenlets = sum(1 for obj in objects if isinstance(obj, greenlet) and obj and not obj.dead)
+    # Python's live memory: the allocator's blocks in use and the objects the collector tracks
+    memory = {"allocated_blocks": sys.getallocatedblocks(), "gc_objects": len(objects)}
+    del objects
+    return jsonify(pipes=len(manager), greenlets=live_greenlets, memory=memory, counters=dict(manager.counters),
                    buffered_bytes=manager.budget.used_bytes,
                    clients_closed_by_code={str(k): v for k, v in manager.closed_by_code.items()},
                    gc={"threshold": gc.get_threshold(),

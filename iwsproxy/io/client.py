@@ -334,6 +334,7 @@ class ProxyHandler(WebSocketHandler):
                 self.process_result()
             taken = True
         finally:
+            environ.pop(UPGRADE_KEY, None)  # the upgrade refers back to this handler: reference counting frees both
             self.result = None
             close = getattr(result, "close", None)
             if close is not None:

@@ -423,6 +423,7 @@ class PersistentPipe(Supervisor, Relay):
         for client in list(self._client_readers):
             self._release_client(client)
         self._group.kill(timeout=CLOSE_GRACE_S)
+        self._backend_reader = None  # it refers back to the pipe: reference counting frees both now
         self._release_backend(failed=False)
         self.leases.stop_waiting(self)
         session = self.session
