@@ -16,8 +16,9 @@ reader never takes the client lock; only the supervisor takes both, backend firs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from gevent import get_hub, getcurrent
 from gevent.lock import Semaphore
@@ -62,33 +63,36 @@ class WriteLock:
         self.release()
 
 
+class LockOwner(Protocol):
+    """What :meth:`WriteLocks.holding` needs of the pipe: its current connections (either None)
+    and what to do with a peer that took none of our bytes for a ``timeout_s`` (``drop_stuck``
+    aborts it, which fails the stuck write and frees its lock)."""
+    client: Connection | None
+    backend: Connection | None
+
+    def drop_stuck(self, side: str, conn: Connection) -> None: ...
+
+
 class WriteLocks:
-    """The backend's and the client's write lock of one pipe.
+    """The backend's and the client's write lock of one pipe. It keeps no reference to the pipe
+    (the pipe is given to :meth:`holding`), so a pipe and its locks are freed by reference
+    counting."""
 
-    ``connections()`` returns the pipe's current (client, backend) connections, either None;
-    ``drop(side, conn)`` is called for a peer that took none of our bytes for a ``timeout_s``
-    while the supervisor waited for or held the locks (it aborts ``conn``, which fails the stuck
-    write and frees its lock).
-    """
+    __slots__ = ("backend", "client", "supervisor_waits", "timeout_s")
 
-    __slots__ = ("backend", "client", "supervisor_waits", "timeout_s", "_connections", "_drop")
-
-    def __init__(self, timeout_s: float, connections: Callable[[], tuple[Connection | None, Connection | None]],
-                 drop: Callable[[str, Connection], None]):
+    def __init__(self, timeout_s: float):
         self.backend = WriteLock()
         self.client = WriteLock()
         self.supervisor_waits = False  # readers yield between writes while it is True
         self.timeout_s = timeout_s
-        self._connections = connections
-        self._drop = drop
 
     def for_side(self, side: str) -> WriteLock:
         return self.backend if side == "backend" else self.client
 
     @contextmanager
-    def holding(self, *, backend: bool = False, client: bool = False) -> Iterator[None]:
+    def holding(self, owner: LockOwner, *, backend: bool = False, client: bool = False) -> Iterator[None]:
         """Hold the write locks of the given sides (the backend's first), never waiting on a
-        peer that has stopped reading.
+        peer of ``owner`` that has stopped reading.
 
         While waiting for a lock, and while holding them and writing (a replay, a flush, a
         Close), every ``timeout_s`` it looks at the writes under way: one that took no byte
@@ -103,12 +107,12 @@ class WriteLocks:
         try:
             for wanted, lock in ((backend, self.backend), (client, self.client)):
                 if wanted:
-                    self._take(lock, timeout, seen)
+                    self._take(lock, timeout, seen, owner)
                     held.append(lock)
             if timeout:
-                self._note_writes(seen)
+                self._note_writes(seen, owner)
                 watchdog = get_hub().loop.timer(timeout, timeout)
-                watchdog.start(self._drop_stuck_writes, seen)
+                watchdog.start(self._drop_stuck_writes, seen, owner)
             yield
         finally:
             if watchdog is not None:
@@ -116,35 +120,36 @@ class WriteLocks:
             for lock in reversed(held):
                 lock.release()
 
-    def _take(self, lock: WriteLock, timeout: float, seen: dict) -> None:
+    def _take(self, lock: WriteLock, timeout: float, seen: dict, owner: LockOwner) -> None:
         if not timeout:
             lock.acquire()
             return
         self.supervisor_waits = True
         try:
-            self._note_writes(seen)
+            self._note_writes(seen, owner)
             while not lock.acquire(timeout=timeout):
-                self._drop_stuck_writes(seen)
+                self._drop_stuck_writes(seen, owner)
         finally:
             self.supervisor_waits = False
 
-    def _note_writes(self, seen: dict) -> None:
+    @staticmethod
+    def _note_writes(seen: dict, owner: LockOwner) -> None:
         """Note in ``seen`` where each connection's writes stand."""
-        client, backend = self._connections()
+        client, backend = owner.client, owner.backend
         seen.clear()
         for side, conn in (("client", client), ("backend", backend)):
             if conn is not None:
                 seen[side] = (conn, conn.progress)
 
-    def _drop_stuck_writes(self, seen: dict) -> None:
+    def _drop_stuck_writes(self, seen: dict, owner: LockOwner) -> None:
         """Drop the peer (at most one) whose write is under way and has taken no byte since the
         last look, noted in ``seen``."""
-        client, backend = self._connections()
+        client, backend = owner.client, owner.backend
 
         def stuck(side: str, conn: Connection | None) -> bool:
             return conn is not None and conn.writing and seen.get(side) == (conn, conn.progress)
 
         side = stuck_peer_to_drop(client_stuck=stuck("client", client), backend_stuck=stuck("backend", backend))
         if side is not None:
-            self._drop(side, client if side == "client" else backend)
-        self._note_writes(seen)
+            owner.drop_stuck(side, client if side == "client" else backend)
+        self._note_writes(seen, owner)

@@ -99,7 +99,7 @@ class PersistentPipe(Supervisor, Relay):
         self.backend: BackendConnection | None = None
         self._lease: Backend | None = None    # the pool's backend that self.backend counts against
         self.subprotocol: str | None = None
-        self._locks = WriteLocks(settings.pong_timeout_s, lambda: (self.client, self.backend), self._drop_stuck)
+        self._locks = WriteLocks(settings.pong_timeout_s)
         self._running = False
         self._to_backend_turn = Semaphore()   # client readers (more than one after a takeover) in turn
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
@@ -324,7 +324,7 @@ class PersistentPipe(Supervisor, Relay):
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
         conn.stall_timeout_s = self._stall_timeout_s
-        with self._locks.holding(backend=True):
+        with self._holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(self.clock(), conn.url)
             if self._running:

@@ -93,7 +93,7 @@ class Supervisor:
                     busy_at = self.clock()
                 self._handle(event)
             if not session.closed:
-                with self._locks.holding(backend=True, client=True):  # poll may write either way
+                with self._holding(backend=True, client=True):  # poll may write either way
                     now = self.clock()
                     self._excuse_held_up_peers(now)
                     self._perform(session.poll(now))
@@ -123,7 +123,7 @@ class Supervisor:
     def _end_after_crash(self) -> None:
         """Close the session (its buffers go back to the process's budget) and the client with 1011."""
         try:
-            with self._locks.holding(backend=True, client=True):
+            with self._holding(backend=True, client=True):
                 self._perform(self.session.close(1011, "internal error"))
         except Exception:
             log.exception("pipe %s: closing after a crash failed too", short_id(self.client_id))
@@ -134,7 +134,12 @@ class Supervisor:
         deadlines = [d for d in (self.session.next_deadline(), self._park_at) if d is not None]
         return min(deadlines) if deadlines else _NEVER
 
-    def _drop_stuck(self, side: str, conn: Connection) -> None:
+    def _holding(self, *, backend: bool = False, client: bool = False):
+        """The pipe's write locks of the given sides, held (see :meth:`WriteLocks.holding
+        <iwsproxy.io.locks.WriteLocks.holding>`)."""
+        return self._locks.holding(self, backend=backend, client=client)
+
+    def drop_stuck(self, side: str, conn: Connection) -> None:
         """The write lock's watchdog found ``side`` taking none of our bytes: drop it."""
         log.warning("pipe %s: the %s took none of our writes for %g s: dropping its connection",
                     short_id(self.client_id), side, self.session.pong_timeout_s)
@@ -210,7 +215,7 @@ class Supervisor:
         # Rescheduled: nothing to do but recompute the next deadline (the loop does)
 
     def _perform_asked(self, event: PerformAsked) -> None:
-        with self._locks.holding(backend=True, client=True):
+        with self._holding(backend=True, client=True):
             self._perform(list(event.actions))
 
     def _on_backend_closed(self, generation: int, code: int, reason: str) -> None:
@@ -219,14 +224,14 @@ class Supervisor:
             return
         if session.backend_close_is_loss(code) and self.backend is not None:
             self.backend.abort()  # a writer stuck on it fails now, before we wait for its lock
-        with self._locks.holding(backend=True, client=True):  # it may end the session: both sides
+        with self._holding(backend=True, client=True):  # it may end the session: both sides
             self._perform(session.backend_closed(generation, code, reason, self.clock()))
 
     def _on_backend_ping(self, generation: int, payload: bytes) -> None:
         # after our Close (a drain) a ping needs no answer: the backend's Close reply is what we wait for
         if generation == self.session.generation and self.backend is not None and not self.backend.close_sent:
             try:
-                with self._locks.holding(backend=True):
+                with self._holding(backend=True):
                     self.backend.pong(payload)
             except ConnectionLost as exc:
                 self._lose_backend(generation, f"write failed: {exc}")
@@ -237,14 +242,14 @@ class Supervisor:
             return  # an earlier connection of this client (taken over): already let go
         if session.detaches(code):
             self._let_go(client)
-            with self._locks.holding(client=True):
+            with self._holding(client=True):
                 self._perform(session.client_gone(code, self.clock()))
             log.info("pipe %s: client detached (%s %s); holding the session for %g s",
                      short_id(self.client_id), code, reason, session.resume_grace_s)
             self.telemetry.resume_event("detached")
             return
         log.info("pipe %s: client closed (%s %s)", short_id(self.client_id), code, reason)
-        with self._locks.holding(backend=True):
+        with self._holding(backend=True):
             self._perform(session.client_gone(code, self.clock()))
 
     def _on_attach(self, client: Connection) -> None:
@@ -252,7 +257,7 @@ class Supervisor:
         if session.closed:
             self._let_go(client, 1001, "session ended")
             return
-        with self._locks.holding(client=True):  # no write to the old connection is under way after this
+        with self._holding(client=True):  # no write to the old connection is under way after this
             old = self.client
             if old is not None:
                 log.info("pipe %s: session taken over by a new connection", short_id(self.client_id))
@@ -268,11 +273,11 @@ class Supervisor:
     def _on_drain(self, url: str) -> None:
         if self.backend_url == url and self.session.state is State.CONNECTED:
             log.info("pipe %s: draining backend %s", short_id(self.client_id), url)
-            with self._locks.holding(backend=True):
+            with self._holding(backend=True):
                 self._perform(self.session.drain(self.clock()))
 
     def _on_stop(self, code: int, reason: str) -> None:
-        with self._locks.holding(backend=True, client=True):  # closes both
+        with self._holding(backend=True, client=True):  # closes both
             self._perform(self.session.close(code, reason))
 
     def _lose_backend(self, generation: int, cause: str) -> None:
@@ -281,5 +286,5 @@ class Supervisor:
             return
         if self.backend is not None:
             self.backend.abort()  # unblocks a writer stuck on a dead peer before we take the lock
-        with self._locks.holding(backend=True):
+        with self._holding(backend=True):
             self._perform(session.backend_lost(generation, self.clock(), cause))

@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None) -> Options:
                              "pinned to two different CPUs)")
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--soak", metavar="SESSIONS", help="instead: the soak, short sessions served in rounds "
-                                                           "with the proxy's memory after each (iwsproxy.soak)")
+                                                           "with the proxy's memory after each (iwsproxy.tools.soak)")
     args = parser.parse_args(argv)
     quick = args.quick
     options = Options(
@@ -973,7 +973,7 @@ def _exit_on_signal(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg == "--soak" or arg.startswith("--soak=") for arg in argv):  # a scenario of its own
-        from iwsproxy.soak import main as soak_main
+        from iwsproxy.tools.soak import main as soak_main
         return soak_main([arg for arg in argv if arg != "--"])
     options = parse_args(argv)
     for signum in (signal.SIGTERM, signal.SIGHUP):  # `timeout`, `kill`, a cancelled CI job

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from conftest import ADMIN_TOKEN, ROOT
-from iwsproxy.process import ChildProcess
-from iwsproxy.soak import soak_rounds
+from iwsproxy.tools.process import ChildProcess
+from iwsproxy.tools.soak import soak_rounds
 
 ROUND_SESSIONS = 200
 # Per session, the libraries leave some objects to the cyclic collector for a moment: Werkzeug's

@@ -204,7 +204,7 @@ def test_a_slow_peer_that_takes_our_bytes_is_waited_for():
             return got
 
         reader = gevent.spawn(slow_reader)
-        with pipe._locks.holding(backend=True):  # waits well past 0.2 s, through the whole slow write
+        with pipe._holding(backend=True):  # waits well past 0.2 s, through the whole slow write
             assert outcome == {"written": True}
         assert reader.get(timeout=10) == len(data)
         assert not conn.closed and pipe.telemetry.counters == Counter()
@@ -220,7 +220,7 @@ def test_a_peer_that_takes_nothing_loses_its_connection_after_the_timeout():
         pipe = _pipe_with_backend(conn, pong_timeout_s=0.2)
         outcome: dict = {}
         writer = _write_under_lock(pipe, bytes(512 * 1024), outcome)  # the peer never reads
-        with gevent.Timeout(5), pipe._locks.holding(backend=True):
+        with gevent.Timeout(5), pipe._holding(backend=True):
             assert outcome == {"written": False} and conn.closed
         assert pipe.telemetry.counters == Counter(backends_dropped_stuck=1)
         writer.join(1)
@@ -300,7 +300,7 @@ def test_a_close_to_a_slow_peer_that_takes_bytes_is_waited_for():
         reader = gevent.spawn(slow_reader)
         pipe = _pipe_with_backend(conn, pong_timeout_s=0.5)  # its watchdog sees the progress too
         started = time.monotonic()
-        with gevent.Timeout(30), pipe._locks.holding(backend=True):  # far longer than 0.5 s without progress
+        with gevent.Timeout(30), pipe._holding(backend=True):  # far longer than 0.5 s without progress
             assert conn.send_close(1001, "draining", timeout=0.5) is True
         assert time.monotonic() - started > 0.5  # the Close waited longer than that, for a peer taking bytes
         assert pipe.telemetry.counters == Counter()
@@ -322,7 +322,7 @@ def test_a_failed_write_to_one_side_does_not_skip_the_other_sides_actions():
     pipe._post = posted.append
     try:
         backend.abort()  # the backend's write fails
-        with pipe._locks.holding(backend=True, client=True):
+        with pipe._holding(backend=True, client=True):
             pipe._perform([SendToBackend([], fence=2), SendToClient([], fence=3), CloseClient(1001, "bye")])
         assert [type(event) for event in posted] == [BackendLost]
         client_peer.settimeout(5)

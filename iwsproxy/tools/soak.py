@@ -5,7 +5,7 @@
     iwsproxy bench --soak 60000 [--gunicorn] [--round-sessions 500] [--messages 10]
                    [--resume-grace 1] [--every N] [--json PATH]
 
-One echo backend (``python -m iwsproxy.echo``) and the proxy (``iwsproxy serve``, or with
+One echo backend (``python -m iwsproxy.tools.echo``) and the proxy (``iwsproxy serve``, or with
 ``--gunicorn`` one gunicorn gevent-websocket worker) with ``--resume-grace`` seconds of resume.
 Each round opens ``--round-sessions`` sessions, each with a client id of its own, and keeps
 them all open while each echoes ``--messages`` messages, one at a time (text and 200-byte
@@ -42,11 +42,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from iwsproxy.bench import process_tree, raise_nofile_limit, rss_kib
+from iwsproxy.tools.bench import process_tree, raise_nofile_limit, rss_kib
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameParser, MaskSource, \
     encode_close_payload, encode_frame
-from iwsproxy.loadgen import TIMEOUT_SCALE, Target, open_websocket
-from iwsproxy.process import ChildProcess
+from iwsproxy.tools.loadgen import TIMEOUT_SCALE, Target, open_websocket
+from iwsproxy.tools.process import ChildProcess
 
 __all__ = ["SoakError", "SoakOptions", "Sample", "soak_rounds", "run_soak", "main"]
 
@@ -338,7 +338,7 @@ def run_soak(options: SoakOptions) -> list[Sample]:
     rounds = max(1, -(-options.sessions // options.round_sessions))
     every = options.every or max(1, rounds // 20)
     raise_nofile_limit(4 * options.round_sessions + 256)
-    backend = ChildProcess("iwsproxy.echo", "--port", "0", "--host", HOST, "--name", "echo", name="echo")
+    backend = ChildProcess("iwsproxy.tools.echo", "--port", "0", "--host", HOST, "--name", "echo", name="echo")
     server = None
     try:
         backend.start(START_TIMEOUT_S)
