@@ -15,6 +15,7 @@ in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data fram
 
 from __future__ import annotations
 
+import codecs
 import importlib.machinery
 import importlib.util
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "encode_close_payload",
     "parse_close_payload",
     "FrameParser",
+    "BYTES_PER_EXTRA_FRAGMENT",
 ]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -54,6 +56,13 @@ _HEAD_4 = struct.Struct("!BBH")
 _HEAD_10 = struct.Struct("!BBQ")
 
 _MASK_POOL_BYTES = 4096
+
+#: past ``max_fragments`` frames, a fragmented message may have one more frame for each this many
+#: bytes of its payload: fragments of this size or more on average are never refused, and the
+#: frames of one message stay within ``max_fragments + max_message_size / BYTES_PER_EXTRA_FRAGMENT``
+BYTES_PER_EXTRA_FRAGMENT = 32
+
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def python_apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
@@ -258,11 +267,23 @@ class FrameParser:
 
     ``feed(chunk)`` returns the complete events in order: data messages reassembled
     (opcode of the first frame), control frames as they arrive, even between the
-    fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``
-    (``MessageTooBig`` for the size limit, decided from the header before the payload
-    is buffered); the parser is then dead and every later ``feed`` raises the same error.
+    fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``;
+    the parser is then dead and every later ``feed`` raises the same error.
     The events completed earlier in the chunk that raised are on the error, as ``events``.
     CLOSE payloads are passed through as they are: check them with ``parse_close_payload``.
+
+    Limits, each decided from a frame's header, before its payload is buffered:
+
+    * ``max_message_size``: a frame, or a fragmented message so far, longer than this gets
+      ``MessageTooBig`` (1009), its reason naming the limit;
+    * ``max_fragments``: a fragmented message may have this many frames whatever its size, and
+      past that one more for each :data:`BYTES_PER_EXTRA_FRAGMENT` bytes of its payload (this
+      frame's included); one more frame gets ``ProtocolError`` 1008. This bounds the work and
+      memory that floods of tiny or empty fragments cost without refusing any message whose
+      fragments average that size or more.
+
+    Text is checked as UTF-8 fragment by fragment: a fragment that no continuation can make
+    valid gets ``ProtocolError`` 1007 when it arrives (a character split across fragments is fine).
 
     With ``split_controls`` (the proxy's connections), ``feed`` returns only the data
     messages, ready to be handed on as they are, and puts the control frames in
@@ -281,8 +302,9 @@ class FrameParser:
         "_buf",
         "_need",
         "_msg_opcode",
-        "_msg_parts",
-        "_msg_size",
+        "_msg_data",
+        "_msg_frames",
+        "_msg_utf8",
         "_error",
     )
 
@@ -306,8 +328,9 @@ class FrameParser:
         self._buf = bytearray()  # bytes received but not yet consumed
         self._need = 0  # len(_buf) needed before parsing is worth another try
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
-        self._msg_parts: list[bytes] = []
-        self._msg_size = 0
+        self._msg_data = bytearray()  # its payload so far
+        self._msg_frames = 0  # its frames so far
+        self._msg_utf8 = None  # its incremental UTF-8 check (text only)
         self._error: ProtocolError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
@@ -418,13 +441,10 @@ class FrameParser:
                         raise ProtocolError("64-bit payload length has its top bit set", 1002)
                     start += 8
                 if opcode == OP_CONT:
-                    if self._msg_size + length > self._max_message_size:
-                        raise MessageTooBig(
-                            f"fragmented message passes {self._max_message_size} bytes", 1009
-                        )
+                    self._check_fragment(length)
                 elif opcode < 8 and length > self._max_message_size:
                     raise MessageTooBig(
-                        f"frame declares {length} bytes, limit is {self._max_message_size}",
+                        f"frame of {length} bytes over the max message size of {self._max_message_size} bytes",
                         1009,
                     )
                 if self._mask_bit:
@@ -457,25 +477,27 @@ class FrameParser:
                     else:
                         self._msg_opcode = opcode
                         hi = -1
-                        self._msg_parts = [payload]
-                        self._msg_size = length
+                        self._msg_data = bytearray(payload)
+                        self._msg_frames = 1
+                        if opcode == OP_TEXT:
+                            self._msg_utf8 = _Utf8Decoder()
+                            self._check_text_fragment(payload, False)
                 else:  # CONT
-                    self._msg_parts.append(payload)
-                    self._msg_size += length
+                    self._msg_data += payload
+                    self._msg_frames += 1
+                    if self._msg_utf8 is not None:
+                        self._check_text_fragment(payload, fin)
                     if fin:
-                        message = b"".join(self._msg_parts)
-                        opcode = self._msg_opcode
+                        append((self._msg_opcode, bytes(self._msg_data)))
                         self._msg_opcode = 0
                         hi = fast_hi
-                        self._msg_parts = []
-                        self._msg_size = 0
-                        if opcode == OP_TEXT:
-                            self._check_text(message)
-                        append((opcode, message))
+                        self._msg_data = bytearray()
+                        self._msg_frames = 0
+                        self._msg_utf8 = None
         except ProtocolError as exc:
             exc.events = events  # what was complete before the violation: the caller may deliver it
             self._error = exc
-            self._buf = bytearray()
+            self._buf = self._msg_data = bytearray()
             raise
         finally:
             if view is not src:
@@ -508,10 +530,28 @@ class FrameParser:
         if opcode == OP_CONT:
             if not self._msg_opcode:
                 raise ProtocolError("continuation frame without a message in progress", 1002)
-            if len(self._msg_parts) >= self._max_fragments:
-                raise MessageTooBig(f"message of more than {self._max_fragments} fragments", 1009)
         elif opcode < 8 and self._msg_opcode:
             raise ProtocolError("new data frame while a fragmented message is open", 1002)
+
+    def _check_fragment(self, length: int) -> None:
+        """The limits on the open fragmented message, given the declared ``length`` of its next frame."""
+        size = len(self._msg_data) + length
+        if size > self._max_message_size:
+            raise MessageTooBig(
+                f"fragmented message over the max message size of {self._max_message_size} bytes", 1009
+            )
+        if self._msg_frames >= self._max_fragments + size // BYTES_PER_EXTRA_FRAGMENT:
+            raise ProtocolError(
+                f"{self._msg_frames + 1} fragments for {size} bytes: more than {self._max_fragments} "
+                f"+ 1 per {BYTES_PER_EXTRA_FRAGMENT} bytes",
+                1008,
+            )
+
+    def _check_text_fragment(self, payload: bytes, final: bool) -> None:
+        try:
+            self._msg_utf8.decode(payload, final)
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("text message is not valid UTF-8", 1007) from exc
 
     @staticmethod
     def _check_text(payload: bytes) -> None:

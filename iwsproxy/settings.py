@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
+from .frames import BYTES_PER_EXTRA_FRAGMENT
 
 __all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
@@ -201,7 +202,10 @@ class Settings:
                                         "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")
     # --- limits (hardening) ---
     max_fragments: int = setting(1024, "IWSPROXY_MAX_FRAGMENTS", _parse_positive_int,
-                                 "most frames in one fragmented message (more: close 1009)", "--max-fragments")
+                                 "frames a fragmented message may have whatever its size, plus one per "
+                                 f"{BYTES_PER_EXTRA_FRAGMENT} bytes of its payload (more: close 1008): fragments "
+                                 f"of {BYTES_PER_EXTRA_FRAGMENT} bytes or more on average always pass",
+                                 "--max-fragments")
     max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
                              "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
                              "--max-pipes")
