@@ -7,10 +7,19 @@ One structure holds both halves of what a pipe owes its backend:
 * ``window``: messages written to the current backend but not yet proven read
   (see the ping fences in :mod:`iwsproxy.session`).
 
-Both count against one cap, so a client can never make the proxy hold more than
-``limit_bytes`` of its data. Losing a backend *rewinds* the window in front of
-the pending messages, which keeps the original order: replayed, then buffered,
-then live.
+Both count against one cap, ``limit_bytes``, which bounds the *backlog*: a buffer
+holding less than half its cap (``flow_limit_bytes``) takes any addition, whatever
+its size; one holding half or more takes only what keeps it within the cap. Flow
+control (:meth:`~iwsproxy.session.Session.backend_window_full` and
+``client_window_full``) holds a sender back once half the cap is unacknowledged,
+so a write to a live peer always meets a buffer under half full: every message the
+parser allows (up to the max message size) reaches a live peer, however it compares
+with the cap, and the cap ends a session (1013) only for a backlog. One buffer holds
+at most ``max(limit_bytes, flow_limit_bytes + one addition)``, an addition being what
+one read brought; the process's :class:`Budget` is a hard cap on them all.
+
+Losing a backend *rewinds* the window in front of the pending messages, which
+keeps the original order: replayed, then buffered, then live.
 """
 
 from __future__ import annotations
@@ -55,12 +64,15 @@ class Budget:
 class MessageBuffer:
     """A capped FIFO of ``(opcode, payload)`` messages with a sent/unsent split."""
 
-    __slots__ = ("limit_bytes", "budget", "_pending", "_window", "pending_bytes", "window_bytes")
+    __slots__ = ("limit_bytes", "flow_limit_bytes", "budget", "_pending", "_window", "pending_bytes",
+                 "window_bytes")
 
     def __init__(self, limit_bytes: int, budget: Budget | None = None):
         if limit_bytes < 0:
             raise ValueError("limit_bytes must be >= 0")
         self.limit_bytes = limit_bytes
+        #: below this many bytes held, an addition of any size is taken (the flow-control threshold)
+        self.flow_limit_bytes = limit_bytes // 2
         self.budget = budget
         # plain lists: an empty list costs 56 bytes where a deque costs 600+, and idle pipes are many
         self._pending: list[Message] = []
@@ -80,15 +92,16 @@ class MessageBuffer:
         return len(self._pending) + len(self._window)
 
     def _check(self, extra: int) -> None:
-        size = self.pending_bytes + self.window_bytes + extra
-        if size > self.limit_bytes:
-            raise BufferOverflow(size, self.limit_bytes)
+        """Raise :class:`BufferOverflow` unless ``extra`` more bytes may be held (see the module's rule)."""
+        held = self.pending_bytes + self.window_bytes
+        if held + extra > self.limit_bytes and held >= self.flow_limit_bytes:
+            raise BufferOverflow(held + extra, self.limit_bytes)
         budget = self.budget
         if budget is not None and not budget.take(extra):
             raise BufferOverflow(budget.used_bytes + extra, budget.limit_bytes, scope="global")
 
     def add_pending(self, messages: Iterable[Message], nbytes: int | None = None) -> None:
-        """Queue messages that cannot be written now; all or nothing on overflow.
+        """Queue messages that cannot be written now; all or nothing on overflow (BufferOverflow).
 
         ``nbytes``, if given, is their :func:`payload_bytes`.
         """
@@ -99,7 +112,8 @@ class MessageBuffer:
         self.pending_bytes += extra
 
     def add_window(self, messages: list[Message], nbytes: int | None = None) -> None:
-        """Record messages written to the backend but not yet acknowledged (``nbytes`` as above)."""
+        """Record messages written to the peer but not yet acknowledged (``nbytes`` as above);
+        all or nothing on overflow (BufferOverflow)."""
         extra = payload_bytes(messages) if nbytes is None else nbytes
         self._check(extra)
         self._window.extend(messages)

@@ -319,7 +319,7 @@ def test_idle_timeout_closes_with_1001(processes):
 def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url, "--global-buffer-limit", "100KiB",
-                            "--buffer-limit", "80KiB")
+                            "--buffer-limit", "80KiB", "--max-message-size", "64KiB")
     a, b = proxy.connect(), proxy.connect()
     backend.kill()
     wait_for(lambda: all(p["backend_state"] == "failing_over" for p in proxy.pipes()), what="failover state")

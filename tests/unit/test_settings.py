@@ -94,3 +94,23 @@ def test_the_header_size_cap_is_a_size_above_zero():
     assert Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "8KiB"}).max_header_size_bytes == 8192
     with pytest.raises(ConfigError, match="IWSPROXY_MAX_HEADER_SIZE"):
         Settings.load(env={"IWSPROXY_MAX_HEADER_SIZE": "0"})
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"IWSPROXY_GLOBAL_BUFFER_LIMIT": "1MiB"}, "IWSPROXY_GLOBAL_BUFFER_LIMIT"),
+    ({"IWSPROXY_GLOBAL_BUFFER_LIMIT": "1MiB", "IWSPROXY_DELIVERY": "at-most-once"}, "IWSPROXY_GLOBAL_BUFFER_LIMIT"),
+    ({"IWSPROXY_BUFFER_LIMIT": "1"}, "IWSPROXY_BUFFER_LIMIT"),
+    ({"IWSPROXY_BUFFER_LIMIT": "0", "IWSPROXY_DELIVERY": "at-most-once"}, "IWSPROXY_BUFFER_LIMIT"),  # resume on
+])
+def test_buffers_that_could_not_hold_a_message_for_a_live_peer_are_refused(env, key):
+    with pytest.raises(ConfigError, match=key):
+        Settings.load(env=env)
+
+
+def test_buffers_that_hold_nothing_for_a_live_peer_may_be_small():
+    # at-most-once without resume holds only what waits for a backend that is not there
+    settings = Settings.load(env={"IWSPROXY_DELIVERY": "at-most-once", "IWSPROXY_RESUME_GRACE": "0",
+                                  "IWSPROXY_BUFFER_LIMIT": "0", "IWSPROXY_GLOBAL_BUFFER_LIMIT": "1KiB"})
+    assert (settings.buffer_limit_bytes, settings.global_buffer_limit_bytes) == (0, 1024)
+    assert Settings.load(env={"IWSPROXY_GLOBAL_BUFFER_LIMIT": "64KiB", "IWSPROXY_MAX_MESSAGE_SIZE": "64KiB",
+                              "IWSPROXY_BUFFER_LIMIT": "2"})
