@@ -62,7 +62,7 @@ _MASK_POOL_BYTES = 4096
 #: frames of one message stay within ``max_fragments + max_message_size / BYTES_PER_EXTRA_FRAGMENT``
 BYTES_PER_EXTRA_FRAGMENT = 32
 
-_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+_utf8_decode = codecs.utf_8_decode
 
 
 def python_apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
@@ -330,7 +330,7 @@ class FrameParser:
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
         self._msg_data = bytearray()  # its payload so far
         self._msg_frames = 0  # its frames so far
-        self._msg_utf8 = None  # its incremental UTF-8 check (text only)
+        self._msg_utf8: bytes | None = None  # text only: its last bytes, a character not yet complete
         self._error: ProtocolError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
@@ -480,7 +480,7 @@ class FrameParser:
                         self._msg_data = bytearray(payload)
                         self._msg_frames = 1
                         if opcode == OP_TEXT:
-                            self._msg_utf8 = _Utf8Decoder()
+                            self._msg_utf8 = b""
                             self._check_text_fragment(payload, False)
                 else:  # CONT
                     self._msg_data += payload
@@ -548,10 +548,18 @@ class FrameParser:
             )
 
     def _check_text_fragment(self, payload: bytes, final: bool) -> None:
+        """Check the next fragment of a text message as UTF-8, given the cut character before it."""
+        if not self._msg_utf8:
+            if payload.isascii():
+                return
+            data = payload
+        else:
+            data = self._msg_utf8 + payload
         try:
-            self._msg_utf8.decode(payload, final)
+            _, checked = _utf8_decode(data, "strict", final)
         except UnicodeDecodeError as exc:
             raise ProtocolError("text message is not valid UTF-8", 1007) from exc
+        self._msg_utf8 = data[checked:] if checked < len(data) else b""
 
     @staticmethod
     def _check_text(payload: bytes) -> None:
