@@ -6,8 +6,8 @@ neither gevent nor socket (a test checks that), so the same code serves the prox
 the echo backend and the tests.
 
 Performance is the point of most of the choices below: there is no per-byte Python
-loop anywhere. Masking runs in C (python-websockets' ``apply_mask``, or two big
-integers XORed), headers are read with ``struct`` and those of small frames written
+loop anywhere. Masking runs in C (:mod:`iwsproxy.masking`: python-websockets' ``apply_mask``,
+or two big integers XORed), headers are read with ``struct`` and those of small frames written
 from a table, a write batch takes its mask keys in one slice, unconsumed bytes live
 in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data frame
 (the usual one) skips every header check it cannot fail.
@@ -16,12 +16,10 @@ in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data fram
 from __future__ import annotations
 
 import codecs
-import importlib.machinery
-import importlib.util
-import os
 import struct
 
 from iwsproxy.exceptions import MessageTooBig, ProtocolError
+from iwsproxy.masking import MaskSource, _c_apply_mask, apply_mask, python_apply_mask  # noqa: F401 (re-exported)
 
 __all__ = [
     "OP_CONT",
@@ -55,78 +53,12 @@ _HEAD_2 = struct.Struct("!BB")
 _HEAD_4 = struct.Struct("!BBH")
 _HEAD_10 = struct.Struct("!BBQ")
 
-_MASK_POOL_BYTES = 4096
-
 #: past ``max_fragments`` frames, a fragmented message may have one more frame for each this many
 #: bytes of its payload: fragments of this size or more on average are never refused, and the
 #: frames of one message stay within ``max_fragments + max_message_size / BYTES_PER_EXTRA_FRAGMENT``
 BYTES_PER_EXTRA_FRAGMENT = 32
 
 _utf8_decode = codecs.utf_8_decode
-
-
-def python_apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
-    """XOR ``data`` with the repeated 4-byte ``key`` (masking and unmasking are the same).
-
-    Pure Python at C speed for the XOR itself (one big-integer operation), but
-    the conversions cost about 2 ms per MiB.
-    """
-    n = len(data)
-    if not n:
-        return b""
-    stream = key * (n >> 2) + key[: n & 3]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-
-
-def _load_c_apply_mask():
-    """python-websockets' C ``apply_mask`` (SIMD: about 0.02 ms per MiB), or None.
-
-    The extension module is loaded on its own, without importing the
-    ``websockets`` package, which would pull in asyncio, email and socket and
-    make this module impure.
-    """
-    try:
-        spec = importlib.util.find_spec("websockets")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        found = importlib.machinery.PathFinder.find_spec("websockets.speedups", spec.submodule_search_locations)
-        if found is None or not isinstance(found.loader, importlib.machinery.ExtensionFileLoader):
-            return None
-        module = importlib.util.module_from_spec(found)
-        found.loader.exec_module(module)
-        return module.apply_mask
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_c_apply_mask = _load_c_apply_mask()
-#: the masking function in use: the C one when python-websockets is installed
-apply_mask = _c_apply_mask or python_apply_mask
-
-
-class MaskSource:
-    """Strong, cheap mask keys: one ``os.urandom`` call per 1024 keys."""
-
-    __slots__ = ("_pool", "_pos")
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._pos = 0
-
-    def keys(self, count: int) -> bytes:
-        """``count`` fresh 4-byte keys in one bytes object (a write batch takes its keys at once)."""
-        size = 4 * count
-        pos = self._pos
-        if pos + size > len(self._pool):
-            if size > _MASK_POOL_BYTES:
-                return os.urandom(size)
-            self._pool = os.urandom(_MASK_POOL_BYTES)
-            pos = 0
-        self._pos = pos + size
-        return self._pool[pos : pos + size]
-
-    def next_key(self) -> bytes:
-        return self.keys(1)
 
 
 def _small_headers(mask_bit: int) -> tuple:
