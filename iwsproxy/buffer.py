@@ -7,16 +7,21 @@ One structure holds both halves of what a pipe owes its backend:
 * ``window``: messages written to the current backend but not yet proven read
   (see the ping fences in :mod:`iwsproxy.session`).
 
-Both count against one cap, ``limit_bytes``, which bounds the *backlog*: a buffer
-holding less than half its cap (``flow_limit_bytes``) takes any addition, whatever
-its size; one holding half or more takes only what keeps it within the cap. Flow
-control (:meth:`~iwsproxy.session.Session.backend_window_full` and
-``client_window_full``) holds a sender back once half the cap is unacknowledged,
-so a write to a live peer always meets a buffer under half full: every message the
-parser allows (up to the max message size) reaches a live peer, however it compares
-with the cap, and the cap ends a session (1013) only for a backlog. One buffer holds
-at most ``max(limit_bytes, flow_limit_bytes + one addition)``, an addition being what
-one read brought; the process's :class:`Budget` is a hard cap on them all.
+Both count against one cap, ``limit_bytes``, which bounds the *backlog*. Below half
+the cap (``flow_limit_bytes``) a buffer takes a message of any size:
+
+* pending messages are taken one by one: each must fit within the cap, or arrive
+  while the buffer holds less than half of it;
+* a write to a live peer is taken whole if the buffer holds less than half the cap,
+  else only if it fits. Flow control (:meth:`~iwsproxy.session.Session.backend_window_full`,
+  ``client_window_full``) holds a sender back once half the cap is unacknowledged, so
+  whatever it lets through is taken, including a large message with smaller ones
+  behind it in the same read.
+
+So every message the parser allows (up to the max message size) reaches a live peer,
+however it compares with the cap, and the cap ends a session (1013) only for a
+backlog. One buffer holds at most ``max(limit_bytes, flow_limit_bytes + one read's
+messages)``; the process's :class:`Budget` is a hard cap on them all.
 
 Losing a backend *rewinds* the window in front of the pending messages, which
 keeps the original order: replayed, then buffered, then live.
@@ -91,11 +96,7 @@ class MessageBuffer:
     def __len__(self) -> int:
         return len(self._pending) + len(self._window)
 
-    def _check(self, extra: int) -> None:
-        """Raise :class:`BufferOverflow` unless ``extra`` more bytes may be held (see the module's rule)."""
-        held = self.pending_bytes + self.window_bytes
-        if held + extra > self.limit_bytes and held >= self.flow_limit_bytes:
-            raise BufferOverflow(held + extra, self.limit_bytes)
+    def _take_budget(self, extra: int) -> None:
         budget = self.budget
         if budget is not None and not budget.take(extra):
             raise BufferOverflow(budget.used_bytes + extra, budget.limit_bytes, scope="global")
@@ -107,7 +108,13 @@ class MessageBuffer:
         """
         messages = list(messages)
         extra = payload_bytes(messages) if nbytes is None else nbytes
-        self._check(extra)
+        held = self.pending_bytes + self.window_bytes
+        if held + extra > self.limit_bytes:  # then each must fit, or come while the buffer is under half full
+            for _, payload in messages:
+                if held >= self.flow_limit_bytes and held + len(payload) > self.limit_bytes:
+                    raise BufferOverflow(self.pending_bytes + self.window_bytes + extra, self.limit_bytes)
+                held += len(payload)
+        self._take_budget(extra)
         self._pending.extend(messages)
         self.pending_bytes += extra
 
@@ -115,7 +122,10 @@ class MessageBuffer:
         """Record messages written to the peer but not yet acknowledged (``nbytes`` as above);
         all or nothing on overflow (BufferOverflow)."""
         extra = payload_bytes(messages) if nbytes is None else nbytes
-        self._check(extra)
+        held = self.pending_bytes + self.window_bytes
+        if held + extra > self.limit_bytes and held >= self.flow_limit_bytes:
+            raise BufferOverflow(held + extra, self.limit_bytes)
+        self._take_budget(extra)
         self._window.extend(messages)
         self.window_bytes += extra
 

@@ -43,6 +43,18 @@ def test_a_buffer_half_full_or_more_takes_only_what_fits():
     assert buf.total_bytes == 10
 
 
+def test_pending_messages_are_taken_one_by_one_a_write_to_a_live_peer_whole():
+    pending = MessageBuffer(10)
+    with pytest.raises(BufferOverflow):
+        pending.add_pending(msg(6) + msg(6))  # the second comes to a buffer half full and does not fit
+    assert pending.total_bytes == 0
+    pending.add_pending(msg(4) + msg(100))    # the second comes while it is under half full
+    assert pending.total_bytes == 104
+    window = MessageBuffer(10)
+    window.add_window(msg(100) + msg(6))      # one write (one read's messages) to a buffer under half full
+    assert window.total_bytes == 106
+
+
 def test_a_zero_cap_takes_nothing():
     buf = MessageBuffer(0)
     buf.add_pending([])
@@ -85,7 +97,18 @@ def test_one_buffer_holds_at_most_the_cap_or_half_of_it_plus_one_addition(limit,
             else:
                 buf.take_pending(keep=True)
         except BufferOverflow:
-            assert held >= limit // 2 and held + sum(sizes) > limit and buf.total_bytes == held
+            assert op in ("window", "pending") and buf.total_bytes == held and held + sum(sizes) > limit
+            if op == "window":
+                assert held >= limit // 2
+            else:  # some message came to a buffer at least half full, and did not fit
+                assert any(held + sum(sizes[:i]) >= limit // 2 and held + sum(sizes[:i + 1]) > limit
+                           for i in range(len(sizes)))
+        else:
+            if op == "pending" and held + sum(sizes) > limit:  # each message fitted, or came under half full
+                assert all(held + sum(sizes[:i]) < limit // 2 or held + sum(sizes[:i + 1]) <= limit
+                           for i in range(len(sizes)))
+            if op == "window" and held + sum(sizes) > limit:   # the write came to a buffer under half full
+                assert held < limit // 2
         assert buf.total_bytes <= max(limit, limit // 2 + sum(sizes)) or buf.total_bytes <= held
         assert buf.budget.used_bytes == buf.total_bytes
 
