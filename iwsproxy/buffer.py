@@ -7,10 +7,24 @@ One structure holds both halves of what a pipe owes its backend:
 * ``window``: messages written to the current backend but not yet proven read
   (see the ping fences in :mod:`iwsproxy.session`).
 
-Both count against one cap, so a client can never make the proxy hold more than
-``limit_bytes`` of its data. Losing a backend *rewinds* the window in front of
-the pending messages, which keeps the original order: replayed, then buffered,
-then live.
+Both count against one cap, ``limit_bytes``, which bounds the *backlog*. Below half
+the cap (``flow_limit_bytes``) a buffer takes a message of any size:
+
+* pending messages are taken one by one: each must fit within the cap, or arrive
+  while the buffer holds less than half of it;
+* a write to a live peer is taken whole if the buffer holds less than half the cap,
+  else only if it fits. Flow control (:meth:`~iwsproxy.session.Session.backend_window_full`,
+  ``client_window_full``) holds a sender back once half the cap is unacknowledged, so
+  whatever it lets through is taken, including a large message with smaller ones
+  behind it in the same read.
+
+So every message the parser allows (up to the max message size) reaches a live peer,
+however it compares with the cap, and the cap ends a session (1013) only for a
+backlog. One buffer holds at most ``max(limit_bytes, flow_limit_bytes + one read's
+messages)``; the process's :class:`Budget` is a hard cap on them all.
+
+Losing a backend *rewinds* the window in front of the pending messages, which
+keeps the original order: replayed, then buffered, then live.
 """
 
 from __future__ import annotations
@@ -55,12 +69,15 @@ class Budget:
 class MessageBuffer:
     """A capped FIFO of ``(opcode, payload)`` messages with a sent/unsent split."""
 
-    __slots__ = ("limit_bytes", "budget", "_pending", "_window", "pending_bytes", "window_bytes")
+    __slots__ = ("limit_bytes", "flow_limit_bytes", "budget", "_pending", "_window", "pending_bytes",
+                 "window_bytes")
 
     def __init__(self, limit_bytes: int, budget: Budget | None = None):
         if limit_bytes < 0:
             raise ValueError("limit_bytes must be >= 0")
         self.limit_bytes = limit_bytes
+        #: below this many bytes held, an addition of any size is taken (the flow-control threshold)
+        self.flow_limit_bytes = limit_bytes // 2
         self.budget = budget
         # plain lists: an empty list costs 56 bytes where a deque costs 600+, and idle pipes are many
         self._pending: list[Message] = []
@@ -79,29 +96,36 @@ class MessageBuffer:
     def __len__(self) -> int:
         return len(self._pending) + len(self._window)
 
-    def _check(self, extra: int) -> None:
-        size = self.pending_bytes + self.window_bytes + extra
-        if size > self.limit_bytes:
-            raise BufferOverflow(size, self.limit_bytes)
+    def _take_budget(self, extra: int) -> None:
         budget = self.budget
         if budget is not None and not budget.take(extra):
             raise BufferOverflow(budget.used_bytes + extra, budget.limit_bytes, scope="global")
 
     def add_pending(self, messages: Iterable[Message], nbytes: int | None = None) -> None:
-        """Queue messages that cannot be written now; all or nothing on overflow.
+        """Queue messages that cannot be written now; all or nothing on overflow (BufferOverflow).
 
         ``nbytes``, if given, is their :func:`payload_bytes`.
         """
         messages = list(messages)
         extra = payload_bytes(messages) if nbytes is None else nbytes
-        self._check(extra)
+        held = self.pending_bytes + self.window_bytes
+        if held + extra > self.limit_bytes:  # then each must fit, or come while the buffer is under half full
+            for _, payload in messages:
+                if held >= self.flow_limit_bytes and held + len(payload) > self.limit_bytes:
+                    raise BufferOverflow(self.pending_bytes + self.window_bytes + extra, self.limit_bytes)
+                held += len(payload)
+        self._take_budget(extra)
         self._pending.extend(messages)
         self.pending_bytes += extra
 
     def add_window(self, messages: list[Message], nbytes: int | None = None) -> None:
-        """Record messages written to the backend but not yet acknowledged (``nbytes`` as above)."""
+        """Record messages written to the peer but not yet acknowledged (``nbytes`` as above);
+        all or nothing on overflow (BufferOverflow)."""
         extra = payload_bytes(messages) if nbytes is None else nbytes
-        self._check(extra)
+        held = self.pending_bytes + self.window_bytes
+        if held + extra > self.limit_bytes and held >= self.flow_limit_bytes:
+            raise BufferOverflow(held + extra, self.limit_bytes)
+        self._take_budget(extra)
         self._window.extend(messages)
         self.window_bytes += extra
 

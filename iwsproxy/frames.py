@@ -6,8 +6,8 @@ neither gevent nor socket (a test checks that), so the same code serves the prox
 the echo backend and the tests.
 
 Performance is the point of most of the choices below: there is no per-byte Python
-loop anywhere. Masking runs in C (python-websockets' ``apply_mask``, or two big
-integers XORed), headers are read with ``struct`` and those of small frames written
+loop anywhere. Masking runs in C (:mod:`iwsproxy.masking`: python-websockets' ``apply_mask``,
+or two big integers XORed), headers are read with ``struct`` and those of small frames written
 from a table, a write batch takes its mask keys in one slice, unconsumed bytes live
 in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data frame
 (the usual one) skips every header check it cannot fail.
@@ -15,12 +15,11 @@ in one ``bytearray`` trimmed once per ``feed`` call, and a whole small data fram
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import os
+import codecs
 import struct
 
 from iwsproxy.exceptions import MessageTooBig, ProtocolError
+from iwsproxy.masking import MaskSource, _c_apply_mask, apply_mask, python_apply_mask  # noqa: F401 (re-exported)
 
 __all__ = [
     "OP_CONT",
@@ -36,6 +35,7 @@ __all__ = [
     "encode_close_payload",
     "parse_close_payload",
     "FrameParser",
+    "BYTES_PER_EXTRA_FRAGMENT",
 ]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -53,71 +53,12 @@ _HEAD_2 = struct.Struct("!BB")
 _HEAD_4 = struct.Struct("!BBH")
 _HEAD_10 = struct.Struct("!BBQ")
 
-_MASK_POOL_BYTES = 4096
+#: past ``max_fragments`` frames, a fragmented message may have one more frame for each this many
+#: bytes of its payload: fragments of this size or more on average are never refused, and the
+#: frames of one message stay within ``max_fragments + max_message_size / BYTES_PER_EXTRA_FRAGMENT``
+BYTES_PER_EXTRA_FRAGMENT = 32
 
-
-def python_apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes:
-    """XOR ``data`` with the repeated 4-byte ``key`` (masking and unmasking are the same).
-
-    Pure Python at C speed for the XOR itself (one big-integer operation), but
-    the conversions cost about 2 ms per MiB.
-    """
-    n = len(data)
-    if not n:
-        return b""
-    stream = key * (n >> 2) + key[: n & 3]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-
-
-def _load_c_apply_mask():
-    """python-websockets' C ``apply_mask`` (SIMD: about 0.02 ms per MiB), or None.
-
-    The extension module is loaded on its own, without importing the
-    ``websockets`` package, which would pull in asyncio, email and socket and
-    make this module impure.
-    """
-    try:
-        spec = importlib.util.find_spec("websockets")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        found = importlib.machinery.PathFinder.find_spec("websockets.speedups", spec.submodule_search_locations)
-        if found is None or not isinstance(found.loader, importlib.machinery.ExtensionFileLoader):
-            return None
-        module = importlib.util.module_from_spec(found)
-        found.loader.exec_module(module)
-        return module.apply_mask
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_c_apply_mask = _load_c_apply_mask()
-#: the masking function in use: the C one when python-websockets is installed
-apply_mask = _c_apply_mask or python_apply_mask
-
-
-class MaskSource:
-    """Strong, cheap mask keys: one ``os.urandom`` call per 1024 keys."""
-
-    __slots__ = ("_pool", "_pos")
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._pos = 0
-
-    def keys(self, count: int) -> bytes:
-        """``count`` fresh 4-byte keys in one bytes object (a write batch takes its keys at once)."""
-        size = 4 * count
-        pos = self._pos
-        if pos + size > len(self._pool):
-            if size > _MASK_POOL_BYTES:
-                return os.urandom(size)
-            self._pool = os.urandom(_MASK_POOL_BYTES)
-            pos = 0
-        self._pos = pos + size
-        return self._pool[pos : pos + size]
-
-    def next_key(self) -> bytes:
-        return self.keys(1)
+_utf8_decode = codecs.utf_8_decode
 
 
 def _small_headers(mask_bit: int) -> tuple:
@@ -258,11 +199,23 @@ class FrameParser:
 
     ``feed(chunk)`` returns the complete events in order: data messages reassembled
     (opcode of the first frame), control frames as they arrive, even between the
-    fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``
-    (``MessageTooBig`` for the size limit, decided from the header before the payload
-    is buffered); the parser is then dead and every later ``feed`` raises the same error.
+    fragments of a data message. A peer that breaks the protocol gets ``ProtocolError``;
+    the parser is then dead and every later ``feed`` raises the same error.
     The events completed earlier in the chunk that raised are on the error, as ``events``.
     CLOSE payloads are passed through as they are: check them with ``parse_close_payload``.
+
+    Limits, each decided from a frame's header, before its payload is buffered:
+
+    * ``max_message_size``: a frame, or a fragmented message so far, longer than this gets
+      ``MessageTooBig`` (1009), its reason naming the limit;
+    * ``max_fragments``: a fragmented message may have this many frames whatever its size, and
+      past that one more for each :data:`BYTES_PER_EXTRA_FRAGMENT` bytes of its payload (this
+      frame's included); one more frame gets ``ProtocolError`` 1008. This bounds the work and
+      memory that floods of tiny or empty fragments cost without refusing any message whose
+      fragments average that size or more.
+
+    Text is checked as UTF-8 fragment by fragment: a fragment that no continuation can make
+    valid gets ``ProtocolError`` 1007 when it arrives (a character split across fragments is fine).
 
     With ``split_controls`` (the proxy's connections), ``feed`` returns only the data
     messages, ready to be handed on as they are, and puts the control frames in
@@ -281,8 +234,9 @@ class FrameParser:
         "_buf",
         "_need",
         "_msg_opcode",
-        "_msg_parts",
-        "_msg_size",
+        "_msg_data",
+        "_msg_frames",
+        "_msg_utf8",
         "_error",
     )
 
@@ -306,8 +260,9 @@ class FrameParser:
         self._buf = bytearray()  # bytes received but not yet consumed
         self._need = 0  # len(_buf) needed before parsing is worth another try
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
-        self._msg_parts: list[bytes] = []
-        self._msg_size = 0
+        self._msg_data = bytearray()  # its payload so far
+        self._msg_frames = 0  # its frames so far
+        self._msg_utf8: bytes | None = None  # text only: its last bytes, a character not yet complete
         self._error: ProtocolError | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
@@ -418,13 +373,10 @@ class FrameParser:
                         raise ProtocolError("64-bit payload length has its top bit set", 1002)
                     start += 8
                 if opcode == OP_CONT:
-                    if self._msg_size + length > self._max_message_size:
-                        raise MessageTooBig(
-                            f"fragmented message passes {self._max_message_size} bytes", 1009
-                        )
+                    self._check_fragment(length)
                 elif opcode < 8 and length > self._max_message_size:
                     raise MessageTooBig(
-                        f"frame declares {length} bytes, limit is {self._max_message_size}",
+                        f"frame of {length} bytes over the max message size of {self._max_message_size} bytes",
                         1009,
                     )
                 if self._mask_bit:
@@ -457,25 +409,27 @@ class FrameParser:
                     else:
                         self._msg_opcode = opcode
                         hi = -1
-                        self._msg_parts = [payload]
-                        self._msg_size = length
+                        self._msg_data = bytearray(payload)
+                        self._msg_frames = 1
+                        if opcode == OP_TEXT:
+                            self._msg_utf8 = b""
+                            self._check_text_fragment(payload, False)
                 else:  # CONT
-                    self._msg_parts.append(payload)
-                    self._msg_size += length
+                    self._msg_data += payload
+                    self._msg_frames += 1
+                    if self._msg_utf8 is not None:
+                        self._check_text_fragment(payload, fin)
                     if fin:
-                        message = b"".join(self._msg_parts)
-                        opcode = self._msg_opcode
+                        append((self._msg_opcode, bytes(self._msg_data)))
                         self._msg_opcode = 0
                         hi = fast_hi
-                        self._msg_parts = []
-                        self._msg_size = 0
-                        if opcode == OP_TEXT:
-                            self._check_text(message)
-                        append((opcode, message))
+                        self._msg_data = bytearray()
+                        self._msg_frames = 0
+                        self._msg_utf8 = None
         except ProtocolError as exc:
             exc.events = events  # what was complete before the violation: the caller may deliver it
             self._error = exc
-            self._buf = bytearray()
+            self._buf = self._msg_data = bytearray()
             raise
         finally:
             if view is not src:
@@ -508,10 +462,36 @@ class FrameParser:
         if opcode == OP_CONT:
             if not self._msg_opcode:
                 raise ProtocolError("continuation frame without a message in progress", 1002)
-            if len(self._msg_parts) >= self._max_fragments:
-                raise MessageTooBig(f"message of more than {self._max_fragments} fragments", 1009)
         elif opcode < 8 and self._msg_opcode:
             raise ProtocolError("new data frame while a fragmented message is open", 1002)
+
+    def _check_fragment(self, length: int) -> None:
+        """The limits on the open fragmented message, given the declared ``length`` of its next frame."""
+        size = len(self._msg_data) + length
+        if size > self._max_message_size:
+            raise MessageTooBig(
+                f"fragmented message over the max message size of {self._max_message_size} bytes", 1009
+            )
+        if self._msg_frames >= self._max_fragments + size // BYTES_PER_EXTRA_FRAGMENT:
+            raise ProtocolError(
+                f"{self._msg_frames + 1} fragments for {size} bytes: more than {self._max_fragments} "
+                f"+ 1 per {BYTES_PER_EXTRA_FRAGMENT} bytes",
+                1008,
+            )
+
+    def _check_text_fragment(self, payload: bytes, final: bool) -> None:
+        """Check the next fragment of a text message as UTF-8, given the cut character before it."""
+        if not self._msg_utf8:
+            if payload.isascii():
+                return
+            data = payload
+        else:
+            data = self._msg_utf8 + payload
+        try:
+            _, checked = _utf8_decode(data, "strict", final)
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("text message is not valid UTF-8", 1007) from exc
+        self._msg_utf8 = data[checked:] if checked < len(data) else b""
 
     @staticmethod
     def _check_text(payload: bytes) -> None:

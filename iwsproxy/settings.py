@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .clientid import parse_source
 from .exceptions import ConfigError
+from .frames import BYTES_PER_EXTRA_FRAGMENT
 
 __all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
@@ -174,7 +175,9 @@ class Settings:
     admin_prefix: str = setting("/admin", "IWSPROXY_ADMIN_PREFIX", _parse_prefix, "URL prefix of the admin routes")
     # --- sessions ---
     buffer_limit_bytes: int = setting(5 * 1024 * 1024, "IWSPROXY_BUFFER_LIMIT", parse_size,
-                                      "per-client cap on bytes held for the backend (buffered + unacknowledged)",
+                                      "per-client cap on the backlog held for each peer (buffered + unacknowledged; "
+                                      "past it: close 1013); a buffer under half full takes any message, so every "
+                                      "message up to --max-message-size reaches a live peer, whatever this is",
                                       "--buffer-limit")
     delivery: str = setting("at-least-once", "IWSPROXY_DELIVERY", _choice("at-least-once", "at-most-once"),
                             "at-least-once replays what a lost backend may not have read; at-most-once does not",
@@ -219,7 +222,10 @@ class Settings:
                                         "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")
     # --- limits (hardening) ---
     max_fragments: int = setting(1024, "IWSPROXY_MAX_FRAGMENTS", _parse_positive_int,
-                                 "most frames in one fragmented message (more: close 1009)", "--max-fragments")
+                                 "frames a fragmented message may have whatever its size, plus one per "
+                                 f"{BYTES_PER_EXTRA_FRAGMENT} bytes of its payload (more: close 1008): fragments "
+                                 f"of {BYTES_PER_EXTRA_FRAGMENT} bytes or more on average always pass",
+                                 "--max-fragments")
     max_pipes: int = setting(10000, "IWSPROXY_MAX_PIPES", _parse_positive_int,
                              "most concurrent pipes in this process (more: HTTP 503 before the upgrade)",
                              "--max-pipes")
@@ -317,6 +323,21 @@ class Settings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("IWSPROXY_BACKOFF_MAX", self.backoff_max_s, "settings",
                               "must be >= IWSPROXY_BACKOFF_INITIAL")
+        self._validate_buffering()
+
+    def _validate_buffering(self) -> None:
+        """With at-least-once delivery or resume on, what is written to a live peer is held until it is
+        acknowledged: the buffers must be able to hold the largest message."""
+        if self.delivery != "at-least-once" and not self.resume_grace_s:
+            return
+        why = "with at-least-once delivery or resume on"
+        if self.global_buffer_limit_bytes < self.max_message_size_bytes:
+            raise ConfigError("IWSPROXY_GLOBAL_BUFFER_LIMIT", self.global_buffer_limit_bytes, "settings",
+                              f"must be >= IWSPROXY_MAX_MESSAGE_SIZE ({self.max_message_size_bytes}) {why}: "
+                              "a larger message could never be held")
+        if self.buffer_limit_bytes < 2:
+            raise ConfigError("IWSPROXY_BUFFER_LIMIT", self.buffer_limit_bytes, "settings",
+                              f"must be >= 2 bytes {why}: a sender is held back at half of it")
 
     def replace(self, **changes: Any) -> "Settings":
         return Settings.load(**{**dataclasses.asdict(self), **changes})

@@ -121,7 +121,7 @@ LEDGER_FIELDS: dict[str, str] = {
 }
 BUFFER_FIELDS: dict[str, str] = {
     "limit_bytes": "setting", "budget": "process", "_pending": "messages", "_window": "messages",
-    "pending_bytes": "derived", "window_bytes": "derived",
+    "pending_bytes": "derived", "window_bytes": "derived", "flow_limit_bytes": "derived",
 }
 #: the records a session holds (frozen dataclasses, stored as JSON objects): kind -> (class, fields)
 RECORDS: dict[str, tuple[type, dict[str, str]]] = {

@@ -74,7 +74,7 @@ CASES = [
     ("message over the size limit", frame(OP_BINARY, b"x" * (64 * 1024 + 1)), 1009),
     ("fragments over the size limit",
      frame(OP_BINARY, b"x" * 40000, fin=False) + frame(OP_CONT, b"x" * 40000), 1009),
-    ("too many fragments", b"".join(frame(OP_CONT if i else OP_TEXT, b"x", fin=False) for i in range(9)), 1009),
+    ("too many fragments", b"".join(frame(OP_CONT if i else OP_TEXT, b"x", fin=False) for i in range(9)), 1008),
 ]
 
 
@@ -328,7 +328,7 @@ def test_idle_timeout_closes_with_1001(processes):
 def test_global_buffer_budget_refuses_new_buffering_with_1013(processes):
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url, "--global-buffer-limit", "100KiB",
-                            "--buffer-limit", "80KiB")
+                            "--buffer-limit", "80KiB", "--max-message-size", "64KiB")
     a, b = proxy.connect(), proxy.connect()
     backend.kill()
     wait_for(lambda: all(p["backend_state"] == "failing_over" for p in proxy.pipes()), what="failover state")

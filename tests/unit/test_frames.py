@@ -3,6 +3,7 @@ deliberately simple reference implementation written below."""
 
 from __future__ import annotations
 
+import codecs
 import random
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from iwsproxy.exceptions import MessageTooBig, ProtocolError
 from iwsproxy.frames import (
+    BYTES_PER_EXTRA_FRAGMENT,
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -91,8 +93,6 @@ def ref_parse(
         if opcode == OP_CONT:
             if message_opcode is None:
                 return events, 1002
-            if len(parts) + 1 > max_fragments:
-                return events, 1009
         elif not is_control and message_opcode is not None:
             return events, 1002
         pos += 2
@@ -108,6 +108,10 @@ def ref_parse(
             so_far = sum(len(p) for p in parts) if opcode == OP_CONT else 0
             if so_far + length > max_message_size:
                 return events, 1009
+            # past max_fragments frames, one more per BYTES_PER_EXTRA_FRAGMENT bytes of the message
+            frames = len(parts) + 1 if opcode == OP_CONT else 1
+            if frames > max_fragments + (so_far + length) // BYTES_PER_EXTRA_FRAGMENT:
+                return events, 1008
         key = None
         if masked:
             key = stream[pos : pos + 4]
@@ -125,6 +129,11 @@ def ref_parse(
             message_opcode = opcode
             parts = []
         parts.append(payload)
+        if message_opcode == OP_TEXT and not fin:
+            try:  # the text so far must be valid UTF-8 up to a character cut at its end
+                codecs.utf_8_decode(b"".join(parts), "strict", False)
+            except UnicodeDecodeError:
+                return events, 1007
         if fin:
             message = b"".join(parts)
             if message_opcode == OP_TEXT:
@@ -532,13 +541,53 @@ def test_new_data_frame_while_a_message_is_open_is_rejected(opcode):
     raises_code(parser, ref_encode(opcode, b"b", b"abcd"), 1002)
 
 
-def test_too_many_fragments_is_rejected_with_1009():
+def test_too_many_fragments_is_rejected_with_1008_from_the_header():
     parser = FrameParser(expect_masked=True, max_fragments=3)
     parser.feed(ref_encode(OP_BINARY, b"a", b"abcd", fin=False))
     parser.feed(ref_encode(OP_CONT, b"a", b"abcd", fin=False))
     parser.feed(ref_encode(OP_CONT, b"a", b"abcd", fin=False))
-    error = raises_code(parser, ref_encode(OP_CONT, b"a", b"abcd"), 1009)
-    assert isinstance(error, MessageTooBig)
+    error = raises_code(parser, ref_encode(OP_CONT, b"a", b"abcd")[:2], 1008)  # the header decides
+    assert not isinstance(error, MessageTooBig)
+    assert error.reason == f"4 fragments for 4 bytes: more than 3 + 1 per {BYTES_PER_EXTRA_FRAGMENT} bytes"
+
+
+def fragmented(payload: bytes, size: int, opcode: int = OP_BINARY) -> bytes:
+    """``payload`` as one message in masked frames of ``size`` bytes (the last may be shorter)."""
+    source = MaskSource()
+    pieces = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+    return b"".join(encode_frame(opcode if i == 0 else OP_CONT, piece, fin=i == len(pieces) - 1,
+                                 mask_source=source) for i, piece in enumerate(pieces))
+
+
+def test_4_mib_in_64_byte_fragments_passes_the_default_limits():
+    payload = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    stream = fragmented(payload, 64)
+    parser = FrameParser(expect_masked=True, max_message_size=16 * 1024 * 1024)
+    assert feed_in_chunks(parser, stream, [256 * 1024] * (len(stream) // (256 * 1024))) == [(OP_BINARY, payload)]
+
+
+@pytest.mark.parametrize("max_fragments", [1, 2, 1024])
+@pytest.mark.parametrize("extra", [0, 1, 31])
+def test_fragments_of_the_allowance_size_or_more_are_never_refused(max_fragments, extra):
+    payload = b"z" * (100 * BYTES_PER_EXTRA_FRAGMENT + extra)
+    parser = FrameParser(expect_masked=True, max_fragments=max_fragments)
+    assert parser.feed(fragmented(payload, BYTES_PER_EXTRA_FRAGMENT)) == [(OP_BINARY, payload)]
+
+
+def test_a_flood_of_empty_continuations_is_refused_after_max_fragments():
+    parser = FrameParser(expect_masked=True)  # 1024 by default
+    empty = ref_encode(OP_CONT, b"", b"abcd", fin=False)
+    assert parser.feed(ref_encode(OP_TEXT, b"a", b"abcd", fin=False) + empty * 1023) == []
+    error = raises_code(parser, empty, 1008)
+    assert error.reason.startswith("1025 fragments for 1 bytes")
+
+
+def test_payload_earns_room_for_more_fragments_but_empty_ones_still_run_out():
+    parser = FrameParser(expect_masked=True, max_fragments=2)
+    empty = ref_encode(OP_CONT, b"", b"abcd", fin=False)
+    parser.feed(ref_encode(OP_BINARY, b"b" * 10 * BYTES_PER_EXTRA_FRAGMENT, b"abcd", fin=False))
+    assert parser.feed(empty * 11) == []  # 12 frames: 2 + 10 allowed
+    raises_code(parser, empty, 1008)
 
 
 def test_64_bit_length_with_top_bit_is_rejected():
@@ -553,6 +602,7 @@ def test_declared_length_over_limit_is_rejected_from_the_header(length_field):
     header = bytes([0x82]) + length_field
     error = raises_code(parser, header, 1009)  # no payload fed at all: decided from the header
     assert isinstance(error, MessageTooBig)
+    assert error.reason == "frame of 1025 bytes over the max message size of 1024 bytes"
 
 
 def test_huge_declared_length_is_rejected_without_buffering():
@@ -565,7 +615,8 @@ def test_fragmented_message_total_over_limit_is_rejected():
     assert parser.feed(ref_encode(OP_TEXT, b"x" * 6, b"abcd", fin=False)) == []
     # the header of the next fragment is enough to decide
     frame = ref_encode(OP_CONT, b"x" * 5, b"abcd")
-    raises_code(parser, frame[:6], 1009)
+    error = raises_code(parser, frame[:6], 1009)
+    assert error.reason == "fragmented message over the max message size of 10 bytes"
 
 
 def test_fast_path_respects_the_size_limit():
@@ -578,10 +629,29 @@ def test_invalid_utf8_text_is_rejected_with_1007():
     raises_code(FrameParser(expect_masked=False), ref_encode(OP_TEXT, b"\xed\xa0\x80", None), 1007)  # surrogate
 
 
-def test_invalid_utf8_in_fragmented_text_is_checked_on_the_whole_message():
+def test_invalid_utf8_in_fragmented_text_is_found_in_the_fragment_that_holds_it():
     parser = FrameParser(expect_masked=True)
     assert parser.feed(ref_encode(OP_TEXT, b"\xc3", b"abcd", fin=False)) == []  # incomplete char: fine so far
-    raises_code(parser, ref_encode(OP_CONT, b"(", b"abcd"), 1007)
+    raises_code(parser, ref_encode(OP_CONT, b"(", b"abcd", fin=False), 1007)   # not the last fragment
+
+
+@pytest.mark.parametrize("bad", [b"ok \xff", b"\xe0\x80", b"\xf4\x90"])  # invalid byte, overlong, past U+10FFFF
+def test_invalid_utf8_in_the_first_fragment_fails_at_once(bad):
+    raises_code(FrameParser(expect_masked=True), ref_encode(OP_TEXT, bad, b"abcd", fin=False), 1007)
+
+
+def test_text_cut_before_its_last_character_is_complete_fails_at_its_last_fragment():
+    parser = FrameParser(expect_masked=True)
+    assert parser.feed(ref_encode(OP_TEXT, b"ab\xe2\x82", b"abcd", fin=False)) == []
+    raises_code(parser, ref_encode(OP_CONT, b"", b"abcd"), 1007)
+
+
+def test_each_fragmented_text_message_is_checked_on_its_own():
+    parser = FrameParser(expect_masked=True)
+    cut = ref_encode(OP_TEXT, b"\xe2\x82", b"abcd", fin=False) + ref_encode(OP_CONT, b"\xac", b"abcd")
+    binary = ref_encode(OP_BINARY, b"\xff", b"abcd", fin=False) + ref_encode(OP_CONT, b"\xfe", b"abcd")
+    assert parser.feed(cut + binary + cut) == [(OP_TEXT, "€".encode()), (OP_BINARY, b"\xff\xfe"),
+                                               (OP_TEXT, "€".encode())]
 
 
 def test_invalid_utf8_in_binary_is_fine():

@@ -102,3 +102,23 @@ def test_no_per_ip_limit_by_default_and_zero_means_none():
     assert Settings.load(env={"IWSPROXY_MAX_PIPES_PER_IP": "50"}).max_pipes_per_ip == 50
     with pytest.raises(ConfigError):
         Settings.load(env={"IWSPROXY_MAX_PIPES_PER_IP": "-1"})
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"IWSPROXY_GLOBAL_BUFFER_LIMIT": "1MiB"}, "IWSPROXY_GLOBAL_BUFFER_LIMIT"),
+    ({"IWSPROXY_GLOBAL_BUFFER_LIMIT": "1MiB", "IWSPROXY_DELIVERY": "at-most-once"}, "IWSPROXY_GLOBAL_BUFFER_LIMIT"),
+    ({"IWSPROXY_BUFFER_LIMIT": "1"}, "IWSPROXY_BUFFER_LIMIT"),
+    ({"IWSPROXY_BUFFER_LIMIT": "0", "IWSPROXY_DELIVERY": "at-most-once"}, "IWSPROXY_BUFFER_LIMIT"),  # resume on
+])
+def test_buffers_that_could_not_hold_a_message_for_a_live_peer_are_refused(env, key):
+    with pytest.raises(ConfigError, match=key):
+        Settings.load(env=env)
+
+
+def test_buffers_that_hold_nothing_for_a_live_peer_may_be_small():
+    # at-most-once without resume holds only what waits for a backend that is not there
+    settings = Settings.load(env={"IWSPROXY_DELIVERY": "at-most-once", "IWSPROXY_RESUME_GRACE": "0",
+                                  "IWSPROXY_BUFFER_LIMIT": "0", "IWSPROXY_GLOBAL_BUFFER_LIMIT": "1KiB"})
+    assert (settings.buffer_limit_bytes, settings.global_buffer_limit_bytes) == (0, 1024)
+    assert Settings.load(env={"IWSPROXY_GLOBAL_BUFFER_LIMIT": "64KiB", "IWSPROXY_MAX_MESSAGE_SIZE": "64KiB",
+                              "IWSPROXY_BUFFER_LIMIT": "2"})
