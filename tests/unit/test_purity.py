@@ -6,7 +6,7 @@ import sys
 import pytest
 
 PURE = ["iwsproxy.buffer", "iwsproxy.policy", "iwsproxy.tokens", "iwsproxy.session", "iwsproxy.states", "iwsproxy.actions",
-        "iwsproxy.snapshot", "iwsproxy.pool", "iwsproxy.backoff", "iwsproxy.frames",
+        "iwsproxy.snapshot", "iwsproxy.masking", "iwsproxy.pool", "iwsproxy.backoff", "iwsproxy.frames",
         "iwsproxy.settings", "iwsproxy.clientid", "iwsproxy.exceptions", "iwsproxy"]
 IO = ["gevent", "geventwebsocket", "socket", "flask", "werkzeug", "websocket", "ssl"]
 
