@@ -41,7 +41,8 @@ class PipeManager:
     :class:`PoolLeases` in ``self.leases``. Changes to the default pool go
     through the registry; route pools are this process's own (settings refuse
     routes with a shared registry). Methods taking ``pool`` raise KeyError for
-    a name that is not one of these.
+    a name that is not one of these. A session is one client id in one pool:
+    the same id on two routes is two sessions.
 
     All methods are called from greenlets of one process and never yield while
     they change shared state, so no locks are needed.
@@ -54,7 +55,7 @@ class PipeManager:
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
         self.backend_sslopt = tls_options(verify=s.backend_tls_verify, ca_bundle=s.backend_ca_bundle)
         self.mask_source = MaskSource()  # one pool of random mask keys for every backend connection
-        self._pipes: dict[str, PersistentPipe] = {}
+        self._pipes: dict[str, PersistentPipe] = {}  # by session key (see _session_key)
         self._per_ip: Counter = Counter()  # live pipes per client address
         self._tasks = Group()          # drain schedulers
         self._greenlets = Group()      # pipe supervisors and the requests handed in by peers
@@ -201,7 +202,8 @@ class PipeManager:
         status) or :class:`NoBackendAvailable` (503).
         """
         leases = self.leases[pool]
-        if client_id in self._pipes:
+        key = _session_key(pool, client_id)
+        if key in self._pipes:
             raise DuplicateClient(f"client {short_id(client_id)} already has a live session")
         if self._closing.is_set():  # too late for the shutdown's 1012: refused before the upgrade
             raise CapacityExceeded("this process is shutting down", 503)
@@ -213,7 +215,7 @@ class PipeManager:
         pipe = PersistentPipe(client_id, offer, settings=settings, leases=leases, telemetry=self.telemetry,
                               budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,
                               supervisors=self._greenlets)
-        self._pipes[client_id] = pipe
+        self._pipes[key] = pipe
         self._per_ip[offer.remote_addr] += 1
         try:
             allow_waiting = self.settings.wait_for_backend and self.settings.pool_policy == "exclusive"
@@ -252,14 +254,15 @@ class PipeManager:
         if upgrade.server_pool is not None:
             self._server_pools.add(upgrade.server_pool)
         self._http_server = upgrade.server
-        existing = self._pipes.get(client_id)
+        key = _session_key(pool, client_id)
+        existing = self._pipes.get(key)
         if existing is not None and existing.ending:
             self._forget(existing)  # its session is over and it is tearing down: this is a new one
             existing = None
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
-        if self.handoff is not None and self._start_handoff() and self._hand_to_holder(client_id, upgrade):
+        if self.handoff is not None and self._start_handoff() and self._hand_to_holder(key, upgrade):
             return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
@@ -274,16 +277,17 @@ class PipeManager:
             self.abandon_pipe(pipe)
             raise
 
-    def _hand_to_holder(self, client_id: str, upgrade: ClientUpgrade) -> bool:
-        """If another process of this host holds ``client_id``'s session, give it the upgrade."""
+    def _hand_to_holder(self, key: str, upgrade: ClientUpgrade) -> bool:
+        """If another process of this host holds the session ``key``, give it the upgrade."""
         if upgrade.handed_in:
             return False  # it was sent here by its holder's peer: serve it, never send it on
-        holder = self.handoff.find_holder(client_id)
+        holder = self.handoff.find_holder(key)
         if holder is None:
             return False
         if not upgrade.hand_over(lambda sock, address, request: Handoff.hand_over(holder, sock, address, request)):
             return False
-        log.info("client %s handed to the process holding its session (%s)", short_id(client_id), holder)
+        log.info("client %s handed to the process holding its session (%s)", short_id(key.rpartition(" ")[2]),
+                 holder)
         self.counters["handed_over"] += 1
         return True
 
@@ -324,8 +328,9 @@ class PipeManager:
         pipe.attach(client)
 
     def _forget(self, pipe: PersistentPipe) -> None:
-        if self._pipes.get(pipe.client_id) is pipe:
-            del self._pipes[pipe.client_id]
+        key = _session_key(_pool_of(pipe), pipe.client_id)
+        if self._pipes.get(key) is pipe:
+            del self._pipes[key]
             address = pipe.offer.remote_addr
             self._per_ip[address] -= 1
             if self._per_ip[address] <= 0:
@@ -376,6 +381,12 @@ class PipeManager:
 def _in(pool: str) -> str:
     """`` in pool NAME`` for a log line, nothing for the default pool."""
     return "" if pool == DEFAULT_POOL else f" in pool {pool}"
+
+
+def _session_key(pool: str, client_id: str) -> str:
+    """A session's key in this process (and between the processes of a host): the client id in
+    the default pool, ``"<prefix> <client id>"`` in a route's (a prefix holds no space)."""
+    return client_id if pool == DEFAULT_POOL else f"{pool} {client_id}"
 
 
 def _pool_of(pipe: PersistentPipe) -> str:

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import websocket
 
-from conftest import ADMIN_TOKEN, stats, wait_for
+from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
 from iwsproxy import cli
 
 
@@ -134,3 +134,25 @@ def test_a_killed_backend_fails_over_within_its_routes_pool_only(processes):
     assert echoes(news, "n1") and pipe_of(proxy, news)["failovers"] == 0
     chat.close()
     news.close()
+
+
+@pytest.mark.timeout(60)
+def test_one_client_id_on_two_routes_is_two_sessions(processes):
+    chat, news = processes.echo(name="chat"), processes.echo(name="news")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--route", f"/news={news.url}")
+    client_id = str(uuid.uuid4())
+    on_chat = websocket.create_connection(proxy.url_for(f"/chat/{client_id}"), timeout=10)
+    on_news = websocket.create_connection(proxy.url_for(f"/news/{client_id}"), timeout=10)
+    assert echoes(on_chat, "c") and echoes(on_news, "n")
+    assert sorted(p["pool"] for p in proxy.pipes()) == ["/chat", "/news"]
+    # a second connection on /chat takes over the /chat session only
+    again = websocket.create_connection(proxy.url_for(f"/chat/{client_id}"), timeout=10)
+    assert recv_close(on_chat)[0] == 4409
+    again.send("c2")
+    got = [again.recv()]
+    if got == ["c"]:  # what the old connection had not acknowledged may come again
+        got.append(again.recv())
+    assert got[-1] == "c2" and echoes(on_news, "n2")
+    assert (stats(chat)["connections_total"], stats(news)["connections_total"]) == (1, 1)
+    again.close()
+    on_news.close()
