@@ -95,12 +95,10 @@ class PipeManager:
     def add_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
         check_backend_url(url)
-        self.leases[pool]  # noqa: B018 (KeyError for an unknown pool, before anything changes)
         return self.registry.add(url) if pool == DEFAULT_POOL else self.apply_add(url, pool)
 
     def remove_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Unregister a backend; pipes on it keep their connection until it drops."""
-        self.leases[pool]  # noqa: B018
         return self.registry.remove(url) if pool == DEFAULT_POOL else self.apply_remove(url, pool)
 
     def drain_backend(self, url: str, window_s: float | None = None, pool: str = DEFAULT_POOL) -> int | None:
@@ -114,11 +112,11 @@ class PipeManager:
         ValueError before anything changes.
         """
         window_s = check_drain_window(self.settings.drain_window_s if window_s is None else window_s)
-        self.leases[pool]  # noqa: B018
         return self.registry.drain(url, window_s) if pool == DEFAULT_POOL else self.apply_drain(url, window_s, pool)
 
     # ---- backends: applying a change to this process (called by the registry) ----
     def apply_add(self, url: str, pool: str = DEFAULT_POOL) -> bool:
+        """Add ``url`` to ``pool`` in this process; False if there already (KeyError: no such pool)."""
         leases = self.leases[pool]
         added = leases.pool.add(url)
         if added:
