@@ -26,6 +26,7 @@ from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
+from .routes import DEFAULT_POOL, match_route
 from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
@@ -159,6 +160,11 @@ def proxy(path: str):
                           allow_missing=settings.allow_no_origin):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
+    pool = DEFAULT_POOL
+    if settings.routes:
+        pool = match_route(settings.routes, request.path)
+        if pool is None:
+            return _text(404, "no route for this path")
     try:
         client_id, assigned = _client_id(state, path)
         backend_path = _raw_path()
@@ -182,7 +188,7 @@ def proxy(path: str):
                         subprotocols=tuple(upgrade.subprotocols), headers=headers,
                         origin=origin, remote_addr=request.remote_addr or "", path=backend_path)
     try:
-        state.manager.create_pipe(client_id, upgrade, offer, token=token)
+        state.manager.create_pipe(client_id, upgrade, offer, token=token, pool=pool)
     except DuplicateClient as exc:
         return _text(409, str(exc))
     except ResumeRefused as exc:
@@ -210,7 +216,7 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
-    return jsonify(status="ok", pipes=len(manager), backends=manager.pool_size())
+    return jsonify(status="ok", pipes=len(manager), backends=manager.backend_count())
 
 
 @health_bp.route("/metrics")
@@ -265,10 +271,23 @@ def _url_from_body() -> str:
     return body["url"]
 
 
+def _pool_from_body() -> str:
+    """The body's ``pool`` (a route's prefix; "default" if absent); ValueError if not a string."""
+    pool = request.get_json(silent=True).get("pool", DEFAULT_POOL)
+    if not isinstance(pool, str):
+        raise ValueError('"pool" must be a pool name, such as "default" or a route prefix')
+    return pool
+
+
+def _no_such_pool(pool: str):
+    return jsonify(error="no such pool", pool=pool, pools=_state().manager.pool_names()), 404
+
+
 @admin_bp.get("/backends")
 def list_backends():
+    """Every backend (each naming its ``pool``), the pipes, and the pool names."""
     manager = _state().manager
-    return jsonify(backends=manager.backends(), pipes=manager.pipes())
+    return jsonify(backends=manager.backends(), pipes=manager.pipes(), pools=manager.pool_names())
 
 
 @admin_bp.get("/status")
@@ -292,37 +311,44 @@ def add_backend():
     state = _state()
     try:
         url = _url_from_body()
+        pool = _pool_from_body()
         check_backend_url(url)
         if not url_allowed(url, state.settings.backend_allowlist):
             return jsonify(error="backend host not in the allowlist (IWSPROXY_BACKEND_ALLOWLIST)", url=url), 403
-        added = state.manager.add_backend(url)
+        added = state.manager.add_backend(url, pool)
     except ValueError as exc:
         return jsonify(error=str(exc)), 400
-    return jsonify(url=url, added=added), 201 if added else 200
+    except KeyError:
+        return _no_such_pool(pool)
+    return jsonify(url=url, pool=pool, added=added), 201 if added else 200
 
 
 @admin_bp.delete("/backends")
 def remove_backend():
-    """``{"url": ...}`` removes at once; with ``"drain": true`` pipes move off it first (202)."""
+    """``{"url": ...}`` removes at once; with ``"drain": true`` pipes move off it first (202).
+    ``"pool"`` names the pool ("default" if absent)."""
     try:
         url = _url_from_body()
+        pool = _pool_from_body()
     except ValueError as exc:
         return jsonify(error=str(exc)), 400
     body = request.get_json(silent=True)
     manager = _state().manager
+    if pool not in manager.leases:
+        return _no_such_pool(pool)
     if body.get("drain"):
         window = body.get("window_s")
         try:
             window = None if window is None else check_drain_window(window)
         except ValueError as exc:
             return jsonify(error=f"window_s {exc}"), 400
-        moving = manager.drain_backend(url, window)
+        moving = manager.drain_backend(url, window, pool)
         if moving is None:
-            return jsonify(error="no such backend", url=url), 404
-        return jsonify(url=url, draining=True, pipes=moving), 202
-    if not manager.remove_backend(url):
-        return jsonify(error="no such backend", url=url), 404
-    return jsonify(url=url, removed=True)
+            return jsonify(error="no such backend", url=url, pool=pool), 404
+        return jsonify(url=url, pool=pool, draining=True, pipes=moving), 202
+    if not manager.remove_backend(url, pool):
+        return jsonify(error="no such backend", url=url, pool=pool), 404
+    return jsonify(url=url, pool=pool, removed=True)
 
 
 # ---- the extension ----

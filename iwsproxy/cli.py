@@ -88,11 +88,15 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if args.action == "list":
         result = _admin_call(args, "GET")
         for b in result.get("backends", []):
-            print(f"{b['url']}\t{b['state']}\tclients={b['clients']}\tfailures={b['total_failures']}")
+            if args.pool is None or b.get("pool", "default") == args.pool:
+                print(f"{b['url']}\t{b['state']}\tpool={b.get('pool', 'default')}\tclients={b['clients']}"
+                      f"\tfailures={b['total_failures']}")
         return 0
     if not args.url:
         raise SystemExit(f"iwsproxy: backends {args.action} needs a URL")
     body = {"url": args.url}
+    if args.pool is not None:
+        body["pool"] = args.pool
     if args.drain:
         if args.action != "remove":
             raise SystemExit("iwsproxy: --drain goes with backends remove")
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("url", nargs="?")
     backends.add_argument("--drain", action="store_true",
                           help="with remove: move pipes off the backend first (no loss, no duplicates)")
+    backends.add_argument("--pool", default=None,
+                          help='the pool: "default" (the --backend URLs, the default) or a route\'s prefix; '
+                               "with list: show only that pool")
     backends.add_argument("--admin", default=os.environ.get("IWSPROXY_ADMIN_URL", "http://127.0.0.1:8080/admin"),
                           help="admin API base URL")
     backends.add_argument("--token", default=os.environ.get("IWSPROXY_ADMIN_TOKEN", ""), help="admin bearer token")

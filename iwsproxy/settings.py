@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .clientid import parse_source
 from .exceptions import ConfigError
 from .frames import BYTES_PER_EXTRA_FRAGMENT
+from .routes import Route, parse_routes, prefix_matches
 
 __all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
@@ -158,6 +159,12 @@ class Settings:
     backends: tuple[str, ...] = setting((), "IWSPROXY_BACKENDS", _parse_list,
                                         "backend WebSocket URLs registered at start (the flag is repeatable, the variable "
                                         "comma separated; with Redis they only seed a new registry)", "--backend")
+    routes: tuple[Route, ...] = setting((), "IWSPROXY_ROUTES", parse_routes,
+                                        "a pool of its own for paths under PREFIX: PREFIX=URL[,URL...] (the flag is "
+                                        "repeatable, the variable separates routes with ;); the longest prefix wins, "
+                                        "by whole path segments; a path under no route gets 404; the pool is named "
+                                        "PREFIX. Not with --backend (use --route /=URL for a catch-all) nor with "
+                                        "--redis-url", "--route")
     admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,
                                       "bearer token for the admin routes; unset turns them off", "--admin-token")
     proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,
@@ -323,6 +330,18 @@ class Settings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("IWSPROXY_BACKOFF_MAX", self.backoff_max_s, "settings",
                               "must be >= IWSPROXY_BACKOFF_INITIAL")
+        if self.routes:
+            shown = ";".join(f"{prefix}={','.join(urls)}" for prefix, urls in self.routes)
+            if self.backends:
+                raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
+                                  "routes and IWSPROXY_BACKENDS exclude each other (a catch-all route is /=URL)")
+            if self.redis_url:
+                raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
+                                  "routes are not shared through the Redis registry yet: unset IWSPROXY_REDIS_URL")
+            for prefix, _ in self.routes:
+                if self.proxy_prefix and not prefix_matches(self.proxy_prefix, prefix):
+                    raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
+                                      f"route {prefix} is not under IWSPROXY_PROXY_PREFIX {self.proxy_prefix}")
         self._validate_buffering()
 
     def _validate_buffering(self) -> None:

@@ -20,6 +20,7 @@ import websocket
 
 from ..exceptions import BackendConnectError, BackendRejected
 from ..frames import MaskSource
+from ..routes import check_ws_url
 from .connection import Connection
 
 __all__ = ["ClientOffer", "BackendConnection", "backend_target", "connect_backend", "check_backend_url",
@@ -31,17 +32,7 @@ RECONNECTS_HEADER = "X-Iwsproxy-Reconnects"
 
 def check_backend_url(url: str) -> str:
     """Return ``url`` if it is a ws:// or wss:// URL with a host, else raise ValueError."""
-    if not isinstance(url, str):
-        raise ValueError("a backend URL must be a string")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"invalid URL {url!r}: {exc}") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError(f"{url!r} is not a ws:// or wss:// URL with a host")
-    del port
-    return url
+    return check_ws_url(url)
 
 
 def tls_options(*, verify: bool, ca_bundle: str | None) -> dict:

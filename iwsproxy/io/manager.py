@@ -1,4 +1,4 @@
-"""PipeManager: the pipes of one process by client id, and the backend pool they share."""
+"""PipeManager: the pipes of one process by client id, and the backend pools they lease from."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..exceptions import CapacityExceeded, ConfigError, DuplicateClient, ResumeR
 from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import Backend, BackendPool
+from ..routes import DEFAULT_POOL
 from ..metrics import Metrics
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
@@ -23,6 +24,7 @@ from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
 from .pipe import PersistentPipe, short_id
+from .pools import PoolLeases
 from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
 
@@ -32,7 +34,15 @@ log = logging.getLogger(__name__)
 
 
 class PipeManager:
-    """Owns the live :class:`PersistentPipe` objects and the :class:`BackendPool`.
+    """Owns the live :class:`PersistentPipe` objects and the backend pools.
+
+    The pool of the ``backends`` (named ``"default"``, also ``self.pool``) and one
+    pool per route of ``settings.routes`` (named by its prefix), each a
+    :class:`PoolLeases` in ``self.leases``. Changes to the default pool go
+    through the registry; route pools are this process's own (settings refuse
+    routes with a shared registry). Methods taking ``pool`` raise KeyError for
+    a name that is not one of these. A session is one client id in one pool:
+    the same id on two routes is two sessions.
 
     All methods are called from greenlets of one process and never yield while
     they change shared state, so no locks are needed.
@@ -42,14 +52,11 @@ class PipeManager:
                  registry: Registry | None = None, metrics: Metrics | None = None):
         self.settings = s = settings or Settings()
         self.metrics = metrics or Metrics()
-        self.pool = BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
-                                eject_base_s=max(s.eject_base_s, 0.001), eject_max_s=max(s.eject_max_s, 0.001))
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
         self.backend_sslopt = tls_options(verify=s.backend_tls_verify, ca_bundle=s.backend_ca_bundle)
         self.mask_source = MaskSource()  # one pool of random mask keys for every backend connection
-        self._pipes: dict[str, PersistentPipe] = {}
+        self._pipes: dict[str, PersistentPipe] = {}  # by session key (see _session_key)
         self._per_ip: Counter = Counter()  # live pipes per client address
-        self._waiting: set[PersistentPipe] = set()  # pipes woken when the pool changes
         self._tasks = Group()          # drain schedulers
         self._greenlets = Group()      # pipe supervisors and the requests handed in by peers
         self._closing = Event()
@@ -64,23 +71,37 @@ class PipeManager:
             self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
                                    serve_request=self._serve_handed_in)
         self.telemetry = Telemetry(self.metrics)
+        self.leases: dict[str, PoolLeases] = {
+            name: PoolLeases(name, BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
+                                               eject_base_s=max(s.eject_base_s, 0.001),
+                                               eject_max_s=max(s.eject_max_s, 0.001)), self.telemetry)
+            for name in (DEFAULT_POOL, *(prefix for prefix, _ in s.routes))}
+        self._default = self.leases[DEFAULT_POOL]
+        self.pool = self._default.pool
         self.counters = self.telemetry.counters              # for the status page
         self.closed_by_code = self.telemetry.closed_by_code
         self._backend_options = BackendOptions(sslopt=self.backend_sslopt, mask_source=self.mask_source)
         self.registry = registry or LocalRegistry()
         # given to the registry rather than added through it: a shared one only seeds a new set with them
         self.registry.start(self, tuple(check_backend_url(url) for url in (*s.backends, *backends)))
+        for prefix, urls in s.routes:
+            for url in urls:
+                self.apply_add(url, prefix)
 
     # ---- backends: public calls go through the registry ----
-    def add_backend(self, url: str) -> bool:
+    def pool_names(self) -> list[str]:
+        return list(self.leases)
+
+    def add_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
-        return self.registry.add(check_backend_url(url))
+        check_backend_url(url)
+        return self.registry.add(url) if pool == DEFAULT_POOL else self.apply_add(url, pool)
 
-    def remove_backend(self, url: str) -> bool:
+    def remove_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Unregister a backend; pipes on it keep their connection until it drops."""
-        return self.registry.remove(url)
+        return self.registry.remove(url) if pool == DEFAULT_POOL else self.apply_remove(url, pool)
 
-    def drain_backend(self, url: str, window_s: float | None = None) -> int | None:
+    def drain_backend(self, url: str, window_s: float | None = None, pool: str = DEFAULT_POOL) -> int | None:
         """Stop giving ``url`` new pipes and move its pipes off it, spread over ``window_s``.
 
         Each pipe stops writing to the backend, closes it with 1001, waits for its
@@ -91,28 +112,31 @@ class PipeManager:
         ValueError before anything changes.
         """
         window_s = check_drain_window(self.settings.drain_window_s if window_s is None else window_s)
-        return self.registry.drain(url, window_s)
+        return self.registry.drain(url, window_s) if pool == DEFAULT_POOL else self.apply_drain(url, window_s, pool)
 
     # ---- backends: applying a change to this process (called by the registry) ----
-    def apply_add(self, url: str) -> bool:
-        added = self.pool.add(url)
+    def apply_add(self, url: str, pool: str = DEFAULT_POOL) -> bool:
+        """Add ``url`` to ``pool`` in this process; False if there already (KeyError: no such pool)."""
+        leases = self.leases[pool]
+        added = leases.pool.add(url)
         if added:
-            log.info("backend %s added", url)
-            self._wake_waiting()
+            log.info("backend %s added%s", url, _in(pool))
+            leases.wake_waiting()
         return added
 
-    def apply_remove(self, url: str) -> bool:
-        removed = self.pool.remove(url)
+    def apply_remove(self, url: str, pool: str = DEFAULT_POOL) -> bool:
+        removed = self.leases[pool].pool.remove(url)
         if removed:
-            log.info("backend %s removed", url)
+            log.info("backend %s removed%s", url, _in(pool))
         return removed
 
-    def apply_drain(self, url: str, window_s: float) -> int | None:
-        if url not in self.pool:
+    def apply_drain(self, url: str, window_s: float, pool: str = DEFAULT_POOL) -> int | None:
+        leases = self.leases[pool]
+        if url not in leases.pool:
             return None
-        self.pool.drain(url)
-        pipes = [pipe for pipe in self._pipes.values() if pipe.backend_url == url]
-        log.info("backend %s draining: %d pipes over %.1f s", url, len(pipes), window_s)
+        leases.pool.drain(url)
+        pipes = [pipe for pipe in self._pipes.values() if pipe.backend_url == url and pipe.leases is leases]
+        log.info("backend %s%s draining: %d pipes over %.1f s", url, _in(pool), len(pipes), window_s)
         if pipes:
             task = self._tasks.spawn(self._drain_spread, url, pipes, window_s)
             task.link_exception(lambda g: log.error("drain of %s crashed", url, exc_info=g.exc_info))
@@ -126,58 +150,58 @@ class PipeManager:
             pipe.drain(url)
 
     def backends(self) -> list[dict]:
-        snapshot = self.pool.snapshot(time.monotonic())
-        on = Counter(pipe.backend_url for pipe in self._pipes.values())
-        for entry in snapshot:
-            entry["pipes"] = on[entry["url"]]
-        return snapshot
+        """Every pool's backends, each entry naming its ``pool`` and counting its ``pipes``."""
+        now = time.monotonic()
+        on = Counter((_pool_of(pipe), pipe.backend_url) for pipe in self._pipes.values())
+        entries = []
+        for name, leases in self.leases.items():
+            for entry in leases.pool.snapshot(now):
+                entry["pool"] = name
+                entry["pipes"] = on[name, entry["url"]]
+                entries.append(entry)
+        return entries
 
+    def backend_count(self) -> int:
+        """Backends in all pools together."""
+        return sum(leases.pool_size() for leases in self.leases.values())
+
+    # ---- the default pool as BackendLeases (see PoolLeases) ----
     def pool_size(self) -> int:
-        return len(self.pool)
+        return self._default.pool_size()
 
     def acquire_backend(self, exclude: set[str]) -> Backend | None:
         """A backend for one pipe, counted as its client until :meth:`release_backend`."""
-        return self.pool.acquire(time.monotonic(), exclude=exclude)
+        return self._default.acquire_backend(exclude)
 
     def release_backend(self, backend: Backend, *, failed: bool, cause: str = "") -> None:
-        now = time.monotonic()
-        url = backend.url
-        current = self.pool.get(url) is backend  # not one removed since (even if its URL is back)
-        self.pool.release(backend)  # may remove a draining backend: asked before
-        if failed and current:
-            self.counters["backend_errors"] += 1
-            self.metrics.backend_error(url)
-            if self.pool.record_failure(url, now, cause):
-                self.metrics.backend_ejected(url)
-        self._wake_waiting()
+        self._default.release_backend(backend, failed=failed, cause=cause)
 
     def backend_succeeded(self, url: str) -> None:
-        self.pool.record_success(url, time.monotonic())
+        self._default.backend_succeeded(url)
 
     def wait_for_backend(self, pipe: PersistentPipe) -> None:
-        self._waiting.add(pipe)
+        self._default.wait_for_backend(pipe)
 
     def stop_waiting(self, pipe: PersistentPipe) -> None:
-        self._waiting.discard(pipe)
-
-    def _wake_waiting(self) -> None:
-        for pipe in list(self._waiting):
-            pipe.wake()
+        self._default.stop_waiting(pipe)
 
     # ---- pipes ----
     def pipes(self) -> list[dict]:
-        return [pipe.info() for pipe in self._pipes.values()]
+        """Each pipe's :meth:`PersistentPipe.info`, with the name of its ``pool``."""
+        return [{**pipe.info(), "pool": _pool_of(pipe)} for pipe in self._pipes.values()]
 
     def __len__(self) -> int:
         return len(self._pipes)
 
-    def open_pipe(self, client_id: str, offer: ClientOffer) -> PersistentPipe:
-        """Register a pipe and connect its first backend, before the client is answered.
+    def open_pipe(self, client_id: str, offer: ClientOffer, pool: str = DEFAULT_POOL) -> PersistentPipe:
+        """Register a pipe leasing from ``pool`` and connect its first backend, before the client is answered.
 
         Raises :class:`DuplicateClient` (409), :class:`BackendRejected` (that
         status) or :class:`NoBackendAvailable` (503).
         """
-        if client_id in self._pipes:
+        leases = self.leases[pool]
+        key = _session_key(pool, client_id)
+        if key in self._pipes:
             raise DuplicateClient(f"client {short_id(client_id)} already has a live session")
         if self._closing.is_set():  # too late for the shutdown's 1012: refused before the upgrade
             raise CapacityExceeded("this process is shutting down", 503)
@@ -186,10 +210,10 @@ class PipeManager:
             raise CapacityExceeded(f"this process serves its maximum of {settings.max_pipes} pipes", 503)
         if settings.max_pipes_per_ip and offer.remote_addr and self._per_ip[offer.remote_addr] >= settings.max_pipes_per_ip:
             raise CapacityExceeded(f"too many sessions from this address (max {settings.max_pipes_per_ip})", 429)
-        pipe = PersistentPipe(client_id, offer, settings=settings, leases=self, telemetry=self.telemetry,
+        pipe = PersistentPipe(client_id, offer, settings=settings, leases=leases, telemetry=self.telemetry,
                               budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,
                               supervisors=self._greenlets)
-        self._pipes[client_id] = pipe
+        self._pipes[key] = pipe
         self._per_ip[offer.remote_addr] += 1
         try:
             allow_waiting = self.settings.wait_for_backend and self.settings.pool_policy == "exclusive"
@@ -215,31 +239,32 @@ class PipeManager:
         self._forget(pipe)
 
     def create_pipe(self, client_id: str, upgrade: ClientUpgrade, offer: ClientOffer | None = None, *,
-                    token: str | None = None) -> None:
+                    token: str | None = None, pool: str = DEFAULT_POOL) -> None:
         """Open a pipe for a client upgrade, answer the upgrade, and hand the connection to the pipe.
 
         Returns once the pipe runs (it owns the client connection from then
         on). If a pipe with this id is alive, the connection resumes it
         (detached) or takes it over (attached, unless ``on_duplicate`` is
-        "refuse"). Refusals raise before the client is
+        "refuse"), in the pool it has; a new pipe leases from ``pool``. Refusals raise before the client is
         answered: :class:`DuplicateClient` (409), :class:`ResumeRefused` (403),
         :class:`BackendRejected`, :class:`NoBackendAvailable` (503).
         """
         if upgrade.server_pool is not None:
             self._server_pools.add(upgrade.server_pool)
         self._http_server = upgrade.server
-        existing = self._pipes.get(client_id)
+        key = _session_key(pool, client_id)
+        existing = self._pipes.get(key)
         if existing is not None and existing.ending:
             self._forget(existing)  # its session is over and it is tearing down: this is a new one
             existing = None
         if existing is not None:
             self._rejoin(existing, upgrade, token)
             return
-        if self.handoff is not None and self._start_handoff() and self._hand_to_holder(client_id, upgrade):
+        if self.handoff is not None and self._start_handoff() and self._hand_to_holder(key, upgrade):
             return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
-        pipe = self.open_pipe(client_id, offer)
+        pipe = self.open_pipe(client_id, offer, pool)
         try:
             client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes,
                                     max_fragments=self.settings.max_fragments)
@@ -250,16 +275,17 @@ class PipeManager:
             self.abandon_pipe(pipe)
             raise
 
-    def _hand_to_holder(self, client_id: str, upgrade: ClientUpgrade) -> bool:
-        """If another process of this host holds ``client_id``'s session, give it the upgrade."""
+    def _hand_to_holder(self, key: str, upgrade: ClientUpgrade) -> bool:
+        """If another process of this host holds the session ``key``, give it the upgrade."""
         if upgrade.handed_in:
             return False  # it was sent here by its holder's peer: serve it, never send it on
-        holder = self.handoff.find_holder(client_id)
+        holder = self.handoff.find_holder(key)
         if holder is None:
             return False
         if not upgrade.hand_over(lambda sock, address, request: Handoff.hand_over(holder, sock, address, request)):
             return False
-        log.info("client %s handed to the process holding its session (%s)", short_id(client_id), holder)
+        log.info("client %s handed to the process holding its session (%s)", short_id(key.rpartition(" ")[2]),
+                 holder)
         self.counters["handed_over"] += 1
         return True
 
@@ -300,13 +326,15 @@ class PipeManager:
         pipe.attach(client)
 
     def _forget(self, pipe: PersistentPipe) -> None:
-        if self._pipes.get(pipe.client_id) is pipe:
-            del self._pipes[pipe.client_id]
+        key = _session_key(_pool_of(pipe), pipe.client_id)
+        if self._pipes.get(key) is pipe:
+            del self._pipes[key]
             address = pipe.offer.remote_addr
             self._per_ip[address] -= 1
             if self._per_ip[address] <= 0:
                 del self._per_ip[address]
-        self._waiting.discard(pipe)
+        for leases in self.leases.values():
+            leases.stop_waiting(pipe)
 
     # ---- shutdown ----
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
@@ -346,3 +374,18 @@ class PipeManager:
         gevent.joinall(others, timeout=1.0)
         gevent.killall([g for g in others if not g.dead], timeout=1.0)
         return done
+
+
+def _in(pool: str) -> str:
+    """`` in pool NAME`` for a log line, nothing for the default pool."""
+    return "" if pool == DEFAULT_POOL else f" in pool {pool}"
+
+
+def _session_key(pool: str, client_id: str) -> str:
+    """A session's key in this process (and between the processes of a host): the client id in
+    the default pool, ``"<prefix> <client id>"`` in a route's (a prefix holds no space)."""
+    return client_id if pool == DEFAULT_POOL else f"{pool} {client_id}"
+
+
+def _pool_of(pipe: PersistentPipe) -> str:
+    return getattr(pipe.leases, "name", DEFAULT_POOL)

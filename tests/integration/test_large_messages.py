@@ -4,7 +4,6 @@ can never be carried is refused from its frame header."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 

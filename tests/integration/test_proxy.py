@@ -347,8 +347,8 @@ def test_admin_api_auth_and_validation(processes):
     assert proxy.admin("POST", {"url": "http://example.test/"})[0] == 400
     assert proxy.admin("POST", {"url": "ws://"})[0] == 400
     assert proxy.admin("POST", {"nope": 1})[0] == 400
-    assert proxy.admin("POST", {"url": a.url}) == (201, {"url": a.url, "added": True})
-    assert proxy.admin("POST", {"url": a.url}) == (200, {"url": a.url, "added": False})
+    assert proxy.admin("POST", {"url": a.url}) == (201, {"url": a.url, "pool": "default", "added": True})
+    assert proxy.admin("POST", {"url": a.url}) == (200, {"url": a.url, "pool": "default", "added": False})
     assert list(proxy.backends()) == [a.url]
     ws = proxy.connect()
     assert roundtrip(ws, "x")[1] == b"x"

@@ -7,7 +7,7 @@ import pytest
 
 PURE = ["iwsproxy.buffer", "iwsproxy.policy", "iwsproxy.tokens", "iwsproxy.session", "iwsproxy.states", "iwsproxy.actions",
         "iwsproxy.snapshot", "iwsproxy.masking", "iwsproxy.pool", "iwsproxy.backoff", "iwsproxy.frames",
-        "iwsproxy.settings", "iwsproxy.clientid", "iwsproxy.exceptions", "iwsproxy"]
+        "iwsproxy.settings", "iwsproxy.clientid", "iwsproxy.routes", "iwsproxy.exceptions", "iwsproxy"]
 IO = ["gevent", "geventwebsocket", "socket", "flask", "werkzeug", "websocket", "ssl"]
 
 

@@ -24,6 +24,7 @@
   // [field, text(row), css class]
   const BACKEND_COLUMNS = [
     ["url", (b) => b.url, "mono"],
+    ["pool", (b) => dash(b.pool), "mono"],
     ["state", (b) => (b.ejected_for_s === null ? b.state : `${b.state} (${oneDecimal(b.ejected_for_s)} s left)`), ""],
     ["failures", (b) => `${b.consecutive_failures} / ${b.total_failures}`, "num"],
     ["ejections", (b) => String(b.ejections), "num"],
@@ -33,6 +34,7 @@
     ["client", (p) => p.client, "mono"],
     ["state", (p) => p.state, ""],
     ["backend", (p) => dash(p.backend), "mono"],
+    ["pool", (p) => dash(p.pool), "mono"],
     ["buffered_bytes", (p) => String(p.buffered_bytes), "num"],
     ["failovers", (p) => String(p.failovers), "num"],
     ["last_move_ms", (p) => oneDecimal(p.last_move_ms), "num"],

@@ -1,0 +1,158 @@
+"""Routes: each path prefix has a pool of its own (real proxy and echo backends in processes)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import websocket
+
+from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
+from iwsproxy import cli
+
+
+def connect(proxy, path: str) -> websocket.WebSocket:
+    client_id = str(uuid.uuid4())
+    ws = websocket.create_connection(proxy.url_for(f"{path}/{client_id}"), timeout=10)
+    ws.client_id = client_id
+    return ws
+
+
+def echoes(ws: websocket.WebSocket, text: str) -> bool:
+    ws.send(text)
+    return ws.recv() == text
+
+
+def refused_with(proxy, path: str) -> int:
+    with pytest.raises(websocket.WebSocketBadStatusException) as caught:
+        connect(proxy, path)
+    return caught.value.status_code
+
+
+def pipe_of(proxy, ws) -> dict:
+    return next(p for p in proxy.pipes() if ws.client_id.startswith(p["client"]))  # a short id
+
+
+@pytest.mark.timeout(60)
+def test_each_route_sends_its_clients_to_its_own_pool(processes):
+    chat, news = processes.echo(name="chat"), processes.echo(name="news")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--route", f"/news={news.url}")
+    chat_client, news_client = connect(proxy, "/chat"), connect(proxy, "/news/today")
+    assert echoes(chat_client, "to chat") and echoes(news_client, "to news")
+    assert (stats(chat)["connections_total"], stats(news)["connections_total"]) == (1, 1)
+    assert stats(chat)["last_headers"]["x-iwsproxy-client-id"] == chat_client.client_id
+    assert stats(news)["last_headers"]["x-iwsproxy-client-id"] == news_client.client_id
+    assert stats(news)["last_path"] == "/news/today"  # the path passes through (no path in the URL)
+    assert pipe_of(proxy, chat_client)["pool"] == "/chat" and pipe_of(proxy, news_client)["pool"] == "/news"
+    status, body = proxy.admin("GET")
+    assert status == 200 and body["pools"] == ["default", "/chat", "/news"]
+    assert {(b["pool"], b["url"], b["pipes"]) for b in body["backends"]} == {("/chat", chat.url, 1),
+                                                                            ("/news", news.url, 1)}
+    chat_client.close()
+    news_client.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_prefix_matches_whole_segments_and_the_longest_wins(processes):
+    chat, room, rest = processes.echo(name="chat"), processes.echo(name="room"), processes.echo(name="rest")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--route", f"/chat/room={room.url}",
+                            "--route", f"/={rest.url}")
+    clients = [connect(proxy, path) for path in ("/chatroom", "/chat/room", "/chat", "/chat/roomy")]
+    assert all(echoes(ws, "hi") for ws in clients)
+    assert [pipe_of(proxy, ws)["pool"] for ws in clients] == ["/", "/chat/room", "/chat", "/chat"]
+    assert [stats(b)["connections_total"] for b in (chat, room, rest)] == [2, 1, 1]
+    assert stats(rest)["last_path"] == "/chatroom"
+    for ws in clients:
+        ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_path_under_no_route_gets_404_before_the_upgrade(processes):
+    chat = processes.echo(name="chat")
+    proxy = processes.proxy("--route", f"/chat={chat.url}")
+    assert refused_with(proxy, "/chatroom") == 404  # /chat is not a prefix of /chatroom
+    assert refused_with(proxy, "") == 404
+    assert refused_with(proxy, "/other/chat") == 404
+    assert stats(chat)["connections_total"] == 0
+    assert proxy.pipes() == []
+    ws = connect(proxy, "/chat")
+    assert echoes(ws, "still routed")
+    ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_admin_add_and_remove_on_a_named_pool(processes, capsys):
+    chat, extra = processes.echo(name="chat"), processes.echo(name="extra")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--route", f"/news={chat.url}")
+    assert proxy.admin("POST", {"url": extra.url, "pool": "/chat"}) == (
+        201, {"url": extra.url, "pool": "/chat", "added": True})
+    assert proxy.admin("POST", {"url": extra.url, "pool": "/chat"})[0] == 200
+    assert proxy.admin("POST", {"url": extra.url, "pool": "/nope"})[0] == 404
+    assert proxy.admin("POST", {"url": extra.url, "pool": 7})[0] == 400
+    pools = {(b["pool"], b["url"]) for b in proxy.admin("GET")[1]["backends"]}
+    assert pools == {("/chat", chat.url), ("/chat", extra.url), ("/news", chat.url)}
+    # the CLI names the pool too
+    admin = ["--admin", proxy.http_url + "/admin", "--token", ADMIN_TOKEN]
+    assert cli.main(["backends", "list", "--pool", "/chat", *admin]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted([chat.url, extra.url])
+    assert all("\tpool=/chat\t" in line for line in listed)
+    # remove from one pool: the same URL in another pool stays
+    assert proxy.admin("DELETE", {"url": chat.url})[0] == 404  # not in the default pool
+    assert cli.main(["backends", "remove", chat.url, "--pool", "/chat", *admin]) == 0
+    capsys.readouterr()
+    pools = {(b["pool"], b["url"]) for b in proxy.admin("GET")[1]["backends"]}
+    assert pools == {("/chat", extra.url), ("/news", chat.url)}
+    ws = connect(proxy, "/chat")
+    assert echoes(ws, "on the added backend")
+    assert pipe_of(proxy, ws)["backend"] == extra.url
+    assert stats(extra)["connections_total"] == 1
+    assert proxy.admin("DELETE", {"url": extra.url, "pool": "/chat", "drain": True, "window_s": 0})[0] == 202
+    ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_backend_fails_over_within_its_routes_pool_only(processes):
+    a1, a2, other = processes.echo(name="a1"), processes.echo(name="a2"), processes.echo(name="other")
+    proxy = processes.proxy("--route", f"/chat={a1.url},{a2.url}", "--route", f"/news={other.url}")
+    news = connect(proxy, "/news")
+    chat = connect(proxy, "/chat")
+    assert echoes(news, "n0") and echoes(chat, "c0")
+    first = pipe_of(proxy, chat)["backend"]
+    victim, survivor = (a1, a2) if first == a1.url else (a2, a1)
+    victim.kill()
+    received = []
+    for i in range(20):
+        chat.send(f"c{i}")
+        received.append(chat.recv())
+    assert received == [f"c{i}" for i in range(20)]
+    moved = wait_for(lambda: pipe_of(proxy, chat) if pipe_of(proxy, chat)["failovers"] == 1 else None,
+                     what="the chat pipe to fail over")
+    assert moved["backend"] == survivor.url and moved["pool"] == "/chat"
+    assert stats(survivor)["connections_total"] == 1
+    assert stats(other)["connections_total"] == 1  # the news client's only: nothing failed over to it
+    assert echoes(news, "n1") and pipe_of(proxy, news)["failovers"] == 0
+    chat.close()
+    news.close()
+
+
+@pytest.mark.timeout(60)
+def test_one_client_id_on_two_routes_is_two_sessions(processes):
+    chat, news = processes.echo(name="chat"), processes.echo(name="news")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--route", f"/news={news.url}")
+    client_id = str(uuid.uuid4())
+    on_chat = websocket.create_connection(proxy.url_for(f"/chat/{client_id}"), timeout=10)
+    on_news = websocket.create_connection(proxy.url_for(f"/news/{client_id}"), timeout=10)
+    assert echoes(on_chat, "c") and echoes(on_news, "n")
+    assert sorted(p["pool"] for p in proxy.pipes()) == ["/chat", "/news"]
+    # a second connection on /chat takes over the /chat session only
+    again = websocket.create_connection(proxy.url_for(f"/chat/{client_id}"), timeout=10)
+    assert recv_close(on_chat)[0] == 4409
+    again.send("c2")
+    got = [again.recv()]
+    if got == ["c"]:  # what the old connection had not acknowledged may come again
+        got.append(again.recv())
+    assert got[-1] == "c2" and echoes(on_news, "n2")
+    assert (stats(chat)["connections_total"], stats(news)["connections_total"]) == (1, 1)
+    again.close()
+    on_news.close()
