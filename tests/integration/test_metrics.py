@@ -99,6 +99,7 @@ def test_metrics_follow_traffic_failovers_and_an_overflow(processes):
 
     # no backend left: one client sends more than its cap and is closed with 1013
     b.kill()
+    wait_for(lambda: all(p["backend_state"] == "failing_over" for p in proxy.pipes()), what="failover state")
     victim, *others = clients
     for i in range(5):
         victim.send_binary(bytes([i]) * 1000)
