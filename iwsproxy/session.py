@@ -85,6 +85,14 @@ def decode_fence(payload: bytes) -> int | None:
 class Session:
     """The core of one :class:`~iwsproxy.io.pipe.PersistentPipe`."""
 
+    # slots: an idle process holds one per pipe (a dict of this many keys would cost 1.3 KiB more)
+    __slots__ = ("to_backend", "to_client", "idle_timeout_s", "_flow_limit", "last_activity", "buffer", "replay",
+                 "reconnect_deadline_s", "pong_timeout_s", "keepalive_s", "resume_grace_s", "state", "client_side",
+                 "generation", "failovers", "replayed_total", "resumes", "close_reason", "end_cause",
+                 "last_failover", "_waiting_since", "_drain_started", "_excused_until", "_detached_at", "_replayed",
+                 "backoff_initial_s", "backoff_max_s", "backoff_jitter", "backend_url", "_retry_at", "_retries",
+                 "_avoid", "_lost_cause")
+
     def __init__(self, *, buffer_limit_bytes: int, replay: bool = True, now: float,
                  reconnect_deadline_s: float = 0.0, pong_timeout_s: float = 10.0, keepalive_s: float = 20.0,
                  resume_grace_s: float = 0.0, idle_timeout_s: float = 0.0, budget: Budget | None = None,

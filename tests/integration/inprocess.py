@@ -405,6 +405,25 @@ class _GeventSockets:
         return getattr(gsocket, name)
 
 
+class _NotedPolls:
+    """A session that notes in ``turns`` the time of each ``poll`` (the session does the work)."""
+
+    def __init__(self, session, turns: Queue) -> None:
+        object.__setattr__(self, "_session", session)
+        object.__setattr__(self, "_turns", turns)
+
+    def poll(self, now):
+        actions = self._session.poll(now)
+        self._turns.put(now)
+        return actions
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._session, name, value)
+
+
 class Rig:
     """A fake clock, backends, leases and pipes in this process; :meth:`close` tears all down and
     checks that no greenlet of a pipe is left.
@@ -508,14 +527,7 @@ class Rig:
         """Note each ``session.poll`` the supervisor makes, one per turn of its loop (the session's
         own ``poll`` does the work)."""
         turns = self._turns[pipe] = Queue()
-        poll = pipe.session.poll
-
-        def noted_poll(now):
-            actions = poll(now)
-            turns.put(now)
-            return actions
-
-        pipe.session.poll = noted_poll
+        pipe.session = _NotedPolls(pipe.session, turns)
 
     # ---- teardown ----
     def close(self) -> None:

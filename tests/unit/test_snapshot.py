@@ -95,7 +95,7 @@ def busy_session() -> Session:
 # ---- the format covers everything ----
 def test_the_format_names_every_attribute_of_a_session_its_ledgers_and_buffers():
     s = busy_session()
-    tables = [("Session", set(vars(s)), snapshot.SESSION_FIELDS),
+    tables = [("Session", set(Session.__slots__), snapshot.SESSION_FIELDS),
               ("Ledger", set(Ledger.__slots__), snapshot.LEDGER_FIELDS),
               ("MessageBuffer", set(MessageBuffer.__slots__), snapshot.BUFFER_FIELDS)]
     for cls, attributes, table in tables:
