@@ -69,13 +69,7 @@ def test_sigterm_to_gunicorn_closes_clients_with_1012_and_exits_promptly(process
     for ws in clients:
         ws.send("x")
         assert ws.recv() == "x"
-    started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    for ws in clients:
-        assert recv_close(ws)[0] == 1012
-    assert server.proc.wait(15) == 0
-    # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
-    assert time.monotonic() - started < 6
+    _sigterm_closes_every_client_with_1012_and_exits_promptly(server, clients)
 
 
 def test_our_worker_serves_an_app_of_its_own_and_stops_it_gracefully(processes):
@@ -94,12 +88,7 @@ def test_our_worker_serves_an_app_of_its_own_and_stops_it_gracefully(processes):
     for ws in clients:
         ws.send("x")
         assert ws.recv() == "x"
-    started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    for ws in clients:
-        assert recv_close(ws)[0] == 1012
-    assert server.proc.wait(15) == 0
-    assert time.monotonic() - started < 6
+    _sigterm_closes_every_client_with_1012_and_exits_promptly(server, clients)
 
 
 def test_outside_a_gunicorn_worker_the_app_changes_no_worker_and_no_signal_handler():
@@ -112,3 +101,13 @@ def test_outside_a_gunicorn_worker_the_app_changes_no_worker_and_no_signal_handl
     IWSProxy(Flask("outside"), settings=Settings())
     assert signal.getsignal(signal.SIGTERM) is before
     assert GeventWebSocketWorker.wsgi_handler is WebSocketHandler
+
+
+def _sigterm_closes_every_client_with_1012_and_exits_promptly(server, clients) -> None:
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    for ws in clients:
+        assert recv_close(ws)[0] == 1012
+    assert server.proc.wait(15) == 0
+    # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
+    assert time.monotonic() - started < 6
