@@ -73,8 +73,8 @@ _REASON_BY_CAUSE = {"overflow": "overflow", "deadline": "deadline", "idle": "idl
                     "client_unresponsive": "client_unresponsive", "backend_ended": "backend_ended",
                     "takeover": "takeover"}
 #: the ``reason`` by close code, for the causes several closes share (proxy, protocol) and unknown ones
-_REASON_BY_CODE = {1001: "going_away", 1002: "protocol", 1007: "protocol", 1009: "too_big", 1011: "internal",
-                   1012: "restart"}
+_REASON_BY_CODE = {1001: "going_away", 1002: "protocol", 1007: "protocol", 1008: "protocol", 1009: "too_big",
+                   1011: "internal", 1012: "restart"}
 CLOSE_REASONS = ("overflow", "deadline", "idle", "client_unresponsive", "backend_ended", "takeover", "restart",
                  "going_away", "protocol", "too_big", "internal", "other")
 
@@ -89,7 +89,7 @@ def close_reason_label(code: int, cause: str | None = None) -> str:
     or 3000-4999 passed on), takeover (4409: a new connection took the session
     over). The causes several closes share ("proxy": a shutdown or an internal
     error; "protocol") are told apart by the code: restart (1012), going_away
-    (1001), internal (1011), protocol (1002, 1007), too_big (1009), other. An
+    (1001), internal (1011), protocol (1002, 1007, 1008), too_big (1009), other. An
     unknown cause (None) is read from the code alone, 1000 and 3000-4999 as
     backend_ended. (``client_closed`` and ``grace_expired`` end a session with no
     client to close.)

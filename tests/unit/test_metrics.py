@@ -124,6 +124,7 @@ def test_messages_and_bytes_per_direction(metrics):
     (4000, "proxy", "other"),            # not the backend's code, though in its range
     (1002, "protocol", "protocol"),
     (1007, "protocol", "protocol"),
+    (1008, "protocol", "protocol"),  # too many fragments for the message's size
     (1009, "protocol", "too_big"),
     # no cause known: the code alone
     (1013, None, "other"),
