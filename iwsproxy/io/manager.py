@@ -11,7 +11,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from ..exceptions import CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
+from ..exceptions import BufferOverflow, CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
 from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import Backend, BackendPool
@@ -20,6 +20,7 @@ from ..metrics import Metrics
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
+from .carry import restore_detached
 from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
@@ -221,6 +222,60 @@ class PipeManager:
         except BaseException:
             self.abandon_pipe(pipe)
             raise
+        return pipe
+
+    def adopt_session(self, snapshot: bytes) -> PersistentPipe | None:
+        """Serve a session exported by another process (:func:`~iwsproxy.io.carry.export_pipe`),
+        detached: registered under its key, with no client and no backend connection yet.
+
+        The pipe connects a backend as a failover does (the backend sees
+        ``X-Iwsproxy-Reconnects`` go up and first gets what the last one had not acknowledged,
+        then what was buffered for it); its client resumes it as any detached session (same id,
+        a token with ``--resume-secret``, the same subprotocol) and gets what it had not
+        acknowledged, then what was held for it, then live traffic; unresumed, it ends with the
+        resume grace, counted from when the client was detached (at the latest, the export).
+        This process's settings apply (buffer cap, grace, timeouts).
+
+        Returns the pipe, or None if the session has ended meanwhile (its grace ran out, or
+        resume is off here). Raises :class:`SnapshotError` for a snapshot that is not valid,
+        KeyError for a pool this process does not have, :class:`DuplicateClient` if a live
+        pipe holds the key, :class:`CapacityExceeded` if this process is shutting down, serves
+        its maximum of pipes, or its buffer budget cannot take the session's bytes.
+        """
+        if self._closing.is_set():
+            raise CapacityExceeded("this process is shutting down", 503)
+        if len(self._pipes) >= self.settings.max_pipes:
+            raise CapacityExceeded(f"this process serves its maximum of {self.settings.max_pipes} pipes", 503)
+        try:
+            session, carried = restore_detached(snapshot, settings=self.settings, budget=self.budget,
+                                                now=time.monotonic())
+        except BufferOverflow as exc:
+            raise CapacityExceeded(f"the proxy's buffer budget cannot take the session: {exc}", 503) from exc
+        if session.closed:
+            log.info("client %s: the session to adopt has ended: %s", short_id(carried.client_id),
+                     session.close_reason or session.end_cause)
+            return None
+        key = _session_key(carried.pool, carried.client_id)
+        try:
+            leases = self.leases[carried.pool]
+            existing = self._pipes.get(key)
+            if existing is not None and not existing.ending:
+                raise DuplicateClient(f"client {short_id(carried.client_id)} already has a live session")
+        except BaseException:
+            session.close(1011, "not adopted")  # its bytes go back to the budget
+            raise
+        if existing is not None:
+            self._forget(existing)
+        pipe = PersistentPipe(carried.client_id, carried.offer, settings=self.settings, leases=leases,
+                              telemetry=self.telemetry, budget=self.budget, backend_options=self._backend_options,
+                              on_ended=self.pipe_ended, supervisors=self._greenlets, session=session)
+        pipe.subprotocol = carried.subprotocol
+        pipe.opened_at -= carried.age_s + carried.rest_s
+        self._pipes[key] = pipe
+        self._per_ip[carried.offer.remote_addr] += 1
+        self.counters["sessions_adopted"] += 1
+        self.metrics.pipe_opened()
+        pipe.start_detached()
         return pipe
 
     def start_pipe(self, pipe: PersistentPipe, client: Connection) -> None:

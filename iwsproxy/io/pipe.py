@@ -56,9 +56,19 @@ if TYPE_CHECKING:
     from ..buffer import Budget
     from ..settings import Settings
 
-__all__ = ["PersistentPipe", "short_id", "CLOSE_TAKEN_OVER"]
+__all__ = ["PersistentPipe", "session_settings", "short_id", "CLOSE_TAKEN_OVER"]
 
 log = logging.getLogger(__name__)
+
+
+def session_settings(settings: "Settings") -> dict:
+    """The keyword settings of a pipe's :class:`~iwsproxy.session.Session` under ``settings``
+    (for a new session, and for one restored from a snapshot in this process)."""
+    return dict(buffer_limit_bytes=settings.buffer_limit_bytes, replay=settings.delivery == "at-least-once",
+                reconnect_deadline_s=settings.reconnect_deadline_s, pong_timeout_s=settings.pong_timeout_s,
+                keepalive_s=settings.keepalive_s, resume_grace_s=settings.resume_grace_s,
+                idle_timeout_s=settings.idle_timeout_s, backoff_initial_s=settings.backoff_initial_s,
+                backoff_max_s=settings.backoff_max_s)
 
 
 class PersistentPipe(Supervisor, Relay):
@@ -67,12 +77,15 @@ class PersistentPipe(Supervisor, Relay):
     def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
                  telemetry: Telemetry, budget: "Budget | None" = None,
                  backend_options: BackendOptions = BackendOptions(), on_ended=None,
-                 supervisors: Group | None = None, clock=time.monotonic):
+                 supervisors: Group | None = None, clock=time.monotonic, session: Session | None = None):
         """A pipe for ``client_id``, whose backends see ``offer``; it leases backends from
         ``leases``, reports to ``telemetry``, charges its buffers to ``budget``, runs its
         supervisor in ``supervisors`` (the owner's group, which its shutdown joins) and calls
         ``on_ended(pipe)`` once it has torn down. Every time the session is given comes from
-        ``clock`` (``time.monotonic``; a test may pass a clock it controls, then wake the pipe)."""
+        ``clock`` (``time.monotonic``; a test may pass a clock it controls, then wake the pipe).
+        ``session``: a session restored from a snapshot, on ``clock``'s time, its bytes already
+        charged to ``budget`` (default: a new one made from ``settings``, see
+        :func:`session_settings`); such a pipe is started with :meth:`start_detached`."""
         self.clock = clock
         self.settings = settings
         self.leases = leases
@@ -82,13 +95,9 @@ class PersistentPipe(Supervisor, Relay):
         self.client_id = client_id
         self.offer = offer
         self.opened_at = self.clock()
-        self.session = Session(buffer_limit_bytes=settings.buffer_limit_bytes,
-                               replay=settings.delivery == "at-least-once", now=self.opened_at,
-                               reconnect_deadline_s=settings.reconnect_deadline_s,
-                               pong_timeout_s=settings.pong_timeout_s, keepalive_s=settings.keepalive_s,
-                               resume_grace_s=settings.resume_grace_s,
-                               idle_timeout_s=settings.idle_timeout_s, budget=budget,
-                               backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
+        if session is None:
+            session = Session(**session_settings(settings), now=self.opened_at, budget=budget)
+        self.session = session
         self.client: Connection | None = None   # None while detached
         self._client_readers: dict[Connection, Reader] = {}  # every client connection the pipe holds
         self._backend_reader: Reader | None = None
@@ -168,6 +177,28 @@ class PersistentPipe(Supervisor, Relay):
             self._spawn_backend_reader(self.backend, self.session.generation)
         if self.session.needs_backend:  # the first backend could not be had: the pipe started waiting
             self.session.pool_changed(self.clock())
+        if self._park_after:
+            self._park_at = self.clock() + self._park_after
+        self._observe()
+        self._post(RESCHEDULED)
+
+    def start_detached(self) -> None:
+        """Serve a session that has no connection on either side (one restored from a snapshot,
+        its client detached, its backend side needing a backend); returns at once.
+
+        The pipe connects a backend when its session asks (replaying what the last backend had not
+        acknowledged, then what was buffered for it), holds what the backend sends, and waits
+        for its client (:meth:`attach`) until the resume grace ends the session. When the pipe
+        ends it calls ``on_ended(pipe)``.
+        """
+        session = self.session
+        if session.closed or session.client_attached or session.has_backend:
+            raise ValueError(f"a detached start needs a detached session without a backend, not "
+                             f"{session.state.value}/{session.client_side.value}")
+        self._running = True
+        log.info("pipe %s open, detached: subprotocol=%s, %d bytes held for the backend, %d for the client",
+                 short_id(self.client_id), self.subprotocol, session.to_backend.buffer.total_bytes,
+                 session.to_client.buffer.total_bytes)
         if self._park_after:
             self._park_at = self.clock() + self._park_after
         self._observe()
