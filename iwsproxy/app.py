@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus
 
-import gevent
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -375,7 +374,9 @@ class IWSProxy:
             from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
 
             registry = RedisRegistry(settings.redis_url)
-        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later))
+        metrics = PrometheusMetrics()
+        manager = PipeManager(settings, registry=registry, metrics=metrics)
+        metrics.call_later = manager.call_later  # its publisher is the manager's, stopped at shutdown
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)

@@ -133,11 +133,13 @@ class PrometheusMetrics(Metrics):
     The hooks on the hot path (:meth:`messages`, :meth:`buffered_bytes`,
     :meth:`pipe_state`) use label children bound once, here.
 
-    ``call_later(delay_s, fn)`` (e.g. ``gevent.spawn_later``), if given, lets
-    :meth:`messages`, the hook called for every write batch, tally in plain
-    integers and publish to its counters (a lock and, in multiprocess mode, a
-    file write each) at most ``MESSAGES_PUBLISH_S`` later; a scrape of this
-    process and every closed pipe publish at once.
+    ``call_later(delay_s, fn)`` (e.g. :meth:`PipeManager.call_later
+    <iwsproxy.io.manager.PipeManager.call_later>`), if given (here or, before
+    the first message, as the ``call_later`` attribute), lets :meth:`messages`,
+    the hook called for every write batch, tally in plain integers and publish
+    to its counters (a lock and, in multiprocess mode, a file write each) at
+    most ``MESSAGES_PUBLISH_S`` later; a scrape of this process and every
+    closed pipe publish at once.
     """
 
     MESSAGES_PUBLISH_S = 1.0
@@ -181,7 +183,7 @@ class PrometheusMetrics(Metrics):
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
-        self._call_later = call_later
+        self.call_later = call_later
         self._tally = {d: [0, 0] for d in DIRECTIONS}  # messages and bytes not yet published
         self._publish_due = False
         self._by_backend: dict[str, tuple] = {}
@@ -246,7 +248,7 @@ class PrometheusMetrics(Metrics):
         return children
 
     def messages(self, direction: str, count: int, nbytes: int) -> None:
-        if self._call_later is None:
+        if self.call_later is None:
             inc_messages, inc_bytes = self._by_direction[direction]
             inc_messages(count)
             inc_bytes(nbytes)
@@ -256,7 +258,7 @@ class PrometheusMetrics(Metrics):
         tally[1] += nbytes
         if not self._publish_due:
             self._publish_due = True
-            self._call_later(self.MESSAGES_PUBLISH_S, self._publish_due_messages)
+            self.call_later(self.MESSAGES_PUBLISH_S, self._publish_due_messages)
 
     def _publish_due_messages(self) -> None:
         self._publish_due = False

@@ -54,7 +54,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_plain", "_wait_first", "_idle_watcher", "_closed_event",
-                 "_resumed", "_repark", "sends", "stalled_at", "stall_timeout_s", "__weakref__")
+                 "_resumed", "_repark", "sends", "stalled_at", "stall_timeout_s", "clock", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -76,7 +76,8 @@ class Connection:
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
-        self.stalled_at = -1.0  # when the last write that had to wait for the peer ended
+        self.stalled_at = -1.0  # when the last write that had to wait for the peer ended, on ``clock``
+        self.clock: Callable[[], float] = monotonic  # the owner's clock: a pipe gives its own
         self.stall_timeout_s = CLOSE_SEND_TIMEOUT_S  # a Close gives up after this long without progress
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
@@ -229,13 +230,13 @@ class Connection:
         started = monotonic()
         sent = self.sock.send(data)
         if monotonic() - started > _STALL_S:
-            self.stalled_at = monotonic()
+            self.stalled_at = self.clock()
         return sent
 
     def _send_rest(self, view: memoryview) -> None:
         """Write the rest of a batch the peer is slow to take, counting each step (not sendall:
         its progress could not be seen, and it costs a getsockopt per call); ``stalled_at`` then
-        says when this wait for the peer ended."""
+        says when this wait for the peer ended, on ``clock``."""
         send = self.sock.send
         try:
             while view:
@@ -244,7 +245,7 @@ class Connection:
                     self.sends += 1
                     view = view[sent:]
         finally:
-            self.stalled_at = monotonic()
+            self.stalled_at = self.clock()
 
     def has_unread(self) -> bool:
         """Bytes from the peer wait in the socket (or in the TLS layer), not yet read by us."""

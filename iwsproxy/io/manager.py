@@ -60,6 +60,7 @@ class PipeManager:
         self._per_ip: Counter = Counter()  # live pipes per client address
         self._tasks = Group()          # drain schedulers
         self._greenlets = Group()      # pipe supervisors and the requests handed in by peers
+        self._timers = Group()         # the calls of call_later, until they are made
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
@@ -391,6 +392,16 @@ class PipeManager:
         for leases in self.leases.values():
             leases.stop_waiting(pipe)
 
+    # ---- delayed calls ----
+    def call_later(self, delay_s: float, fn) -> None:
+        """Call ``fn()`` in ``delay_s`` seconds, in a greenlet of this manager's (as
+        ``gevent.spawn_later`` would, but owned); a call not yet made when :meth:`close_all` ends
+        is dropped. Metrics publish their tallies through this."""
+        timer = gevent.Greenlet(fn)
+        timer.link_exception(lambda g: log.error("a delayed call failed", exc_info=g.exc_info))
+        self._timers.add(timer)
+        timer.start_later(delay_s)
+
     # ---- shutdown ----
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
         """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only.
@@ -410,7 +421,8 @@ class PipeManager:
     def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
         """Close every client with ``code``; True if all pipes ended within ``timeout``.
 
-        Then the greenlets the pipes and handed-in requests left are joined (briefly) and killed."""
+        Then the greenlets the pipes and handed-in requests left are joined (briefly) and killed,
+        and the delayed calls not yet made (:meth:`call_later`) are dropped."""
         self._closing.set()
         if self.handoff is not None:
             self.handoff.stop()
@@ -428,6 +440,7 @@ class PipeManager:
         others = [g for g in list(self._greenlets) if g is not current]
         gevent.joinall(others, timeout=1.0)
         gevent.killall([g for g in others if not g.dead], timeout=1.0)
+        self._timers.kill(timeout=1.0)
         return done
 
 

@@ -234,6 +234,7 @@ class PersistentPipe(Supervisor, Relay):
 
     def _use_client(self, client: Connection) -> None:
         client.stall_timeout_s = self._stall_timeout_s
+        client.clock = self.clock  # its stalls are compared with the session's times
         self.client = client
         self._client_readers[client] = Reader(self, client, self._read_client)
 
@@ -355,6 +356,7 @@ class PersistentPipe(Supervisor, Relay):
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
         conn.stall_timeout_s = self._stall_timeout_s
+        conn.clock = self.clock  # its stalls are compared with the session's times
         with self._holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(self.clock(), conn.url)
