@@ -13,8 +13,6 @@ import re
 import signal
 import time
 
-import pytest
-
 from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
 from test_resume import drop, first_deliveries, numbers
 
