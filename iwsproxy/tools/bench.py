@@ -3,7 +3,8 @@
 ::
 
     python -m iwsproxy.tools.bench [--quick] [--duration S] [--rounds R] [--connections N] [--window W]
-                             [--idle-pipes M] [--no-nginx] [--gunicorn] [--no-pin] [--json PATH]
+                             [--idle-pipes M] [--proxy-workers P] [--no-nginx] [--gunicorn] [--no-pin]
+                             [--json PATH]
 
 Two echo backends (``python -m iwsproxy.tools.echo``) serve every path, and every path's
 server is started at the beginning and stopped at the end:
@@ -38,17 +39,25 @@ the ratios are also given per round (lowest-highest), which shows how noisy the 
 
 3. small messages: ``--connections`` connections, 100-byte binary messages, ``--window`` in
    flight per connection: echoes per second and RTT percentiles; the server's CPU time
-   (user+sys from /proc, its whole process tree) divided by the round trips it carried (one
-   round trip = one message);
+   (user+sys from /proc, its whole process tree; for ``direct``, the echo backends') divided by
+   the round trips it carried (one round trip = one message), its reciprocal, messages per
+   second per busy core, and the cores it kept busy; both CPU figures are compared with
+   nginx's in the same run. On a machine where the load generator competes with the server
+   for the cores, message rates and their ratios say more about the machine than about the
+   server; CPU per message does not depend on how many cores the server got;
 4. large messages: ``--large-connections`` connections, 1 MiB binary messages one at a time:
    echoed payload bytes per second (MB = 10**6 bytes).
+
+``--proxy-workers P`` runs every server with P processes (``iwsproxy serve --workers P``,
+``gunicorn -w P``, nginx ``worker_processes P``): run it with 1 and with 2 to see how the
+proxy scales where there are cores to spare for it.
 
 The load comes from :mod:`iwsproxy.tools.loadgen` worker processes (raw sockets, the
 project's codec, ``selectors``). After the table, the CPU use of the load
 generator, the echo backends and the server during each throughput phase is
 printed: a path limited by the generator shows a busiest worker near 100 %, a
-path limited by the server under test shows the server near 100 % (the proxy is
-one process: 100 % is all it can use).
+path limited by the server under test shows the server near 100 % per process (a
+server of one process, 100 % is all it can use).
 
 On a slow or emulated machine, ``IWSPROXY_BENCH_TIMEOUT_SCALE=N`` multiplies every timeout
 of the run (connecting, echoes, barriers, child start) by N.
@@ -110,6 +119,7 @@ class Options:
     idle_pipes: int = 1000
     idle_settle_s: float = 5.0
     workers: int = 2
+    proxy_workers: int = 1    # iwsproxy serve --workers, gunicorn -w and nginx worker_processes
     nginx: bool = True
     gunicorn: bool = False
     compare_with: str | None = None  # a source tree whose proxy runs as the path "proxy-base"
@@ -138,6 +148,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--idle-settle", type=float,
                         help="seconds the idle pipes stay quiet before RSS is read (default 5, quick 3.5)")
     parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
+    parser.add_argument("--proxy-workers", type=int,
+                        help="processes of each server: the proxy with --workers N, gunicorn with -w N, nginx with "
+                             "worker_processes N (default 1); proxy-base is always run with one")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
     parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
     parser.add_argument("--compare-with", metavar="DIR",
@@ -161,6 +174,7 @@ def parse_args(argv: list[str] | None) -> Options:
         idle_pipes=args.idle_pipes if args.idle_pipes is not None else (200 if quick else 1000),
         idle_settle_s=args.idle_settle if args.idle_settle is not None else (3.5 if quick else 5.0),
         workers=args.workers if args.workers is not None else 2,
+        proxy_workers=args.proxy_workers if args.proxy_workers is not None else 1,
         nginx=not args.no_nginx,
         gunicorn=args.gunicorn,
         compare_with=args.compare_with,
@@ -168,7 +182,7 @@ def parse_args(argv: list[str] | None) -> Options:
         json_path=args.json_path,
         quick=quick,
     )
-    for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers"):
+    for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers", "proxy_workers"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if options.compare_with is not None and not (Path(options.compare_with) / "iwsproxy" / "__init__.py").is_file():
@@ -441,15 +455,31 @@ def add_rounds(result: PathResult, scenario: str, rounds: list[_Round], options:
         per_round = [sum(r.echoes for r in rnd.results) / seconds for rnd in rounds]
         result.small_msgs_per_s = sum(per_round) / len(per_round)
         result.small_p50_ms, result.small_p99_ms = rtt_ms(results)
-        if not math.isnan(server_cpu):
-            carried = sum(r.total_echoes for r in results)  # every round trip the server carried, drained ones too
-            result.cpu_us_per_msg = server_cpu / carried * 1e6 if carried else None
-            result.notes["server_cpu_s"] = round(server_cpu, 3)
-            result.notes["messages_carried"] = carried
+        direct = math.isnan(server_cpu)  # the direct path's server is the echo backends
+
+        def cpu_of(rnd: _Round) -> float:
+            return rnd.meter.backends_cpu_s if direct else rnd.meter.server_cpu_s
+
+        cpu = sum(cpu_of(rnd) for rnd in rounds)
+        carried = sum(r.total_echoes for r in results)  # every round trip the server carried, drained ones too
+        if carried and cpu > 0:
+            result.cpu_us_per_msg = cpu / carried * 1e6
+            result.msgs_per_core_s = carried / cpu
+            result.server_cores = cpu / wall
+            result.rounds["small_cpu_us"] = [cpu_of(rnd) / n * 1e6 for rnd, n in _carried(rounds) if n]
+            result.rounds["small_per_core"] = [n / cpu_of(rnd) for rnd, n in _carried(rounds) if cpu_of(rnd) > 0]
+        result.notes["server_cpu_s"] = round(cpu, 3)
+        result.notes["server_cpu_of"] = "echo backends" if direct else "server process tree"
+        result.notes["messages_carried"] = carried
     else:
         per_round = [sum(r.echoed_bytes for r in rnd.results) / seconds / 1e6 for rnd in rounds]
         result.large_mb_per_s = sum(per_round) / len(per_round)
     result.rounds[scenario] = per_round
+
+
+def _carried(rounds: list[_Round]) -> list[tuple[_Round, int]]:
+    """Each round with the round trips carried in it."""
+    return [(rnd, sum(r.total_echoes for r in rnd.results)) for rnd in rounds]
 
 
 def in_turn(paths: list, round_number: int) -> list:
@@ -493,7 +523,7 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
             progress(f"echo backends on {', '.join(str(b.port) for b in backends)}; "
                      f"{options.workers} load generator processes")
             paths = [_direct_path(backends)]
-            proxy = start_proxy(backends, started)
+            proxy = start_proxy(backends, started, workers=options.proxy_workers)
             progress(f"proxy: pid {proxy.proc.pid}, port {proxy.port}")
             paths.append(_proxy_path("proxy", proxy, backends))
             if options.compare_with is not None:
@@ -503,14 +533,15 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
             if options.gunicorn:
                 workdir = Path(tmp) / "gunicorn"
                 workdir.mkdir()
-                guni = start_gunicorn(backends, workdir, started)
+                guni = start_gunicorn(backends, workdir, started, workers=options.proxy_workers)
                 progress(f"proxy-gunicorn: master pid {guni.proc.pid}, port {guni.port}")
                 paths.append(_proxy_path("proxy-gunicorn", guni, backends))
             if nginx_binary is not None:
                 workdir = Path(tmp) / "nginx"
                 workdir.mkdir()
                 connections = 2 * max(options.idle_pipes, options.connections) + 256
-                nginx = NginxProcess(nginx_binary, [b.port for b in backends], workdir, connections).start()
+                nginx = NginxProcess(nginx_binary, [b.port for b in backends], workdir, connections,
+                                     workers=options.proxy_workers).start()
                 progress(f"nginx: master pid {nginx.proc.pid}, port {nginx.port}")
                 paths.append(_nginx_path(nginx, backends))
             try:
@@ -547,7 +578,8 @@ def report(results: list[PathResult], info: dict, options: Options) -> str:
         f"large {o.large_connections} conns x 1 MiB, window 1; {o.duration_s:g} s each per path, in "
         f"{o.rounds} round{'s' if o.rounds > 1 else ''} with the paths in turn; "
         f"idle RTT {o.rtt_count} x {RTT_BYTES} B{pinning}; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
-        f"{o.workers} load generator processes",
+        f"{o.workers} load generator processes; {o.proxy_workers} process{'es' if o.proxy_workers > 1 else ''} "
+        f"per server (proxy --workers, gunicorn -w, nginx worker_processes)",
         "",
         format_table(results),
         "",

@@ -1,4 +1,14 @@
-"""The benchmark's output: the table, the ratios between paths, where the CPU went."""
+"""The benchmark's output: the table, the ratios between paths, where the CPU went.
+
+Server CPU per message is the figure that survives a busy machine: the CPU time
+of a path's server (its whole process tree; for ``direct``, the echo backends)
+over the round trips it carried. Messages per second per busy core is its
+reciprocal (carried round trips over CPU seconds): the rate one core would carry
+if the server had it to itself, which is what several workers can multiply.
+"server cores busy" is the server's CPU time over the phase's wall time: below
+its process count, the server was not the bottleneck (the load generator or the
+machine's other load was), and its message rate says little about the server.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +22,14 @@ COLUMNS = (
     ("small msg/s", "small_msgs_per_s", "{:.0f}"),
     ("small p50 ms", "small_p50_ms", "{:.3f}"),
     ("small p99 ms", "small_p99_ms", "{:.3f}"),
-    ("proxy CPU us/msg", "cpu_us_per_msg", "{:.1f}"),
+    ("server CPU us/msg", "cpu_us_per_msg", "{:.2f}"),
+    ("server cores busy", "server_cores", "{:.2f}"),
+    ("msg/s per busy core", "msgs_per_core_s", "{:.0f}"),
     ("1 MiB MB/s", "large_mb_per_s", "{:.1f}"),
     ("idle RTT p50 ms", "idle_p50_ms", "{:.3f}"),
     ("idle RTT p99 ms", "idle_p99_ms", "{:.3f}"),
     ("RSS KiB/idle pipe", "rss_kib_per_pipe", "{:.1f}"),
 )
-
 
 
 @dataclass
@@ -29,7 +40,9 @@ class PathResult:
     small_msgs_per_s: float | None = None
     small_p50_ms: float | None = None
     small_p99_ms: float | None = None
-    cpu_us_per_msg: float | None = None
+    cpu_us_per_msg: float | None = None    # the server's (direct: the echo backends') CPU per round trip
+    server_cores: float | None = None      # its CPU time over the small phase's wall time
+    msgs_per_core_s: float | None = None   # round trips per CPU second: 1e6 / cpu_us_per_msg
     large_mb_per_s: float | None = None
     idle_p50_ms: float | None = None
     idle_p99_ms: float | None = None
@@ -37,10 +50,10 @@ class PathResult:
     # phase -> who -> CPU use in % of one core: where the time went, so a bottleneck
     # other than the server under test (the generator, the echo backends) shows
     cpu_pct: dict = field(default_factory=dict)
-    # scenario -> its figure in each round (small: msg/s, large: MB/s), in round order
+    # scenario -> its figure in each round, in round order (small: msg/s, large: MB/s,
+    # small_cpu_us: CPU us per message, small_per_core: msg/s per busy core)
     rounds: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
-
 
 
 def _cell(value: float | None, fmt: str) -> str:
@@ -56,6 +69,14 @@ def format_table(results: list[PathResult]) -> str:
 
 
 _RATIOS = (("msg/s", "small_msgs_per_s", "small"), ("MB/s", "large_mb_per_s", "large"))
+_CPU_RATIOS = (("CPU us/msg", "cpu_us_per_msg", "small_cpu_us"),
+               ("msg/s per busy core", "msgs_per_core_s", "small_per_core"))
+
+
+def _compared(other: str) -> tuple:
+    """The figures compared with ``other``: throughput with every path, CPU with nginx only (the
+    direct path's CPU is the echo backends', a different job)."""
+    return _RATIOS + _CPU_RATIOS if other == "nginx" else _RATIOS
 
 
 PROXY_PATHS = ("proxy", "proxy-base", "proxy-gunicorn")
@@ -72,7 +93,7 @@ def ratios(results: list[PathResult]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for proxy in [p for p in PROXY_PATHS if p in by]:
         for other in ("direct", "nginx"):
-            for unit, key, _ in _RATIOS:
+            for unit, key, _ in _compared(other):
                 x, y = get(proxy, key), get(other, key)
                 out[f"{proxy}/{other} {unit}"] = x / y if x is not None and y else None
         x, y = get(proxy, "idle_p50_ms"), get("direct", "idle_p50_ms")
@@ -87,7 +108,7 @@ def round_ratios(results: list[PathResult]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for proxy in [p for p in PROXY_PATHS if p in by]:
         for other in [p for p in ("direct", "nginx") if p in by]:
-            for unit, _, scenario in _RATIOS:
+            for unit, _, scenario in _compared(other):
                 pairs = zip(by[proxy].rounds.get(scenario, ()), by[other].rounds.get(scenario, ()))
                 out[f"{proxy}/{other} {unit}"] = [x / y for x, y in pairs if y]
     return out

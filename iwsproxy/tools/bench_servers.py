@@ -50,12 +50,15 @@ def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
 
 
 def start_proxy(backends: list[ChildProcess], started: list, *, root: Path = ROOT,
-                name: str = "proxy") -> ChildProcess:
-    """``iwsproxy serve`` from the source tree ``root`` (this one by default)."""
+                name: str = "proxy", workers: int = 1) -> ChildProcess:
+    """``iwsproxy serve`` from the source tree ``root`` (this one by default), with ``--workers``
+    when ``workers`` is more than 1 (a tree from before that option cannot)."""
     urls = [arg for b in backends for arg in ("--backend", b.url)]
     # --log-level belongs to the top-level parser: `iwsproxy --log-level warning serve ...`
     # one load generator address opens every pipe: lift the per-address and per-process caps
     limits = ["--max-pipes", "100000", "--max-pipes-per-ip", "100000"]
+    if workers > 1:
+        limits += ["--workers", str(workers)]
     proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *limits, *urls,
                          env=_child_env(root=root), name=name)
     return _start(proxy, started)
@@ -72,10 +75,10 @@ def when_ready(server):
 '''
 
 
-def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -> ChildProcess:
+def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list, workers: int = 1) -> ChildProcess:
     config = workdir / "gunicorn.conf.py"
     config.write_text(_GUNICORN_CONFIG)
-    proxy = ChildProcess("gunicorn", "-k", "iwsproxy.gunicorn.Worker", "-w", "1",
+    proxy = ChildProcess("gunicorn", "-k", "iwsproxy.gunicorn.Worker", "-w", str(workers),
                          "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
                          env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
                                          "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
@@ -87,7 +90,7 @@ _NGINX_CONFIG = """\
 # written by iwsproxy.tools.bench
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile {nofile};
 pid {dir}/nginx.pid;
 error_log stderr warn;
@@ -128,8 +131,9 @@ class NginxProcess:
     wait in the backlog, so there is nothing to poll for.
     """
 
-    def __init__(self, binary: str, backend_ports: list[int], workdir: Path, connections: int):
+    def __init__(self, binary: str, backend_ports: list[int], workdir: Path, connections: int, workers: int = 1):
         self.binary = binary
+        self.workers = workers
         self.backend_ports = backend_ports
         self.workdir = workdir
         self.connections = connections
@@ -142,7 +146,7 @@ class NginxProcess:
         config = self.workdir / "nginx.conf"
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         config.write_text(_NGINX_CONFIG.format(dir=self.workdir, host=HOST, port=port, servers=servers,
-                                               backlog=NGINX_BACKLOG, connections=self.connections,
+                                               backlog=NGINX_BACKLOG, connections=self.connections, workers=self.workers,
                                                nofile=nofile if nofile != resource.RLIM_INFINITY else 65536))
         return config
 
