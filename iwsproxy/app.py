@@ -215,7 +215,7 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
-    return jsonify(status="ok", pipes=len(manager), backends=manager.backend_count())
+    return jsonify(status="ok", pid=os.getpid(), pipes=len(manager), backends=manager.backend_count())
 
 
 @health_bp.route("/metrics")
@@ -356,12 +356,15 @@ class IWSProxy:
 
     Configuration comes from ``app.config`` keys prefixed ``IWSPROXY_`` (the
     same names as the environment variables), unless ``settings`` is given.
+    ``registry`` (a :class:`~iwsproxy.io.registry.Registry`) overrides the one
+    the settings choose (Redis with ``redis_url``, else this process's own).
     """
 
     def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
-                 client_id: Callable[[str, Request], str] = uuid4_client_id):
+                 client_id: Callable[[str, Request], str] = uuid4_client_id, registry=None):
         self._settings = settings
         self._client_id = client_id
+        self._registry = registry
         if app is not None:
             self.init_app(app)
 
@@ -369,8 +372,8 @@ class IWSProxy:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("iwsproxy is already registered on this app")
         settings = self._settings or Settings.load(config=app.config, env=os.environ)
-        registry = None
-        if settings.redis_url:
+        registry = self._registry
+        if registry is None and settings.redis_url:
             from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
 
             registry = RedisRegistry(settings.redis_url)
@@ -392,16 +395,16 @@ class IWSProxy:
         return (app or current_app).extensions[EXTENSION_KEY].manager
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, registry=None) -> Flask:
     """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn).
 
     With ``trusted_proxy_hops`` the client address is taken from X-Forwarded-For,
     and the scheme (https makes an assigned id's cookie Secure) from
     X-Forwarded-Proto, by Werkzeug's ``ProxyFix`` (an app embedding the extension
-    applies ``ProxyFix`` itself, as it does for its own routes).
+    applies ``ProxyFix`` itself, as it does for its own routes). ``registry``: see :class:`IWSProxy`.
     """
     app = Flask("iwsproxy", static_folder=None)  # the status page serves its own script
-    IWSProxy(app, settings=settings)
+    IWSProxy(app, settings=settings, registry=registry)
     hops = app.extensions[EXTENSION_KEY].settings.trusted_proxy_hops
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .exceptions import ConfigError
 from .frames import BYTES_PER_EXTRA_FRAGMENT
 from .routes import Route, parse_routes, prefix_matches
 
-__all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
+__all__ = ["Settings", "cpu_count", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -110,6 +111,29 @@ def _parse_count(value: Any) -> int:
     return number
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
+def _parse_workers(value: Any) -> int:
+    """A count of worker processes >= 1, or ``auto``: one per CPU this process may use."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpu_count()
+    if isinstance(value, bool):
+        raise ValueError("expected a number of processes or auto")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of processes >= 1 or auto") from None
+    if number < 1:
+        raise ValueError("expected a number of processes >= 1 or auto")
+    return number
+
+
 def _parse_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items = value.split(",")
@@ -165,6 +189,12 @@ class Settings:
                                         "by whole path segments; a path under no route gets 404; the pool is named "
                                         "PREFIX. Not with --backend (use --route /=URL for a catch-all) nor with "
                                         "--redis-url", "--route")
+    workers: int = setting(1, "IWSPROXY_WORKERS", _parse_workers,
+                           "iwsproxy serve only: worker processes sharing the listening port (auto: one per CPU); "
+                           "with more than one, a master process restarts any that exits, passes SIGTERM and "
+                           "SIGHUP on to all, shares admin backend changes between them (or --redis-url does) "
+                           "and creates a private --handoff-dir if none is set, so that a client resuming on "
+                           "any worker gets its session back. Under gunicorn use -w instead", "--workers")
     admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,
                                       "bearer token for the admin routes; unset turns them off", "--admin-token")
     proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,

@@ -34,13 +34,15 @@ def tune_process() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def make_server(app, bind: tuple[str, int]) -> WSGIServer:
+def make_server(app, bind) -> WSGIServer:
+    """A server for ``app`` on ``bind``: a ``(host, port)`` to listen on, or a listening socket."""
     return WSGIServer(bind, app, handler_class=ProxyHandler, log=None, error_log=logging.getLogger("iwsproxy.http"))
 
 
-def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float = 5.0) -> None:
+def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float = 5.0) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit.
 
+    ``bind``: a ``(host, port)`` to listen on, or a listening socket.
     ``ready(port)`` is called once the socket listens (the demo and tests use it).
     """
     from ..app import IWSProxy  # late: the app module imports the I/O layer
