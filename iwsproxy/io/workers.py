@@ -30,7 +30,8 @@ worker that exits while the master is not stopping is replaced, after a delay
 that grows while replacements keep exiting within ``QUICK_EXIT_S`` of their
 start; a worker that exits before the first ``ready`` of all of them makes the
 master stop everything and exit with status 1 (a worker that cannot start at all
-would otherwise be restarted forever).
+would otherwise be restarted forever). With ``PROMETHEUS_MULTIPROC_DIR`` set, an
+exited worker is marked dead for the metrics, as ``iwsproxy.gunicorn_conf`` does.
 """
 
 from __future__ import annotations
@@ -269,6 +270,10 @@ class Master:
 
     def _exited(self, slot: _Slot, status: int) -> None:
         how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {os.waitstatus_to_exitcode(status)}")
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # its gauges stop counting (its counters stay)
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(slot.pid)
         if slot.channel is not None:
             self._selector.unregister(slot.channel)
             slot.channel.close()

@@ -182,3 +182,18 @@ def test_with_redis_the_workers_share_the_redis_registry(processes):
         proxy.terminate()
     finally:
         redis.stop()
+
+
+def test_with_prometheus_multiprocess_the_master_marks_a_killed_worker_dead(processes, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    backend = processes.echo()
+    proxy = processes.proxy("--workers", "2", "--backend", backend.url,
+                            env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    victim = min(worker_pids(proxy))
+    assert any(name.startswith("gauge_livesum") and name.endswith(f"_{victim}.db") for name in os.listdir(metrics_dir))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in worker_pids(proxy), what="a replacement worker")
+    names = os.listdir(metrics_dir)
+    assert not any(name.startswith("gauge_live") and name.endswith(f"_{victim}.db") for name in names), names
+    assert f"counter_{victim}.db" in names  # its counts stay in the sums
