@@ -26,7 +26,7 @@ from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
-from .routes import DEFAULT_POOL, match_route
+from .routes import DEFAULT_POOL
 from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
@@ -160,11 +160,9 @@ def proxy(path: str):
                           allow_missing=settings.allow_no_origin):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
-    pool = DEFAULT_POOL
-    if settings.routes:
-        pool = match_route(settings.routes, request.path)
-        if pool is None:
-            return _text(404, "no route for this path")
+    pool = state.manager.pool_for_path(request.path)
+    if pool is None:
+        return _text(404, "no route for this path")
     try:
         client_id, assigned = _client_id(state, path)
         backend_path = _raw_path()
@@ -280,7 +278,11 @@ def _pool_from_body() -> str:
 
 
 def _no_such_pool(pool: str):
-    return jsonify(error="no such pool", pool=pool, pools=_state().manager.pool_names()), 404
+    pools = _state().manager.pool_names()
+    error = "no such pool"
+    if pool == DEFAULT_POOL:
+        error += " (routes are set without a catch-all: start with --backend URL or --route /=URL to have one)"
+    return jsonify(error=error, pool=pool, pools=pools), 404
 
 
 @admin_bp.get("/backends")
@@ -370,12 +372,13 @@ class IWSProxy:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("iwsproxy is already registered on this app")
         settings = self._settings or Settings.load(config=app.config, env=os.environ)
-        registry = None
+        registry = pool_registry = None
         if settings.redis_url:
-            from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
+            from .io.redis_pools import redis_registries  # here: redis is imported only when used
 
-            registry = RedisRegistry(settings.redis_url)
-        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later))
+            registry, pool_registry = redis_registries(settings.redis_url)
+        manager = PipeManager(settings, registry=registry, pool_registry=pool_registry,
+                              metrics=PrometheusMetrics(call_later=gevent.spawn_later))
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)

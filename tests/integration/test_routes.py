@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 import uuid
 
 import pytest
@@ -45,7 +47,7 @@ def test_each_route_sends_its_clients_to_its_own_pool(processes):
     assert stats(news)["last_path"] == "/news/today"  # the path passes through (no path in the URL)
     assert pipe_of(proxy, chat_client)["pool"] == "/chat" and pipe_of(proxy, news_client)["pool"] == "/news"
     status, body = proxy.admin("GET")
-    assert status == 200 and body["pools"] == ["default", "/chat", "/news"]
+    assert status == 200 and body["pools"] == ["/chat", "/news"]  # no catch-all: no default pool
     assert {(b["pool"], b["url"], b["pipes"]) for b in body["backends"]} == {("/chat", chat.url, 1),
                                                                             ("/news", news.url, 1)}
     chat_client.close()
@@ -59,7 +61,7 @@ def test_a_prefix_matches_whole_segments_and_the_longest_wins(processes):
                             "--route", f"/={rest.url}")
     clients = [connect(proxy, path) for path in ("/chatroom", "/chat/room", "/chat", "/chat/roomy")]
     assert all(echoes(ws, "hi") for ws in clients)
-    assert [pipe_of(proxy, ws)["pool"] for ws in clients] == ["/", "/chat/room", "/chat", "/chat"]
+    assert [pipe_of(proxy, ws)["pool"] for ws in clients] == ["default", "/chat/room", "/chat", "/chat"]
     assert [stats(b)["connections_total"] for b in (chat, room, rest)] == [2, 1, 1]
     assert stats(rest)["last_path"] == "/chatroom"
     for ws in clients:
@@ -156,3 +158,52 @@ def test_one_client_id_on_two_routes_is_two_sessions(processes):
     assert (stats(chat)["connections_total"], stats(news)["connections_total"]) == (1, 1)
     again.close()
     on_news.close()
+
+
+def status_page_pools(proxy) -> list[str]:
+    """The Pool column of the status page's backend table, row by row."""
+    req = urllib.request.Request(proxy.http_url + "/admin/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        html = resp.read().decode()
+    return re.findall(r'data-field="pool">([^<]*)<', html.split("<h2", 2)[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("catch_all", ["--backend", "--route /"])
+def test_the_catch_all_is_the_default_pool_everywhere(processes, capsys, catch_all):
+    chat, rest, extra = processes.echo(name="chat"), processes.echo(name="rest"), processes.echo(name="extra")
+    given = ["--backend", rest.url] if catch_all == "--backend" else ["--route", f"/={rest.url}"]
+    proxy = processes.proxy("--route", f"/chat={chat.url}", *given)
+    chat_client, other = connect(proxy, "/chat"), connect(proxy, "/chatroom/7")
+    assert echoes(chat_client, "c") and echoes(other, "o")
+    assert pipe_of(proxy, chat_client)["pool"] == "/chat" and pipe_of(proxy, other)["pool"] == "default"
+    assert stats(rest)["last_path"] == "/chatroom/7"
+    # the admin API, the CLI and the status page call it "default", and it is the one changed without --pool
+    status, body = proxy.admin("GET")
+    assert body["pools"] == ["default", "/chat"]
+    assert proxy.admin("POST", {"url": extra.url}) == (201, {"url": extra.url, "pool": "default", "added": True})
+    admin = ["--admin", proxy.http_url + "/admin", "--token", ADMIN_TOKEN]
+    assert cli.main(["backends", "list", "--pool", "default", *admin]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted([rest.url, extra.url])
+    assert sorted(status_page_pools(proxy)) == ["/chat", "default", "default"]
+    other.close()
+    chat_client.close()
+
+
+@pytest.mark.timeout(60)
+def test_without_a_catch_all_there_is_no_default_pool_to_name(processes, capsys):
+    chat, extra = processes.echo(name="chat"), processes.echo(name="extra")
+    proxy = processes.proxy("--route", f"/chat={chat.url}")
+    status, body = proxy.admin("POST", {"url": extra.url})  # no pool given: the default one, which is not there
+    assert status == 404 and body["pools"] == ["/chat"] and "catch-all" in body["error"]
+    admin = ["--admin", proxy.http_url + "/admin", "--token", ADMIN_TOKEN]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["backends", "add", extra.url, *admin])
+    assert "404" in str(caught.value) and "catch-all" in str(caught.value)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["backends", "list", "--pool", "default", *admin])
+    assert "no pool 'default'" in str(caught.value) and "/chat" in str(caught.value)
+    assert status_page_pools(proxy) == ["/chat"]
+    assert refused_with(proxy, "/elsewhere") == 404
+    assert stats(extra)["connections_total"] == 0
