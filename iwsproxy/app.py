@@ -26,7 +26,7 @@ from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
-from .routes import DEFAULT_POOL
+from .routes import DEFAULT_POOL, has_dot_segment
 from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
@@ -160,6 +160,8 @@ def proxy(path: str):
                           allow_missing=settings.allow_no_origin):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
+    if settings.routes and has_dot_segment(request.path):
+        return _text(400, "a path with a . or .. segment names no single route")
     pool = state.manager.pool_for_path(request.path)
     if pool is None:
         return _text(404, "no route for this path")

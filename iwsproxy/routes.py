@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["DEFAULT_POOL", "Route", "check_ws_url", "parse_routes", "prefix_matches", "match_route", "is_catch_all",
-           "pool_seeds", "pool_for_path"]
+           "pool_seeds", "pool_for_path", "has_dot_segment"]
 
 DEFAULT_POOL = "default"
 
@@ -124,3 +124,10 @@ def pool_for_path(routes: tuple[Route, ...], path: str, *, has_default: bool, pr
     if prefix is None or is_catch_all(prefix, proxy_prefix):
         return DEFAULT_POOL if has_default else None
     return prefix
+
+
+def has_dot_segment(path: str) -> bool:
+    """Does the (decoded) ``path`` have a ``.`` or ``..`` segment? Such a path names one route here
+    and, once a backend or another proxy normalises it, another (``/chat/../admin``): with
+    routes it is refused."""
+    return any(segment in (".", "..") for segment in path.split("/"))

@@ -207,3 +207,40 @@ def test_without_a_catch_all_there_is_no_default_pool_to_name(processes, capsys)
     assert status_page_pools(proxy) == ["/chat"]
     assert refused_with(proxy, "/elsewhere") == 404
     assert stats(extra)["connections_total"] == 0
+
+
+def raw_status(proxy, target: str, *headers: str) -> tuple[int, str]:
+    """The status line's code and the head of the answer to a raw upgrade request for ``target``
+    (as sent: no client library normalises it)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{proxy.port}", "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+                 *headers]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    return int(head.split()[1]), head
+
+
+@pytest.mark.timeout(60)
+def test_dot_segments_are_refused_and_refusals_assign_no_id(processes):
+    chat = processes.echo(name="chat")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--client-id-from", "cookie:sid", "--assign-client-id")
+    # each would be under /chat here and under another path once normalised (as nginx does before routing)
+    for target in ("/chat/../admin", "/chat/%2e%2e/admin", "/chat%2F..%2Fadmin", "/chat/./x", "/chat/.."):
+        status, head = raw_status(proxy, target)
+        assert status == 400 and "set-cookie" not in head.lower(), (target, head)
+    status, head = raw_status(proxy, "/chatroom")  # under no route: 404, before any id is made up
+    assert status == 404 and "set-cookie" not in head.lower() and "x-iwsproxy-client-id" not in head.lower()
+    status, head = raw_status(proxy, "/chat/x", "Cookie: other=" + "b" * 20000)  # a header too large
+    assert status == 431 and "set-cookie" not in head.lower()
+    assert stats(chat)["connections_total"] == 0 and proxy.pipes() == []
+    status, head = raw_status(proxy, "/chat/...")  # a segment of three dots is a name like any other
+    assert status == 101 and "set-cookie: sid=" in head.lower()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from iwsproxy.exceptions import ConfigError
-from iwsproxy.routes import match_route, parse_routes, pool_for_path, pool_seeds
+from iwsproxy.routes import has_dot_segment, match_route, parse_routes, pool_for_path, pool_seeds
 from iwsproxy.settings import Settings
 
 ROUTES = parse_routes("/chat=ws://a:1,ws://b:2;/chat/admin=ws://c:3;/=ws://d:4")
@@ -107,3 +107,11 @@ def test_a_path_under_no_route_goes_to_the_default_pool_if_there_is_one(path, ha
 def test_routes_under_the_proxy_prefix_are_accepted():
     settings = Settings.load(env={"IWSPROXY_ROUTES": "/ws/chat=ws://a;/ws=ws://b", "IWSPROXY_PROXY_PREFIX": "/ws"})
     assert [prefix for prefix, _ in settings.routes] == ["/ws/chat", "/ws"]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/chat/../admin", True), ("/chat/./x", True), ("/..", True), ("/chat/..", True),
+    ("/chat/...", False), ("/chat/..x", False), ("/chat/x.y", False), ("/", False), ("/chat/", False),
+])
+def test_dot_segments(path, expected):
+    assert has_dot_segment(path) is expected
