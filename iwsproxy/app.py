@@ -25,7 +25,7 @@ from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
-from .routes import DEFAULT_POOL, match_route
+from .routes import DEFAULT_POOL, has_dot_segment
 from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
@@ -159,11 +159,11 @@ def proxy(path: str):
                           allow_missing=settings.allow_no_origin):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
-    pool = DEFAULT_POOL
-    if settings.routes:
-        pool = match_route(settings.routes, request.path)
-        if pool is None:
-            return _text(404, "no route for this path")
+    if settings.routes and has_dot_segment(request.path):
+        return _text(400, "a path with a . or .. segment names no single route")
+    pool = state.manager.pool_for_path(request.path)
+    if pool is None:
+        return _text(404, "no route for this path")
     try:
         client_id, assigned = _client_id(state, path)
         backend_path = _raw_path()
@@ -279,7 +279,11 @@ def _pool_from_body() -> str:
 
 
 def _no_such_pool(pool: str):
-    return jsonify(error="no such pool", pool=pool, pools=_state().manager.pool_names()), 404
+    pools = _state().manager.pool_names()
+    error = "no such pool"
+    if pool == DEFAULT_POOL:
+        error += " (routes are set without a catch-all: start with --backend URL or --route /=URL to have one)"
+    return jsonify(error=error, pool=pool, pools=pools), 404
 
 
 @admin_bp.get("/backends")
@@ -372,13 +376,13 @@ class IWSProxy:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("iwsproxy is already registered on this app")
         settings = self._settings or Settings.load(config=app.config, env=os.environ)
-        registry = self._registry
+        registry, pool_registry = self._registry, None
         if registry is None and settings.redis_url:
-            from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
+            from .io.redis_pools import redis_registries  # here: redis is imported only when used
 
-            registry = RedisRegistry(settings.redis_url)
+            registry, pool_registry = redis_registries(settings.redis_url)
         metrics = PrometheusMetrics()
-        manager = PipeManager(settings, registry=registry, metrics=metrics)
+        manager = PipeManager(settings, registry=registry, pool_registry=pool_registry, metrics=metrics)
         metrics.call_later = manager.call_later  # its publisher is the manager's, stopped at shutdown
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))

@@ -118,6 +118,8 @@ def _admin_call(args: argparse.Namespace, method: str, body: dict | None = None)
 def cmd_backends(args: argparse.Namespace) -> int:
     if args.action == "list":
         result = _admin_call(args, "GET")
+        if args.pool is not None and args.pool not in result.get("pools", [args.pool]):
+            raise SystemExit(f"iwsproxy: no pool {args.pool!r}; this proxy's pools: {', '.join(result['pools'])}")
         for b in result.get("backends", []):
             if args.pool is None or b.get("pool", "default") == args.pool:
                 print(f"{b['url']}\t{b['state']}\tpool={b.get('pool', 'default')}\tclients={b['clients']}"
@@ -158,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--drain", action="store_true",
                           help="with remove: move pipes off the backend first (no loss, no duplicates)")
     backends.add_argument("--pool", default=None,
-                          help='the pool: "default" (the --backend URLs, the default) or a route\'s prefix; '
-                               "with list: show only that pool")
+                          help='the pool: "default" (the catch-all: the --backend URLs or a route for /; the default) '
+                               "or a route's prefix; with list: show only that pool")
     backends.add_argument("--admin", default=os.environ.get("IWSPROXY_ADMIN_URL", "http://127.0.0.1:8080/admin"),
                           help="admin API base URL")
     backends.add_argument("--token", default=os.environ.get("IWSPROXY_ADMIN_TOKEN", ""), help="admin bearer token")

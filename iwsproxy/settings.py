@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .clientid import parse_source
 from .exceptions import ConfigError
 from .frames import BYTES_PER_EXTRA_FRAGMENT
-from .routes import Route, parse_routes, prefix_matches
+from .routes import Route, is_catch_all, parse_routes, prefix_matches
 
 __all__ = ["Settings", "cpu_count", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
@@ -186,9 +186,9 @@ class Settings:
     routes: tuple[Route, ...] = setting((), "IWSPROXY_ROUTES", parse_routes,
                                         "a pool of its own for paths under PREFIX: PREFIX=URL[,URL...] (the flag is "
                                         "repeatable, the variable separates routes with ;); the longest prefix wins, "
-                                        "by whole path segments; a path under no route gets 404; the pool is named "
-                                        "PREFIX. Not with --backend (use --route /=URL for a catch-all) nor with "
-                                        "--redis-url", "--route")
+                                        "by whole path segments; the pool is named PREFIX. A path under no route goes "
+                                        "to the default pool (the --backend URLs; --route /=URL is another way to give "
+                                        "them), or gets 404 if there is none", "--route")
     workers: int = setting(1, "IWSPROXY_WORKERS", _parse_workers,
                            "iwsproxy serve only: worker processes sharing the listening port (auto: one per CPU); "
                            "with more than one, a master process restarts any that exits, passes SIGTERM and "
@@ -362,12 +362,9 @@ class Settings:
                               "must be >= IWSPROXY_BACKOFF_INITIAL")
         if self.routes:
             shown = ";".join(f"{prefix}={','.join(urls)}" for prefix, urls in self.routes)
-            if self.backends:
+            if self.backends and any(is_catch_all(prefix, self.proxy_prefix) for prefix, _ in self.routes):
                 raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
-                                  "routes and IWSPROXY_BACKENDS exclude each other (a catch-all route is /=URL)")
-            if self.redis_url:
-                raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
-                                  "routes are not shared through the Redis registry yet: unset IWSPROXY_REDIS_URL")
+                                  "a catch-all route and IWSPROXY_BACKENDS both give the default pool: give one")
             for prefix, _ in self.routes:
                 if self.proxy_prefix and not prefix_matches(self.proxy_prefix, prefix):
                     raise ConfigError("IWSPROXY_ROUTES", shown, "settings",

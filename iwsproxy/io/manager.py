@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import Counter
+from typing import Callable
 
 import gevent
 from gevent.event import Event
@@ -15,7 +16,7 @@ from ..exceptions import BufferOverflow, CapacityExceeded, ConfigError, Duplicat
 from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import Backend, BackendPool
-from ..routes import DEFAULT_POOL
+from ..routes import DEFAULT_POOL, pool_for_path, pool_seeds
 from ..metrics import Metrics
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
@@ -25,7 +26,7 @@ from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
 from .pipe import PersistentPipe, short_id
-from .pools import PoolLeases
+from .pools import OnePool, PoolLeases
 from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
 
@@ -37,20 +38,24 @@ log = logging.getLogger(__name__)
 class PipeManager:
     """Owns the live :class:`PersistentPipe` objects and the backend pools.
 
-    The pool of the ``backends`` (named ``"default"``, also ``self.pool``) and one
-    pool per route of ``settings.routes`` (named by its prefix), each a
-    :class:`PoolLeases` in ``self.leases``. Changes to the default pool go
-    through the registry; route pools are this process's own (settings refuse
-    routes with a shared registry). Methods taking ``pool`` raise KeyError for
-    a name that is not one of these. A session is one client id in one pool:
-    the same id on two routes is two sessions.
+    The pools are those of :func:`~iwsproxy.routes.pool_seeds`: the default one
+    (the catch-all: the ``backends`` given here and in settings, or a catch-all
+    route's URLs; also ``self.pool``) unless routes are set without a
+    catch-all, and one per other route of ``settings.routes``, named by its
+    prefix; each is a :class:`PoolLeases` in ``self.leases``. Each pool has its
+    own registry (``self.registries``): ``registry`` for the default pool and
+    ``pool_registry(name)`` for a route's (both :class:`LocalRegistry` if not
+    given); changes through the public methods go through it. Methods taking
+    ``pool`` raise KeyError for a name that is not one of these. A session is one
+    client id in one pool: the same id on two routes is two sessions.
 
     All methods are called from greenlets of one process and never yield while
     they change shared state, so no locks are needed.
     """
 
     def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
-                 registry: Registry | None = None, metrics: Metrics | None = None):
+                 registry: Registry | None = None, metrics: Metrics | None = None,
+                 pool_registry: Callable[[str], Registry] | None = None):
         self.settings = s = settings or Settings()
         self.metrics = metrics or Metrics()
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
@@ -73,35 +78,44 @@ class PipeManager:
             self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
                                    serve_request=self._serve_handed_in)
         self.telemetry = Telemetry(self.metrics)
+        seeds = pool_seeds(s.routes, tuple(check_backend_url(url) for url in (*s.backends, *backends)),
+                           s.proxy_prefix)
         self.leases: dict[str, PoolLeases] = {
             name: PoolLeases(name, BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
                                                eject_base_s=max(s.eject_base_s, 0.001),
                                                eject_max_s=max(s.eject_max_s, 0.001)), self.telemetry)
-            for name in (DEFAULT_POOL, *(prefix for prefix, _ in s.routes))}
-        self._default = self.leases[DEFAULT_POOL]
-        self.pool = self._default.pool
+            for name in seeds}
+        self._default = self.leases.get(DEFAULT_POOL)
+        self.pool = self._default.pool if self._default is not None else None
         self.counters = self.telemetry.counters              # for the status page
         self.closed_by_code = self.telemetry.closed_by_code
         self._backend_options = BackendOptions(sslopt=self.backend_sslopt, mask_source=self.mask_source)
-        self.registry = registry or LocalRegistry()
-        # given to the registry rather than added through it: a shared one only seeds a new set with them
-        self.registry.start(self, tuple(check_backend_url(url) for url in (*s.backends, *backends)))
-        for prefix, urls in s.routes:
-            for url in urls:
-                self.apply_add(url, prefix)
+        self.registry = registry or LocalRegistry()  # the default pool's
+        make_registry = pool_registry or (lambda name: LocalRegistry())
+        self.registries: dict[str, Registry] = {
+            name: self.registry if name == DEFAULT_POOL else make_registry(name) for name in seeds}
+        # given to each registry rather than added through it: a shared one only seeds a new set with them
+        for name, urls in seeds.items():
+            target = self if name == DEFAULT_POOL else OnePool(self, name)
+            self.registries[name].start(target, urls)
 
-    # ---- backends: public calls go through the registry ----
+    # ---- backends: public calls go through the pool's registry ----
     def pool_names(self) -> list[str]:
         return list(self.leases)
+
+    def pool_for_path(self, path: str) -> str | None:
+        """The pool serving a request for ``path`` (see :func:`~iwsproxy.routes.pool_for_path`); None: 404."""
+        return pool_for_path(self.settings.routes, path, has_default=self._default is not None,
+                             proxy_prefix=self.settings.proxy_prefix)
 
     def add_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
         check_backend_url(url)
-        return self.registry.add(url) if pool == DEFAULT_POOL else self.apply_add(url, pool)
+        return self.registries[pool].add(url)
 
     def remove_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Unregister a backend; pipes on it keep their connection until it drops."""
-        return self.registry.remove(url) if pool == DEFAULT_POOL else self.apply_remove(url, pool)
+        return self.registries[pool].remove(url)
 
     def drain_backend(self, url: str, window_s: float | None = None, pool: str = DEFAULT_POOL) -> int | None:
         """Stop giving ``url`` new pipes and move its pipes off it, spread over ``window_s``.
@@ -114,7 +128,7 @@ class PipeManager:
         ValueError before anything changes.
         """
         window_s = check_drain_window(self.settings.drain_window_s if window_s is None else window_s)
-        return self.registry.drain(url, window_s) if pool == DEFAULT_POOL else self.apply_drain(url, window_s, pool)
+        return self.registries[pool].drain(url, window_s)
 
     # ---- backends: applying a change to this process (called by the registry) ----
     def apply_add(self, url: str, pool: str = DEFAULT_POOL) -> bool:
@@ -427,7 +441,8 @@ class PipeManager:
         if self.handoff is not None:
             self.handoff.stop()
         self._tasks.kill(timeout=1)
-        self.registry.stop()
+        for registry in self.registries.values():
+            registry.stop()
         pipes = list(self._pipes.values())
         for pipe in pipes:
             pipe.stop(code, reason)

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import threading
 import uuid
 
 import pytest
@@ -145,6 +146,33 @@ def test_a_set_cookie_never_carries_another_clients_id(shared):
     empty = shared.proxy("--client-id-from", "cookie:sid", "--assign-client-id")
     status, headers = handshake(empty, "/")
     assert status == 503 and "set-cookie" not in headers and "x-iwsproxy-client-id" not in headers
+
+
+@pytest.mark.timeout(60)
+def test_clients_upgrading_at_once_each_get_their_own_id_only(processes):
+    """20 upgrades in flight together, half of them bringing their own id back: each answer's
+    Set-Cookie and header name the id of that request's session, and no other."""
+    backend = websockets_backend(processes)
+    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
+    known = [str(uuid.uuid4()) for _ in range(10)]
+    barrier = threading.Barrier(20, timeout=20)
+
+    def one(own_id: str | None) -> tuple[str | None, list[str], str | None]:
+        headers = {"Cookie": f"sid={own_id}"} if own_id else None
+        barrier.wait()
+        with connect(proxy.url_for("/"), additional_headers=headers, open_timeout=20, close_timeout=5) as ws:
+            report = json.loads(ws.recv(timeout=20))
+            return (ws.response.headers.get("X-Iwsproxy-Client-Id"), ws.response.headers.get_all("Set-Cookie"),
+                    report["client_id"])
+
+    with concurrent.futures.ThreadPoolExecutor(20) as executor:
+        results = list(executor.map(one, known + [None] * 10, timeout=50))
+    for own_id, (header_id, cookies, session_id) in zip(known, results[:10]):
+        assert (header_id, cookies, session_id) == (None, [], own_id)  # its own id: nothing set
+    assigned = [header_id for header_id, _, _ in results[10:]]
+    assert len(set(assigned) | set(known)) == 20  # each assigned id is new and unique
+    for header_id, cookies, session_id in results[10:]:
+        assert cookies == [f"sid={header_id}; Path=/; HttpOnly; SameSite=Strict"] and session_id == header_id
 
 
 @pytest.mark.timeout(60)
