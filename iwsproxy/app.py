@@ -216,7 +216,7 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
-    return jsonify(status="ok", pipes=len(manager), backends=manager.backend_count())
+    return jsonify(status="ok", pid=os.getpid(), pipes=len(manager), backends=manager.backend_count())
 
 
 @health_bp.route("/metrics")
