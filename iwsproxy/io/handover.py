@@ -20,7 +20,9 @@ Wire format, each way: messages of a 4-byte length, a JSON header, then the head
 (byte strings, back to back). Bytes inside the header are written as ``{"$blob": index}``.
 Descriptors ride on a message's first bytes; its header says how many (``fds``), and they are
 taken in the order they came. ``{"op": "ready", "protocol": n, "pid": p}`` from the successor;
-``{"op": "pipe", "protocol": n, "state": ...}`` and ``{"op": "done"}`` from the predecessor.
+``{"op": "pools", "pools": {name: [[url, draining], ...]}}`` (the backends, as changed through
+the admin API), then ``{"op": "pipe", "protocol": n, "state": ...}`` for each pipe and
+``{"op": "done"}`` from the predecessor.
 """
 
 from __future__ import annotations
@@ -230,6 +232,15 @@ class Successor:
             while self._answers:
                 self._answers.popleft().set(None)
 
+    def send_pools(self, pools: dict) -> bool:
+        """Give the backends of every pool (before the pipes, which lease them)."""
+        try:
+            self.channel.send({"op": "pools", "pools": pools})
+            return True
+        except OSError as exc:
+            self._failed(f"cannot reach the successor: {exc}")
+            return False
+
     def send_pipe(self, state: dict, fds: list[int]) -> bool:
         """Give one pipe's state and descriptors; True once the successor has taken them."""
         if not self.alive:
@@ -285,8 +296,9 @@ class Predecessor:
         fd = os.environ.pop(ENV_CHANNEL, None)
         return None if fd is None else cls(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=int(fd)))
 
-    def serve(self, adopt) -> int:
-        """Say ready, then take pipes until ``done``: ``adopt(state, fds) -> bool`` builds one
+    def serve(self, adopt, adopt_pools) -> int:
+        """Say ready, then take the backends (``adopt_pools(pools)``) and pipes until ``done``:
+        ``adopt(state, fds) -> bool`` builds one
         (it owns the descriptors if it returns True, else they are closed here; it must not
         read from them before it returns). Returns how many were taken."""
         taken = 0
@@ -299,6 +311,9 @@ class Predecessor:
                 op = header.get("op")
                 if op == "done":
                     break
+                if op == "pools":
+                    adopt_pools(header.get("pools", {}))
+                    continue
                 ok = False
                 if op == "pipe" and header.get("protocol") == PROTOCOL:
                     ok = adopt(header.get("state"), fds)

@@ -369,6 +369,25 @@ class PipeManager:
         counts["later"] = len(self._pipes) - counts["ending"] - len(refused)
         return dict(counts)
 
+    def pool_state(self) -> dict:
+        """Each pool's backends in order, ``[url, draining]``: what a successor needs to keep the
+        changes made through the admin API (see :meth:`adopt_pools`)."""
+        return {name: [[b["url"], b["state"] == "draining"] for b in leases.pool.snapshot(time.monotonic())]
+                for name, leases in self.leases.items()}
+
+    def adopt_pools(self, pools: dict) -> None:
+        """Take over a predecessor's backends (:meth:`pool_state`): those it had and this process's
+        configuration lacks (added through the admin API) are added, those it was draining are
+        drained. Pools this process does not have are skipped."""
+        for name, backends in pools.items():
+            if name not in self.leases:
+                log.warning("handover: the predecessor's pool %r is not configured here", name)
+                continue
+            for url, draining in backends:
+                self.apply_add(url, name)
+                if draining:
+                    self.leases[name].pool.drain(url)
+
     def adopt_moved(self, state: dict, fds: list[int]) -> bool:
         """Serve a pipe moved here by a predecessor (``state`` from ``Movable._export_for_move``,
         ``fds`` its client's and backend's descriptors, in that order); False (logged) if it

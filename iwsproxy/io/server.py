@@ -98,7 +98,7 @@ def _restart_once(restarts: Group, server, requests: Group, manager, stopping: E
 
 def _take_over(predecessor, manager) -> None:
     started = monotonic()
-    taken = predecessor.serve(manager.adopt_moved)
+    taken = predecessor.serve(manager.adopt_moved, manager.adopt_pools)
     log.info("restart: took over %d pipes from process %d in %.0f ms", taken, os.getppid(),
              (monotonic() - started) * 1000)
 
@@ -119,6 +119,9 @@ def restart(server, requests: Group, manager, stopping: Event) -> bool:
     if not successor.wait_ready():
         successor.abandon()
         return _restart_failed(manager, f"successor {successor.pid} did not take over: {successor.error}")
+    if not successor.send_pools(manager.pool_state()):
+        successor.abandon()
+        return _restart_failed(manager, f"successor {successor.pid} went away: {successor.error}")
     server.stop_accepting()  # new connections wait in the backlog for the successor
     counts = manager.move_all(successor.send_pipe)
     requests.join(timeout=HANDSHAKES_TIMEOUT_S)  # upgrades accepted before we stopped: their pipes move too

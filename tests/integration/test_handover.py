@@ -20,7 +20,7 @@ import websocket
 
 from iwsproxy.frames import OP_BINARY, OP_CLOSE, OP_TEXT, encode_frame
 from tests.conftest import ROOT, wait_for
-from tests.integration.rawws import RawClient
+from tests.integration.rawws import RawClient, RecordingBackend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -257,32 +257,84 @@ def _mask():
     return MaskSource()
 
 
-@pytest.mark.parametrize("side", ["client", "backend"])
-def test_partial_frame_moves_with_its_connection(processes, generations, side):
-    """Half a frame read before the move, the rest after: the successor completes it."""
+def test_partial_frame_from_the_client_moves_with_its_connection(processes, generations):
+    """Part of a frame sent before the SIGHUP, the rest after: the successor completes it."""
     backend = processes.echo()
     proxy = processes.proxy("--backend", backend.url)
     gens = generations(proxy)
     raw = RawClient(proxy.port)
     assert raw.handshake() == 101
     frame = encode_frame(OP_BINARY, bytes(range(200)), mask_source=_mask())
-    if side == "client":
-        raw.send(frame[:50])
-        wait_for(lambda: proxy.pipes()[0]["state"] == "connected", 10, "pipe")
-        gens.restart()
-        raw.send(frame[50:])
-        assert raw.data_events() == [(OP_BINARY, bytes(range(200)))]
-    else:
-        # the echo sends what it got back whole, so the split is made on the client side and the
-        # echo's answer is checked across the move: the backend side's parser state travels too
-        raw.send(frame)
-        assert raw.data_events() == [(OP_BINARY, bytes(range(200)))]
-        gens.restart()
-        raw.send(frame)
-        assert raw.data_events() == [(OP_BINARY, bytes(range(200)))]
-    raw.send(encode_frame(OP_CLOSE, (1000).to_bytes(2, "big"), mask_source=_mask()))
-    assert raw.close_code() == 1000
+    raw.send(frame[:50])
+    gens.restart()
+    raw.send(frame[50:])
+    assert raw.data_events() == [(OP_BINARY, bytes(range(200)))]
     raw.close()
+
+
+def _backend_connection(backend: RecordingBackend, proxy) -> socket.socket:
+    raw = RawClient(proxy.port)
+    assert raw.handshake() == 101
+    backend.requests.get(timeout=10)
+    return raw, backend.connections[-1]
+
+
+def test_partial_frame_from_the_backend_moves_with_its_connection(processes, generations):
+    backend = RecordingBackend()
+    try:
+        proxy = processes.proxy("--backend", backend.url)
+        gens = generations(proxy)
+        raw, conn = _backend_connection(backend, proxy)
+        frame = encode_frame(OP_TEXT, "é".encode() * 100)  # unmasked: from the server side
+        conn.sendall(frame[:51])  # half a character, too
+        gens.restart()
+        conn.sendall(frame[51:])
+        assert raw.data_events() == [(OP_TEXT, "é".encode() * 100)]
+        raw.close()
+    finally:
+        backend.close()
+
+
+def test_draining_pipe_moves_and_finishes_its_drain_in_the_successor(processes, generations):
+    """The pipe has sent its backend a Close (drain) and waits for the reply when it moves: the
+    reply reaches the successor, which moves the pipe to the next backend with nothing lost."""
+    first = RecordingBackend()
+    try:
+        proxy = processes.proxy("--backend", first.url, "--drain-window", "0")
+        gens = generations(proxy)
+        raw, conn = _backend_connection(first, proxy)
+        second = processes.echo()
+        assert proxy.admin("POST", {"url": second.url})[0] in (200, 201)
+        assert proxy.admin("DELETE", {"url": first.url, "drain": True})[0] == 202
+        wait_for(lambda: proxy.pipes()[0]["backend_state"] == "draining", 10, "draining")
+        raw.send(encode_frame(OP_TEXT, b"during", mask_source=_mask()))
+        wait_for(lambda: proxy.pipes()[0]["buffered_bytes"] == 6, 10, "held while draining")
+        gens.restart()
+        assert proxy.pipes()[0]["backend_state"] == "draining"
+        conn.sendall(encode_frame(OP_CLOSE, (1001).to_bytes(2, "big")))  # the Close reply
+        assert raw.data_events() == [(OP_TEXT, b"during")]
+        assert second.stats()["connections_total"] == 1
+        raw.close()
+    finally:
+        first.close()
+
+
+def test_pipe_in_a_close_handshake_finishes_it_in_the_old_process(processes, generations):
+    """A session that is ending is not moved: the old process completes its close handshake
+    (and exits once it has) while the successor serves everything else."""
+    backend = processes.echo()
+    proxy = processes.proxy("--backend", backend.url)
+    gens = generations(proxy)
+    other = proxy.connect()
+    raw = RawClient(proxy.port)
+    assert raw.handshake() == 101
+    raw.send(encode_frame(OP_CLOSE, (1000).to_bytes(2, "big"), mask_source=_mask()))
+    assert raw.close_code() == 1000  # the proxy's reply; the client does not close its end yet
+    gens.restart()
+    assert raw.at_eof()
+    other.send("x")
+    assert other.recv() == "x"
+    other.close()
 
 
 def test_second_sighup_during_a_handover_starts_no_second_successor(processes, generations):
@@ -397,3 +449,44 @@ def test_successor_killed_mid_handover(processes, generations, tmp_path):
     fresh = proxy.connect()
     fresh.send("y")
     assert fresh.recv() == "y"
+
+
+# ---- the channel and its peer check (socket pairs in this process) ----
+
+def test_channel_carries_bytes_and_descriptors_in_order():
+    from iwsproxy.io.handover import Channel
+
+    left, right = socket.socketpair()
+    a, b = socket.socketpair()
+    try:
+        sender, receiver = Channel(left), Channel(right)
+        def send():  # more than the socket pair holds: the receiver reads meanwhile
+            sender.send({"op": "pipe", "state": {"snapshot": b"\x00" * 300_000, "nested": [b"x", 1]}}, [a.fileno()])
+            sender.send({"op": "done"})
+
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        header, fds = receiver.receive()
+        assert header["state"] == {"snapshot": b"\x00" * 300_000, "nested": [b"x", 1]} and len(fds) == 1
+        with socket.socket(fileno=fds[0]) as moved:
+            moved.sendall(b"ping")
+            assert b.recv(4) == b"ping"
+        assert receiver.receive() == ({"op": "done"}, [])
+        thread.join(10)
+    finally:
+        for s in (left, right, a, b):
+            s.close()
+
+
+def test_peer_check_names_the_process_and_user():
+    from iwsproxy.io.handover import HandoverError, check_peer, peer_credentials
+
+    left, right = socket.socketpair()
+    try:
+        assert peer_credentials(left)[:2] == (os.getpid(), os.getuid())
+        check_peer(left, os.getpid())
+        with pytest.raises(HandoverError):
+            check_peer(left, os.getpid() + 1)
+    finally:
+        left.close()
+        right.close()
