@@ -124,6 +124,7 @@ def restart(server, requests: Group, manager, stopping: Event) -> bool:
         return _restart_failed(manager, f"successor {successor.pid} went away: {successor.error}")
     server.stop_accepting()  # new connections wait in the backlog for the successor
     counts = manager.move_all(successor.send_pipe)
+    moving_ms = (monotonic() - started) * 1000
     requests.join(timeout=HANDSHAKES_TIMEOUT_S)  # upgrades accepted before we stopped: their pipes move too
     more = manager.move_all(successor.send_pipe)
     moved = counts.get("moved", 0) + more.get("moved", 0)
@@ -135,8 +136,9 @@ def restart(server, requests: Group, manager, stopping: Event) -> bool:
     successor.finish()
     manager.counters["handovers_completed"] += 1
     manager.metrics.handover("completed")
-    log.info("restart: process %d took over in %.0f ms: %d pipes moved, %d refused (closed with 1012), "
-             "%d ending here", successor.pid, (monotonic() - started) * 1000, moved, more.get("refused", 0),
+    log.info("restart: process %d took over in %.0f ms (%.0f ms to start it and move the first %d pipes): "
+             "%d pipes moved, %d refused (closed with 1012), %d ending here", successor.pid,
+             (monotonic() - started) * 1000, moving_ms, counts.get("moved", 0), moved, more.get("refused", 0),
              more.get("ending", 0))
     stopping.set()
     return True
