@@ -23,13 +23,15 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 
-__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "CLOSE_REASONS",
+__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "HANDOVER_EVENTS", "CLOSE_REASONS",
            "FAILOVER_BUCKETS_S", "close_reason_label", "close_code_label", "backend_label"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATES = ("connecting", "connected", "draining", "failing_over", "closed", "detached")
 DIRECTIONS = ("to_backend", "to_client")
 RESUME_EVENTS = ("detached", "resumed", "takeover", "expired", "overflow")
+#: a restart's handover: of the process (started, completed, failed) and of its pipes (moved out, moved in, refused)
+HANDOVER_EVENTS = ("started", "completed", "failed", "pipes_moved_out", "pipes_moved_in", "pipes_refused")
 # a failover takes from about a millisecond (next backend up, nothing to replay) to the reconnect deadline
 FAILOVER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -60,6 +62,9 @@ class Metrics:
 
     def resume_event(self, kind: str) -> None:
         """A client's connection came and went while its session lived on (see ``RESUME_EVENTS``)."""
+
+    def handover(self, event: str) -> None:
+        """A restart's handover event (see ``HANDOVER_EVENTS``)."""
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics."""
@@ -180,6 +185,9 @@ class PrometheusMetrics(Metrics):
         resume = Counter("iwsproxy_client_resume_events", "Client connections lost, resumed, taken over, "
                          "or given up on while their session lived on.", ("event",), registry=r)
 
+        handover = Counter("iwsproxy_handover_events", "Restarts handing the listening socket and the pipes "
+                           "to a successor process, and the pipes they moved.", ("event",), registry=r)
+        self._handover = {event: handover.labels(event) for event in HANDOVER_EVENTS}
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
@@ -275,6 +283,9 @@ class PrometheusMetrics(Metrics):
     def resume_event(self, kind: str) -> None:
         resume = self._resume
         resume.get(kind, resume["other"]).inc()
+
+    def handover(self, event: str) -> None:
+        self._handover[event].inc()
 
     def render(self) -> tuple[bytes, str]:
         self._publish_messages()

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["BackendLost", "BackendClosed", "BackendPinged", "ClientGone", "ClientArrived", "DrainAsked",
-           "StopAsked", "PerformAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
+           "StopAsked", "PerformAsked", "MoveAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,14 @@ class PerformAsked:
 
 
 @dataclass(frozen=True, slots=True)
+class MoveAsked:
+    """Move the pipe to another process: ``send(state, fds) -> bool`` gives it away, and
+    ``result`` (an ``AsyncResult``) is set to the outcome (see ``Movable.move``)."""
+    send: object
+    result: object
+
+
+@dataclass(frozen=True, slots=True)
 class Woken:
     """The pool changed: a pipe waiting for a backend tries again now."""
 
@@ -87,7 +95,7 @@ class Rescheduled:
 
 
 PipeEvent = Union[BackendLost, BackendClosed, BackendPinged, ClientGone, ClientArrived, DrainAsked, StopAsked,
-                  PerformAsked, Woken, Rescheduled]
+                  PerformAsked, MoveAsked, Woken, Rescheduled]
 RESCHEDULED = Rescheduled()
 WOKEN = Woken()
 
@@ -107,6 +115,10 @@ class Mailbox:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    def pending(self) -> list[PipeEvent]:
+        """The events not yet taken, oldest first (a copy)."""
+        return list(self._items)
 
     def take_all(self) -> list[PipeEvent]:
         items, self._items = self._items, []

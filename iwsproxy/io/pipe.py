@@ -47,6 +47,7 @@ from .connect import connect_round
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost
 from .events import RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, Mailbox, PerformAsked, StopAsked
 from .locks import WriteLocks
+from .moving import Movable
 from .ports import BackendLeases, BackendOptions, Telemetry
 from .readers import Reader
 from .relay import CLOSE_GRACE_S, Relay
@@ -71,7 +72,7 @@ def session_settings(settings: "Settings") -> dict:
                 backoff_max_s=settings.backoff_max_s)
 
 
-class PersistentPipe(Supervisor, Relay):
+class PersistentPipe(Supervisor, Relay, Movable):
     """One client's session across any number of backend connections."""
 
     def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
@@ -114,6 +115,7 @@ class PersistentPipe(Supervisor, Relay):
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
         self._room: Event | None = None       # set when they may have come (made by the first wait)
         self._closing = False                 # the client closed: a reconnect with its id is a new session
+        self._moved = False                   # handed to another process (see Movable): it ends here quietly
         self._events = Mailbox()
         self._supervisor: gevent.Greenlet | None = None
         self._timer = None                    # the supervisor's next deadline while it is not running
@@ -226,7 +228,7 @@ class PersistentPipe(Supervisor, Relay):
     @property
     def ending(self) -> bool:
         """The session is over; the pipe is tearing down or has."""
-        return self._closing or self.session.closed or self._stopped.is_set()
+        return self._closing or self._moved or self.session.closed or self._stopped.is_set()
 
     @property
     def client_attached(self) -> bool:

@@ -19,7 +19,7 @@ from gevent import get_hub
 from ..session import State
 from .connection import Connection, ConnectionLost
 from .events import (BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone, DrainAsked,
-                     PerformAsked, PipeEvent, RESCHEDULED, Rescheduled, StopAsked, Woken)
+                     MoveAsked, PerformAsked, PipeEvent, RESCHEDULED, Rescheduled, StopAsked, Woken)
 
 __all__ = ["Supervisor", "short_id", "CLOSE_TAKEN_OVER"]
 
@@ -53,7 +53,15 @@ class Supervisor:
             log.exception("pipe %s: supervisor crashed", short_id(self.client_id))
             self._end_after_crash()
         finally:
-            if ended:
+            if ended and self._moved:
+                try:
+                    self._release_moved()
+                    self._observe(final=True)
+                finally:
+                    self._stopped.set()
+                    if self._on_ended is not None:
+                        self._on_ended(self)
+            elif ended:
                 try:
                     self._teardown()
                     self._observe(final=True)
@@ -92,6 +100,8 @@ class Supervisor:
                 if type(event) is not Rescheduled:
                     busy_at = self.clock()
                 self._handle(event)
+                if self._moved:
+                    return True
             if not session.closed:
                 with self._holding(backend=True, client=True):  # poll may write either way
                     now = self.clock()
@@ -212,6 +222,8 @@ class Supervisor:
             self.session.pool_changed(self.clock())
         elif kind is PerformAsked:
             self._perform_asked(event)
+        elif kind is MoveAsked:
+            self._on_move(event)
         # Rescheduled: nothing to do but recompute the next deadline (the loop does)
 
     def _perform_asked(self, event: PerformAsked) -> None:
