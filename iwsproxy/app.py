@@ -216,6 +216,8 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
+    if manager.draining:  # balancers stop sending clients here
+        return jsonify(status="draining", pipes=len(manager), backends=manager.backend_count()), 503
     return jsonify(status="ok", pipes=len(manager), backends=manager.backend_count())
 
 
@@ -375,7 +377,13 @@ class IWSProxy:
             from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
 
             registry = RedisRegistry(settings.redis_url)
-        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later))
+        directory = None
+        if settings.redis_url and settings.resume_grace_s:
+            from .io.fleet import SessionDirectory
+
+            directory = SessionDirectory(settings.redis_url, address=settings.advertise_address or settings.bind)
+        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later),
+                              directory=directory)
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)

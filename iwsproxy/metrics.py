@@ -61,6 +61,10 @@ class Metrics:
     def resume_event(self, kind: str) -> None:
         """A client's connection came and went while its session lived on (see ``RESUME_EVENTS``)."""
 
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        """``n`` sessions were evacuated, resumed from Redis, moved between processes... (see
+        :data:`iwsproxy.io.evacuate.FLEET_EVENTS`)."""
+
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics."""
         return b"", "text/plain; version=0.0.4; charset=utf-8"
@@ -178,6 +182,8 @@ class PrometheusMetrics(Metrics):
         resume = Counter("iwsproxy_client_resume_events", "Client connections lost, resumed, taken over, "
                          "or given up on while their session lived on.", ("event",), registry=r)
 
+        self._fleet = Counter("iwsproxy_fleet_events", "Sessions evacuated to Redis, resumed from it, moved "
+                              "between processes, or lost on the way.", ("event",), registry=r)
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
@@ -273,6 +279,9 @@ class PrometheusMetrics(Metrics):
     def resume_event(self, kind: str) -> None:
         resume = self._resume
         resume.get(kind, resume["other"]).inc()
+
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        self._fleet.labels(kind).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         self._publish_messages()

@@ -38,8 +38,10 @@ def make_server(app, bind: tuple[str, int]) -> WSGIServer:
     return WSGIServer(bind, app, handler_class=ProxyHandler, log=None, error_log=logging.getLogger("iwsproxy.http"))
 
 
-def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit.
+def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s: float | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit, within
+    ``shutdown_timeout_s`` (default: the setting). In a fleet the sessions are evacuated
+    while the server still answers (/healthz: 503 "draining", new clients: 503), then it stops.
 
     ``ready(port)`` is called once the socket listens (the demo and tests use it).
     """
@@ -51,13 +53,20 @@ def serve_forever(app, bind: tuple[str, int], *, ready=None, shutdown_timeout_s:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
     log.info("iwsproxy listening on %s:%d", *server.address[:2])
+    manager = IWSProxy.manager(app)
+    if manager.fleet is not None and not manager.settings.advertise_address:
+        manager.fleet.directory.address = "%s:%d" % server.address[:2]  # the port bound (for :0)
     if ready is not None:
         ready(server.address[1])
     stopping.wait()
-    log.info("shutting down: closing clients with 1012")
-    server.close()  # stop accepting
-    manager = IWSProxy.manager(app)
-    if not manager.close_all(1012, "proxy restarting", timeout=shutdown_timeout_s):
-        log.warning("some pipes did not close within %.1f s", shutdown_timeout_s)
+    timeout = manager.settings.shutdown_timeout_s if shutdown_timeout_s is None else shutdown_timeout_s
+    if manager.fleet is None:
+        log.info("shutting down: closing clients with 1012")
+        server.close()  # stop accepting
+    else:
+        log.info("shutting down: evacuating %d sessions", len(manager))
+    if not manager.close_all(1012, "proxy restarting", timeout=timeout):
+        log.warning("some pipes did not close within %.1f s", timeout)
+    server.close()
     server.stop(timeout=1)
 
