@@ -19,9 +19,11 @@ Redis (:mod:`iwsproxy.io.fleet`):
   saved (Redis failing, the cap reached, time up) are lost as in a plain 1012 shutdown, logged
   and counted.
 
-Counters (``/admin/status``) and the metric ``iwsproxy_fleet_events{event}``: ``evacuated``,
-``evacuation_failed``, ``resumed_from_rest``, ``moved_in``, ``moved_out``, ``move_failed``,
-``directory_errors``.
+Counters (``/admin/status``) and the metric ``iwsproxy_fleet_events{event}``: ``evacuated``
+(saved at rest), ``evacuation_failed`` (lost), ``resumed_from_rest`` (taken at rest),
+``moved_in`` (taken from a live holder, waited for: a move, or a resume that came while its
+holder was still evacuating it), ``moved_out``, ``move_failed``, ``directory_errors`` (Redis
+failed while a client connected: served here as a new session).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class Fleet:
                 directory.hold(key)
                 return False
             kind, value = directory.take(key)
-            if kind == "held":
+            moved = kind == "held"
+            if moved:
                 value = self._move_from(str(value), key)
                 kind = "snapshot" if value is not None else "new"
         except RedisError as exc:
@@ -109,7 +112,7 @@ class Fleet:
             return False
         if pipe is None:
             return False  # it ended at rest: a new session
-        self.count("resumed_from_rest" if kind == "snapshot" else "moved_in")
+        self.count("moved_in" if moved else "resumed_from_rest")
         self.manager._rejoin(pipe, upgrade, token)
         return True
 

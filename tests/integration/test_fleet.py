@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -292,6 +293,10 @@ class FleetClient:
         finally:
             self._done.set()
 
+    def cut(self) -> None:
+        """Drop the connection without a Close, as a phone changing networks does."""
+        self._ws.sock.shutdown(socket.SHUT_RDWR)
+
     def finish(self, timeout: float = 30.0) -> None:
         assert self._done.wait(timeout), f"client {self.client_id[:8]}: sent {self.sent}, echoes up to " \
                                          f"{self.received[-1:]} within {timeout} s"
@@ -341,6 +346,65 @@ def test_sigterm_evacuates_a_streaming_client_that_resumes_on_another_process(pr
     assert client.closes == [1012]
     assert first.proc.wait(10) == 0
     counters = second.admin("GET", path="/admin/status")[1]["counters"]
-    assert counters["resumed_from_rest"] == 1
+    assert counters.get("resumed_from_rest", 0) + counters.get("moved_in", 0) == 1
     assert stats(backend)["connections_total"] == 2
     print(f"\nevacuation: {client.sent} sent, {len(client.received) - len(order)} duplicates")
+
+
+def check_streams(clients: list[FleetClient]) -> tuple[int, int]:
+    """Every message of every client echoed, in order of first delivery; (sent, duplicates)."""
+    sent = duplicates = 0
+    for client in clients:
+        order = client.first_deliveries()
+        assert order == list(range(client.sent)), f"client {client.client_id[:8]}: lost or out of order"
+        sent += client.sent
+        duplicates += len(client.received) - len(order)
+    return sent, duplicates
+
+
+def test_three_processes_one_drained_mid_stream_lose_nothing(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    proxies = [fleet_proxy(processes, redis_server, tmp_path, backend) for _ in range(3)]
+    stop = threading.Event()
+    clients = [FleetClient(proxies, 0.02, stop, first=n % 3).start() for n in range(30)]
+    on_first = [client for client in clients if client.at == 0]
+    wait_for(lambda: all(len(client.received) >= 20 for client in clients), what="every stream to run")
+    proxies[0].proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: all(client.reconnects for client in on_first), what="the drained process's clients to resume")
+    marks = {client: client.sent for client in clients}
+    wait_for(lambda: all(len(client.received) >= marks[client] + 20 for client in clients), what="streams to go on")
+    stop.set()
+    for client in clients:
+        client.finish()
+    sent, duplicates = check_streams(clients)
+    assert all(client.closes == [1012] for client in on_first)
+    assert all(not client.closes for client in clients if client not in on_first)
+    assert proxies[0].proc.wait(10) == 0
+    counters = [proxy.admin("GET", path="/admin/status")[1]["counters"] for proxy in proxies[1:]]
+    # taken at rest, or waited for while their holder was still saving them
+    resumed = sum(c.get("resumed_from_rest", 0) + c.get("moved_in", 0) for c in counters)
+    assert resumed == len(on_first) == 10
+    print(f"\nfleet: 30 clients, {sent} messages, 0 lost, {duplicates} duplicates; "
+          f"{len(on_first)} evacuated and resumed on the other two")
+
+
+def test_a_client_cut_off_resumes_on_another_process_while_its_session_lives(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    first = fleet_proxy(processes, redis_server, tmp_path, backend)
+    second = fleet_proxy(processes, redis_server, tmp_path, backend)
+    stop = threading.Event()
+    client = FleetClient([first, second], 0.005, stop).start()
+    wait_for(lambda: len(client.received) >= 50, what="the stream to run")
+    client.cut()
+    wait_for(lambda: client.reconnects >= 1, what="a resume")
+    resumed_at = client.sent
+    wait_for(lambda: len(client.received) >= resumed_at + 50, what="the stream to go on")
+    assert first.pipes() == [] and len(second.pipes()) == 1
+    stop.set()
+    client.finish()
+    sent, duplicates = check_streams([client])
+    assert client.closes == [None]
+    assert second.admin("GET", path="/admin/status")[1]["counters"]["moved_in"] == 1
+    assert first.admin("GET", path="/admin/status")[1]["counters"]["moved_out"] == 1
+    assert stats(backend)["connections_total"] == 2
+    print(f"\nmove: {sent} sent, 0 lost, {duplicates} duplicates")
