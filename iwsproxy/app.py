@@ -215,6 +215,9 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
+    if manager.draining:  # balancers stop sending clients here
+        return jsonify(status="draining", pid=os.getpid(), pipes=len(manager),
+                       backends=manager.backend_count()), 503
     return jsonify(status="ok", pid=os.getpid(), pipes=len(manager), backends=manager.backend_count())
 
 
@@ -381,8 +384,14 @@ class IWSProxy:
             from .io.redis_pools import redis_registries  # here: redis is imported only when used
 
             registry, pool_registry = redis_registries(settings.redis_url)
+        directory = None
+        if settings.redis_url and settings.resume_grace_s:
+            from .io.fleet import SessionDirectory
+
+            directory = SessionDirectory(settings.redis_url, address=settings.advertise_address or settings.bind)
         metrics = PrometheusMetrics()
-        manager = PipeManager(settings, registry=registry, pool_registry=pool_registry, metrics=metrics)
+        manager = PipeManager(settings, registry=registry, pool_registry=pool_registry, metrics=metrics,
+                              directory=directory)
         metrics.call_later = manager.call_later  # its publisher is the manager's, stopped at shutdown
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))

@@ -66,6 +66,10 @@ class Metrics:
     def handover(self, event: str) -> None:
         """A restart's handover event (see ``HANDOVER_EVENTS``)."""
 
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        """``n`` sessions were evacuated, resumed from Redis, moved between processes... (see
+        :data:`iwsproxy.io.evacuate.FLEET_EVENTS`)."""
+
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics."""
         return b"", "text/plain; version=0.0.4; charset=utf-8"
@@ -188,6 +192,8 @@ class PrometheusMetrics(Metrics):
         handover = Counter("iwsproxy_handover_events", "Restarts handing the listening socket and the pipes "
                            "to a successor process, and the pipes they moved.", ("event",), registry=r)
         self._handover = {event: handover.labels(event) for event in HANDOVER_EVENTS}
+        self._fleet = Counter("iwsproxy_fleet_events", "Sessions evacuated to Redis, resumed from it, moved "
+                              "between processes, or lost on the way.", ("event",), registry=r)
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
@@ -286,6 +292,9 @@ class PrometheusMetrics(Metrics):
 
     def handover(self, event: str) -> None:
         self._handover[event].inc()
+
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        self._fleet.labels(kind).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         self._publish_messages()

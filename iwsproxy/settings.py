@@ -254,6 +254,18 @@ class Settings:
                                       "gunicorn's workers): a client that reconnects to another process is "
                                       "handed to the one holding its session; unset: each process on its own",
                                       "--handoff-dir")
+    advertise_address: str | None = setting(None, "IWSPROXY_ADVERTISE_ADDRESS", _parse_optional_str,
+                                            "HOST:PORT at which the other processes of a fleet reach this one, "
+                                            "recorded with the sessions it holds in Redis (unset: --bind)",
+                                            "--advertise-address")
+    evacuate_max_bytes: int = setting(256 * 1024 * 1024, "IWSPROXY_EVACUATE_MAX_BYTES", parse_size,
+                                      "with --redis-url, a shutdown saves the sessions to Redis for a resume on "
+                                      "any process, writing at most this many bytes (the sessions past it, or "
+                                      "all while Redis fails, close with 1012 and are lost); 0: no evacuation",
+                                      "--evacuate-max-bytes")
+    shutdown_timeout_s: float = setting(5.0, "IWSPROXY_SHUTDOWN_TIMEOUT", _parse_positive_seconds,
+                                        "longest time a shutdown takes to close (or evacuate) every session",
+                                        "--shutdown-timeout")
     resume_secret: str | None = setting(None, "IWSPROXY_RESUME_SECRET", _parse_optional_str,
                                         "if set, a resume or takeover must present token=HMAC-SHA256(secret, id) "
                                         "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["BackendLost", "BackendClosed", "BackendPinged", "ClientGone", "ClientArrived", "DrainAsked",
-           "StopAsked", "PerformAsked", "MoveAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
+           "StopAsked", "PerformAsked", "MoveAsked", "EvacuateAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,18 @@ class StopAsked:
 
 
 @dataclass(frozen=True, slots=True)
+class EvacuateAsked:
+    """Hand the session over to another process: close the client with ``code`` and the backend
+    with 1001, read until their Close replies (or ``deadline``, on the pipe's clock), then give
+    the snapshot to ``on_done(pipe, snapshot)`` and end (see :meth:`PersistentPipe.evacuate
+    <iwsproxy.io.pipe.PersistentPipe.evacuate>`)."""
+    code: int
+    reason: str
+    deadline: float
+    on_done: object
+
+
+@dataclass(frozen=True, slots=True)
 class PerformAsked:
     """Session actions a greenlet could not perform itself: it did not hold the write lock of
     their side (see :mod:`iwsproxy.io.locks`)."""
@@ -95,7 +107,7 @@ class Rescheduled:
 
 
 PipeEvent = Union[BackendLost, BackendClosed, BackendPinged, ClientGone, ClientArrived, DrainAsked, StopAsked,
-                  PerformAsked, MoveAsked, Woken, Rescheduled]
+                  PerformAsked, MoveAsked, EvacuateAsked, Woken, Rescheduled]
 RESCHEDULED = Rescheduled()
 WOKEN = Woken()
 

@@ -8,7 +8,7 @@ import socket
 import time
 import weakref
 from collections import Counter
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import gevent
 from gevent.event import Event
@@ -31,6 +31,10 @@ from .pipe import PersistentPipe, session_settings, short_id
 from .pools import OnePool, PoolLeases
 from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
+
+if TYPE_CHECKING:
+    from .evacuate import Fleet
+    from .fleet import SessionDirectory
 
 __all__ = ["PipeManager"]
 
@@ -57,7 +61,8 @@ class PipeManager:
 
     def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
                  registry: Registry | None = None, metrics: Metrics | None = None,
-                 pool_registry: Callable[[str], Registry] | None = None):
+                 pool_registry: Callable[[str], Registry] | None = None,
+                 directory: "SessionDirectory | None" = None):
         self.settings = s = settings or Settings()
         self.metrics = metrics or Metrics()
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
@@ -101,6 +106,12 @@ class PipeManager:
         for name, urls in seeds.items():
             target = self if name == DEFAULT_POOL else OnePool(self, name)
             self.registries[name].start(target, urls)
+        # a fleet's session directory (see iwsproxy.io.evacuate): sessions resumed from any process
+        self.fleet: "Fleet | None" = None
+        if directory is not None:
+            from . import evacuate  # here: it imports redis, used only then
+            self.fleet = evacuate.Fleet(self, directory)
+            self.fleet.start()
 
     # ---- backends: public calls go through the pool's registry ----
     def pool_names(self) -> list[str]:
@@ -207,7 +218,9 @@ class PipeManager:
     # ---- pipes ----
     def pipes(self) -> list[dict]:
         """Each pipe's :meth:`PersistentPipe.info`, with the name of its ``pool``."""
-        return [{**pipe.info(), "pool": _pool_of(pipe)} for pipe in self._pipes.values()]
+        host = self.fleet.directory.address if self.fleet is not None else self.settings.advertise_address
+        return [{**pipe.info(), "pool": _pool_of(pipe), "host": host or self.settings.bind}
+                for pipe in self._pipes.values()]
 
     def __len__(self) -> int:
         return len(self._pipes)
@@ -290,6 +303,8 @@ class PipeManager:
         pipe.subprotocol = carried.subprotocol
         pipe.opened_at -= carried.age_s + carried.rest_s
         self._pipes[key] = pipe
+        if self.fleet is not None:
+            self.fleet.directory.hold(key)
         self._per_ip[carried.offer.remote_addr] += 1
         self.counters["sessions_adopted"] += 1
         self.metrics.pipe_opened()
@@ -335,9 +350,19 @@ class PipeManager:
             return
         if self.handoff is not None and self._start_handoff() and self._hand_to_holder(key, upgrade):
             return
+        if self.fleet is not None:
+            if self._closing.is_set():
+                raise CapacityExceeded("this process is shutting down", 503)
+            if self.fleet.resume_here(key, client_id, upgrade, token):
+                return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
-        pipe = self.open_pipe(client_id, offer, pool)
+        try:
+            pipe = self.open_pipe(client_id, offer, pool)
+        except BaseException:
+            if self.fleet is not None and key not in self._pipes:
+                self.fleet.directory.let_go(key)  # recorded as ours by resume_here
+            raise
         try:
             client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes,
                                     max_fragments=self.settings.max_fragments)
@@ -386,6 +411,8 @@ class PipeManager:
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
         settings = self.settings
+        if pipe._evacuation is not None:  # leaving this process: the client resumes it wherever it lands
+            raise CapacityExceeded("the session is moving to another proxy process", 503)
         if not pipe.running:  # its first connection waits for a backend: its outcome is not known yet
             raise DuplicateClient(f"client {short_id(pipe.client_id)} is still connecting")
         if pipe.client_attached and settings.on_duplicate == "refuse":
@@ -402,6 +429,8 @@ class PipeManager:
         key = _session_key(_pool_of(pipe), pipe.client_id)
         if self._pipes.get(key) is pipe:
             del self._pipes[key]
+            if self.fleet is not None:  # an evacuated session's record went with its snapshot
+                (self.fleet.directory.drop if pipe.evacuated else self.fleet.directory.let_go)(key)
             address = pipe.offer.remote_addr
             self._per_ip[address] -= 1
             if self._per_ip[address] <= 0:
@@ -543,11 +572,22 @@ class PipeManager:
                 if pool.free_count() > 0:  # never block a signal handler on a full pool
                     pool.add(self._shutdown)
 
-    def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
-        """Close every client with ``code``; True if all pipes ended within ``timeout``.
+    @property
+    def draining(self) -> bool:
+        """Shutting down: /healthz answers 503 so that balancers stop sending clients here."""
+        return self._closing.is_set()
 
-        Then the greenlets the pipes and handed-in requests left are joined (briefly) and killed,
-        and the delayed calls not yet made (:meth:`call_later`) are dropped."""
+    def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float | None = None) -> bool:
+        """Close every client with ``code``; True if all pipes ended within ``timeout``
+        (default: the ``shutdown_timeout_s`` setting).
+
+        In a fleet (a session directory in Redis) the sessions are evacuated instead (see
+        :meth:`Fleet.evacuate <iwsproxy.io.evacuate.Fleet.evacuate>`): their clients get 1012 too,
+        and may resume on any process. Then the greenlets the pipes and handed-in requests left
+        are joined (briefly) and killed, and the delayed calls not yet made (:meth:`call_later`)
+        are dropped."""
+        timeout = self.settings.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self._closing.set()
         if self.handoff is not None:
             self.handoff.stop()
@@ -555,13 +595,19 @@ class PipeManager:
         for registry in self.registries.values():
             registry.stop()
         pipes = list(self._pipes.values())
-        for pipe in pipes:
+        left = pipes
+        if self.fleet is not None and pipes:
+            keys = {pipe: _session_key(_pool_of(pipe), pipe.client_id) for pipe in pipes}
+            left = self.fleet.evacuate(pipes, keys, max(0.0, deadline - time.monotonic()) * 0.9)
+        for pipe in left:
             pipe.stop(code, reason)
         done = False
-        with gevent.Timeout(timeout, False):
+        with gevent.Timeout(max(0.0, deadline - time.monotonic()), False):
             for pipe in pipes:
                 pipe.wait_closed()
             done = True
+        if self.fleet is not None:
+            self.fleet.stop()
         current = gevent.getcurrent()
         others = [g for g in list(self._greenlets) if g is not current]
         gevent.joinall(others, timeout=1.0)

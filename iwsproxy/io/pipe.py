@@ -45,7 +45,8 @@ from ..session import (AbandonBackend, CloseBackend, CloseClient, ConnectBackend
 from .backend import OFFERED, BackendConnection, ClientOffer
 from .connect import connect_round
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost
-from .events import RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, Mailbox, PerformAsked, StopAsked
+from .events import (RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, EvacuateAsked, Mailbox,
+                     PerformAsked, StopAsked)
 from .locks import WriteLocks
 from .moving import Movable
 from .ports import BackendLeases, BackendOptions, Telemetry
@@ -125,6 +126,8 @@ class PersistentPipe(Supervisor, Relay, Movable):
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
         self._seen_state: str | None = None    # last state and buffer size reported to metrics
         self._seen_buffered = 0
+        self._evacuation = None               # the EvacuateAsked under way
+        self.evacuated = False                # the session left this process as a snapshot
 
     # ---- information ----
     @property
@@ -269,6 +272,19 @@ class PersistentPipe(Supervisor, Relay, Movable):
     def stop(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
         """Ask the pipe to close its client with ``code`` (from any greenlet)."""
         self._post(StopAsked(code, reason))
+
+    def evacuate(self, code: int, reason: str, timeout_s: float, on_done) -> None:
+        """Hand the session over to another process (from any greenlet; a pipe that has ended, or
+        evacuates already, ignores it).
+
+        The backend gets Close 1001 and the client Close ``code``; what either sends until its
+        Close reply is kept (the backend's reply proves it read everything, so nothing is
+        replayed to the next one; what the client had not acknowledged is delivered again when
+        it resumes). No backend is connected meanwhile. After both replies, or ``timeout_s``
+        (then a backend without a reply counts as lost, its unacknowledged messages replayed),
+        ``on_done(pipe, snapshot)`` gets the session detached as :func:`~iwsproxy.io.carry.export_pipe`
+        writes it, with ``evacuated`` set, and the pipe ends, its buffers given back."""
+        self._post(EvacuateAsked(code, reason, self.clock() + timeout_s, on_done))
 
     def drain(self, url: str) -> None:
         """Move this pipe off ``url`` without loss or duplicates (from any greenlet)."""

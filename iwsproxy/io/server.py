@@ -45,8 +45,10 @@ def make_server(app, bind, *, spawn="default") -> WSGIServer:
                       spawn=spawn)
 
 
-def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit.
+def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit, within
+    ``shutdown_timeout_s`` (default: the setting). In a fleet the sessions are evacuated
+    while the server still answers (/healthz: 503 "draining", new clients: 503), then it stops.
 
     ``bind``: a ``(host, port)`` to listen on, or a listening socket.
 
@@ -72,21 +74,28 @@ def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float = 5.0) -> 
         gevent.signal_handler(signum, stopping.set)
     gevent.signal_handler(signal.SIGHUP, _restart_once, restarts, server, requests, manager, stopping)
     log.info("iwsproxy listening on %s:%d (pid %d)", *server.address[:2], os.getpid())
+    if manager.fleet is not None and not manager.settings.advertise_address:
+        manager.fleet.directory.address = "%s:%d" % server.address[:2]  # the port bound (for :0)
     if ready is not None:
         ready(server.address[1])
     if predecessor is not None:
         restarts.spawn(_take_over, predecessor, manager)
     notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
     stopping.wait()
+    timeout = manager.settings.shutdown_timeout_s if shutdown_timeout_s is None else shutdown_timeout_s
     if manager.counters["handovers_completed"]:
         log.info("handed over: exiting once the %d pipes left here have closed (1012 for those still open)",
                  len(manager))
-    else:
+        server.close()  # stop accepting
+    elif manager.fleet is None:
         log.info("shutting down: closing clients with 1012")
-    server.close()  # stop accepting
+        server.close()  # stop accepting
+    else:
+        log.info("shutting down: evacuating %d sessions", len(manager))  # still answering: 503s
     restarts.kill(timeout=1)
-    if not manager.close_all(1012, "proxy restarting", timeout=shutdown_timeout_s):
-        log.warning("some pipes did not close within %.1f s", shutdown_timeout_s)
+    if not manager.close_all(1012, "proxy restarting", timeout=timeout):
+        log.warning("some pipes did not close within %.1f s", timeout)
+    server.close()
     server.stop(timeout=1)
 
 

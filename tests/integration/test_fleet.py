@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import tempfile
+import threading
 import time
 import uuid
 
 import pytest
+import websocket
 from gevent import socket as gsocket
 
+from conftest import needs, stats, wait_for
 from inprocess import WAIT_S, Peer, Rig, reconnects
+from redis_server import RedisServer, redis_server_missing
 from iwsproxy.app import IWSProxy, create_app
 from iwsproxy.exceptions import CapacityExceeded, DuplicateClient, SnapshotError
 from iwsproxy.frames import OP_TEXT
@@ -211,3 +218,193 @@ def test_adopting_refuses_a_live_duplicate_a_bad_snapshot_and_a_full_budget(rig)
                                                      "offer": offer_to_json(ClientOffer(client_id=other))}))
     assert proxy.manager.budget.used_bytes == used, "what was refused holds nothing"
     assert len(proxy.manager) == 1
+
+
+# ---- a fleet: `iwsproxy serve` processes sharing one real Redis ----
+
+class FleetClient:
+    """A client streaming ``0, 1, 2...`` (one every ``interval_s``) to an echo backend through a
+    fleet; when its proxy closes it (1012, or its connection drops), it reconnects with its id to
+    the next proxy of ``proxies`` that lets it in, and sends on. ``received`` is every echo, in
+    order of arrival."""
+
+    def __init__(self, proxies: list, interval_s: float, stop: threading.Event, *, first: int = 0):
+        self.client_id = str(uuid.uuid4())
+        self.proxies = proxies
+        self.at = first
+        self.interval_s = interval_s
+        self.stop = stop
+        self.sent = 0
+        self.received: list[int] = []
+        self.closes: list[int | None] = []
+        self.reconnects = 0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._ws = self._connect(first_time=True)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self, first_time: bool = False) -> websocket.WebSocket:
+        deadline = time.monotonic() + 20
+        while True:
+            proxy = self.proxies[self.at % len(self.proxies)]
+            try:
+                return websocket.create_connection(proxy.url_for(self.client_id), timeout=10)
+            except (OSError, websocket.WebSocketException) as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"client {self.client_id[:8]} found no proxy to resume on: {exc}")
+                self.at += 1  # that one refuses (shutting down, or gone): the next
+                time.sleep(0.05)  # ok-sleep: a client's pause between reconnect attempts
+
+    def start(self) -> "FleetClient":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        ws = self._ws
+        try:
+            while True:
+                if not self.stop.is_set():
+                    try:
+                        ws.send(str(self.sent))
+                        self.sent += 1
+                    except (OSError, websocket.WebSocketException):
+                        pass  # its Close is on the way, or the connection dropped: read it below
+                ws.settimeout(self.interval_s)
+                try:
+                    while True:
+                        opcode, data = ws.recv_data(control_frame=True)
+                        if opcode == websocket.ABNF.OPCODE_CLOSE:
+                            raise ConnectionResetError(int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005)
+                        if opcode == websocket.ABNF.OPCODE_TEXT:
+                            self.received.append(int(data))
+                except websocket.WebSocketTimeoutException:
+                    pass
+                except (OSError, websocket.WebSocketException) as exc:
+                    self.closes.append(exc.args[0] if isinstance(exc, ConnectionResetError) and exc.args else None)
+                    ws.close(timeout=0.1)
+                    self.at += 1
+                    ws = self._ws = self._connect()
+                    self.reconnects += 1
+                if self.stop.is_set() and self.received and self.received[-1] == self.sent - 1:
+                    return
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def cut(self) -> None:
+        """Drop the connection without a Close, as a phone changing networks does."""
+        self._ws.sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self, timeout: float = 30.0) -> None:
+        assert self._done.wait(timeout), f"client {self.client_id[:8]}: sent {self.sent}, echoes up to " \
+                                         f"{self.received[-1:]} within {timeout} s"
+        self._ws.close(timeout=1)
+        if self.error is not None:
+            raise self.error
+
+    def first_deliveries(self) -> list[int]:
+        seen, order = set(), []
+        for n in self.received:
+            if n not in seen:
+                seen.add(n)
+                order.append(n)
+        return order
+
+
+@pytest.fixture
+def redis_server():
+    needs(redis_server_missing(), "the fleet tests")
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def fleet_proxy(processes, redis_server, tmp_path, backend, *args: str):
+    """``iwsproxy serve`` in the fleet of ``redis_server``, with a handoff directory of its own."""
+    handoff = tempfile.mkdtemp(dir=tmp_path, prefix="handoff-")
+    return processes.proxy("--backend", backend.url, "--redis-url", redis_server.url(), "--handoff-dir", handoff,
+                           "--resume-grace", "30", *args)
+
+
+def test_sigterm_evacuates_a_streaming_client_that_resumes_on_another_process(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    first = fleet_proxy(processes, redis_server, tmp_path, backend)
+    second = fleet_proxy(processes, redis_server, tmp_path, backend)
+    stop = threading.Event()
+    client = FleetClient([first, second], 0.005, stop).start()
+    wait_for(lambda: len(client.received) >= 50, what="the stream to run")
+    first.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: client.reconnects >= 1, what="a resume")
+    resumed_at = client.sent
+    wait_for(lambda: len(client.received) >= resumed_at + 50, what="the stream to go on")
+    stop.set()
+    client.finish()
+    order = client.first_deliveries()
+    assert order == list(range(client.sent)), "every message echoed, in order"
+    assert client.closes == [1012]
+    assert first.proc.wait(10) == 0
+    counters = second.admin("GET", path="/admin/status")[1]["counters"]
+    assert counters.get("resumed_from_rest", 0) + counters.get("moved_in", 0) == 1
+    assert stats(backend)["connections_total"] == 2
+    print(f"\nevacuation: {client.sent} sent, {len(client.received) - len(order)} duplicates")
+
+
+def check_streams(clients: list[FleetClient]) -> tuple[int, int]:
+    """Every message of every client echoed, in order of first delivery; (sent, duplicates)."""
+    sent = duplicates = 0
+    for client in clients:
+        order = client.first_deliveries()
+        assert order == list(range(client.sent)), f"client {client.client_id[:8]}: lost or out of order"
+        sent += client.sent
+        duplicates += len(client.received) - len(order)
+    return sent, duplicates
+
+
+def test_three_processes_one_drained_mid_stream_lose_nothing(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    proxies = [fleet_proxy(processes, redis_server, tmp_path, backend) for _ in range(3)]
+    stop = threading.Event()
+    clients = [FleetClient(proxies, 0.02, stop, first=n % 3).start() for n in range(30)]
+    on_first = [client for client in clients if client.at == 0]
+    wait_for(lambda: all(len(client.received) >= 20 for client in clients), what="every stream to run")
+    proxies[0].proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: all(client.reconnects for client in on_first), what="the drained process's clients to resume")
+    marks = {client: client.sent for client in clients}
+    wait_for(lambda: all(len(client.received) >= marks[client] + 20 for client in clients), what="streams to go on")
+    stop.set()
+    for client in clients:
+        client.finish()
+    sent, duplicates = check_streams(clients)
+    assert all(client.closes == [1012] for client in on_first)
+    assert all(not client.closes for client in clients if client not in on_first)
+    assert proxies[0].proc.wait(10) == 0
+    counters = [proxy.admin("GET", path="/admin/status")[1]["counters"] for proxy in proxies[1:]]
+    # taken at rest, or waited for while their holder was still saving them
+    resumed = sum(c.get("resumed_from_rest", 0) + c.get("moved_in", 0) for c in counters)
+    assert resumed == len(on_first) == 10
+    print(f"\nfleet: 30 clients, {sent} messages, 0 lost, {duplicates} duplicates; "
+          f"{len(on_first)} evacuated and resumed on the other two")
+
+
+def test_a_client_cut_off_resumes_on_another_process_while_its_session_lives(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    first = fleet_proxy(processes, redis_server, tmp_path, backend)
+    second = fleet_proxy(processes, redis_server, tmp_path, backend)
+    stop = threading.Event()
+    client = FleetClient([first, second], 0.005, stop).start()
+    wait_for(lambda: len(client.received) >= 50, what="the stream to run")
+    client.cut()
+    wait_for(lambda: client.reconnects >= 1, what="a resume")
+    resumed_at = client.sent
+    wait_for(lambda: len(client.received) >= resumed_at + 50, what="the stream to go on")
+    assert first.pipes() == [] and len(second.pipes()) == 1
+    stop.set()
+    client.finish()
+    sent, duplicates = check_streams([client])
+    assert client.closes == [None]
+    assert second.admin("GET", path="/admin/status")[1]["counters"]["moved_in"] == 1
+    assert first.admin("GET", path="/admin/status")[1]["counters"]["moved_out"] == 1
+    assert stats(backend)["connections_total"] == 2
+    print(f"\nmove: {sent} sent, 0 lost, {duplicates} duplicates")
