@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -400,7 +403,7 @@ def test_a_client_cut_off_resumes_on_another_process_while_its_session_lives(pro
     wait_for(lambda: client.reconnects >= 1, what="a resume")
     resumed_at = client.sent
     wait_for(lambda: len(client.received) >= resumed_at + 50, what="the stream to go on")
-    assert first.pipes() == [] and len(second.pipes()) == 1
+    assert first.pipes() == [] and [p["host"] for p in second.pipes()] == [f"127.0.0.1:{second.port}"]
     stop.set()
     client.finish()
     sent, duplicates = check_streams([client])
@@ -634,3 +637,33 @@ def test_a_forged_resume_on_another_process_is_refused(processes, redis_server, 
     again = second.connect(f"{ws.client_id}?token={sign('s3cret', ws.client_id)}")
     assert echoed(again, "resumed")
     assert second.admin("GET", path="/admin/status")[1]["counters"]["resumed_from_rest"] == 1
+
+
+def test_a_draining_process_answers_healthz_503_and_shows_where_sessions_are_held(processes, redis_server,
+                                                                                  tmp_path):
+    deaf = DeafBackend()  # no Close reply: the evacuation waits for it, so the draining can be seen
+    proxy = fleet_proxy(processes, redis_server, tmp_path, deaf, "--advertise-address", "proxy-a.internal:8080",
+                        "--shutdown-timeout", "4")
+    ws = proxy.connect()
+    wait_for(lambda: proxy.pipes(), what="the pipe")
+    assert proxy.pipes()[0]["host"] == "proxy-a.internal:8080"
+    assert proxy.get_json("/healthz")["status"] == "ok"
+    watcher = CloseWatcher(ws)
+    proxy.proc.send_signal(signal.SIGTERM)
+
+    def health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(proxy.http_url + "/healthz", timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = wait_for(lambda: (answer := health())[0] == 503 and answer, what="/healthz to say draining")
+    assert body["status"] == "draining"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        proxy.connect()
+    assert refused.value.status_code == 503
+    assert watcher.wait() == 1012
+    assert proxy.proc.wait(10) == 0
+    assert raw_redis(redis_server).exists(snapshot_key(ws.client_id))
+    deaf.close()
