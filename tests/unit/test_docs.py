@@ -93,3 +93,11 @@ def test_the_docs_name_only_metrics_that_exist():
     for name, text in _texts().items():
         unknown = set(re.findall(r"(?<![#\w/-])iwsproxy_[a-z_]*[a-z]\b", text)) - known - NOT_METRICS
         assert not unknown, f"{name} names {sorted(unknown)}"
+
+
+def test_the_readme_links_only_to_files_that_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(((?!https?:|#)[^)#]+)(?:#[^)]*)?\)", readme)
+    assert targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
