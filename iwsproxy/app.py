@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus
 
-import gevent
 from greenlet import greenlet
 from flask import Blueprint, Flask, Request, current_app, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -26,7 +25,7 @@ from .io.client import UPGRADE_KEY
 from .io.manager import PipeManager
 from .metrics import PrometheusMetrics
 from .policy import FailureLimiter, origin_allowed
-from .routes import DEFAULT_POOL, match_route
+from .routes import DEFAULT_POOL, has_dot_segment
 from .settings import Settings, check_drain_window
 from .status import ASSETS_ENDPOINT, presented_token, status_bp
 
@@ -160,11 +159,11 @@ def proxy(path: str):
                           allow_missing=settings.allow_no_origin):
         log.warning("refused an upgrade from origin %r", request.headers.get("Origin"))
         return _text(403, "origin not allowed")
-    pool = DEFAULT_POOL
-    if settings.routes:
-        pool = match_route(settings.routes, request.path)
-        if pool is None:
-            return _text(404, "no route for this path")
+    if settings.routes and has_dot_segment(request.path):
+        return _text(400, "a path with a . or .. segment names no single route")
+    pool = state.manager.pool_for_path(request.path)
+    if pool is None:
+        return _text(404, "no route for this path")
     try:
         client_id, assigned = _client_id(state, path)
         backend_path = _raw_path()
@@ -216,7 +215,10 @@ health_bp = Blueprint("iwsproxy_health", __name__)
 @health_bp.route("/healthz")
 def healthz():
     manager = _state().manager
-    return jsonify(status="ok", pipes=len(manager), backends=manager.backend_count())
+    if manager.draining:  # balancers stop sending clients here
+        return jsonify(status="draining", pid=os.getpid(), pipes=len(manager),
+                       backends=manager.backend_count()), 503
+    return jsonify(status="ok", pid=os.getpid(), pipes=len(manager), backends=manager.backend_count())
 
 
 @health_bp.route("/metrics")
@@ -280,7 +282,11 @@ def _pool_from_body() -> str:
 
 
 def _no_such_pool(pool: str):
-    return jsonify(error="no such pool", pool=pool, pools=_state().manager.pool_names()), 404
+    pools = _state().manager.pool_names()
+    error = "no such pool"
+    if pool == DEFAULT_POOL:
+        error += " (routes are set without a catch-all: start with --backend URL or --route /=URL to have one)"
+    return jsonify(error=error, pool=pool, pools=pools), 404
 
 
 @admin_bp.get("/backends")
@@ -357,12 +363,15 @@ class IWSProxy:
 
     Configuration comes from ``app.config`` keys prefixed ``IWSPROXY_`` (the
     same names as the environment variables), unless ``settings`` is given.
+    ``registry`` (a :class:`~iwsproxy.io.registry.Registry`) overrides the one
+    the settings choose (Redis with ``redis_url``, else this process's own).
     """
 
     def __init__(self, app: Flask | None = None, *, settings: Settings | None = None,
-                 client_id: Callable[[str, Request], str] = uuid4_client_id):
+                 client_id: Callable[[str, Request], str] = uuid4_client_id, registry=None):
         self._settings = settings
         self._client_id = client_id
+        self._registry = registry
         if app is not None:
             self.init_app(app)
 
@@ -370,12 +379,20 @@ class IWSProxy:
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("iwsproxy is already registered on this app")
         settings = self._settings or Settings.load(config=app.config, env=os.environ)
-        registry = None
-        if settings.redis_url:
-            from .io.redis_registry import RedisRegistry  # here: redis is imported only when used
+        registry, pool_registry = self._registry, None
+        if registry is None and settings.redis_url:
+            from .io.redis_pools import redis_registries  # here: redis is imported only when used
 
-            registry = RedisRegistry(settings.redis_url)
-        manager = PipeManager(settings, registry=registry, metrics=PrometheusMetrics(call_later=gevent.spawn_later))
+            registry, pool_registry = redis_registries(settings.redis_url)
+        directory = None
+        if settings.redis_url and settings.resume_grace_s:
+            from .io.fleet import SessionDirectory
+
+            directory = SessionDirectory(settings.redis_url, address=settings.advertise_address or settings.bind)
+        metrics = PrometheusMetrics()
+        manager = PipeManager(settings, registry=registry, pool_registry=pool_registry, metrics=metrics,
+                              directory=directory)
+        metrics.call_later = manager.call_later  # its publisher is the manager's, stopped at shutdown
         app.extensions[EXTENSION_KEY] = _State(manager, settings, self._client_id,
                                                FailureLimiter(settings.admin_max_failures, window_s=60.0))
         app.register_blueprint(health_bp)
@@ -391,16 +408,16 @@ class IWSProxy:
         return (app or current_app).extensions[EXTENSION_KEY].manager
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, registry=None) -> Flask:
     """A Flask app that is only the proxy (used by ``iwsproxy serve``, wsgi.py and gunicorn).
 
     With ``trusted_proxy_hops`` the client address is taken from X-Forwarded-For,
     and the scheme (https makes an assigned id's cookie Secure) from
     X-Forwarded-Proto, by Werkzeug's ``ProxyFix`` (an app embedding the extension
-    applies ``ProxyFix`` itself, as it does for its own routes).
+    applies ``ProxyFix`` itself, as it does for its own routes). ``registry``: see :class:`IWSProxy`.
     """
     app = Flask("iwsproxy", static_folder=None)  # the status page serves its own script
-    IWSProxy(app, settings=settings)
+    IWSProxy(app, settings=settings, registry=registry)
     hops = app.extensions[EXTENSION_KEY].settings.trusted_proxy_hops
     if hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)

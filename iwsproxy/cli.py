@@ -38,25 +38,56 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     return Settings.load(env=os.environ, cli=cli)
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, *, with_pid: bool = False) -> None:
+    pid = " [%(process)d]" if with_pid else ""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s")
+
+
+def _ready(port: int) -> None:
+    print(f"LISTENING {port}", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """One process (monkey-patched here, first thing), or a master and ``--workers`` workers."""
     settings = _settings_from(args)
     if args.print_config:
         for name, env, value, help_text in describe(settings):
             print(f"{name:24} {value!r:40} {env}")
         return 0
+    if settings.workers > 1:
+        _configure_logging(args.log_level, with_pid=True)
+        return _serve_workers(settings)
+    from gevent import monkey
+
+    monkey.patch_all()
     from .app import create_app
-    from .io.server import serve_forever
+    from .io.server import serve_forever, tune_process
 
-    def ready(port: int) -> None:
-        print(f"LISTENING {port}", flush=True)
-
-    serve_forever(create_app(settings), settings.bind_address, ready=ready)
+    tune_process()
+    _configure_logging(args.log_level)
+    serve_forever(create_app(settings), settings.bind_address, ready=_ready)
     return 0
+
+
+def _serve_workers(settings) -> int:
+    """The master of ``settings.workers`` workers (see :mod:`iwsproxy.io.workers`); its exit status."""
+    from functools import partial
+
+    from .io.workers import Master, private_handoff_dir, remove_dir, serve_worker
+
+    created = None
+    if not settings.handoff_dir:
+        created = private_handoff_dir()
+        logging.getLogger(__name__).info("handoff directory %s (private, removed at exit)", created)
+        settings = dataclasses.replace(settings, handoff_dir=created)
+    try:
+        master = Master(settings.workers, settings.bind_address, partial(serve_worker, settings),
+                        backends=settings.backends, ready=_ready)
+        return master.run()
+    finally:
+        if created is not None:
+            remove_dir(created)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -87,6 +118,8 @@ def _admin_call(args: argparse.Namespace, method: str, body: dict | None = None)
 def cmd_backends(args: argparse.Namespace) -> int:
     if args.action == "list":
         result = _admin_call(args, "GET")
+        if args.pool is not None and args.pool not in result.get("pools", [args.pool]):
+            raise SystemExit(f"iwsproxy: no pool {args.pool!r}; this proxy's pools: {', '.join(result['pools'])}")
         for b in result.get("backends", []):
             if args.pool is None or b.get("pool", "default") == args.pool:
                 print(f"{b['url']}\t{b['state']}\tpool={b.get('pool', 'default')}\tclients={b['clients']}"
@@ -127,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--drain", action="store_true",
                           help="with remove: move pipes off the backend first (no loss, no duplicates)")
     backends.add_argument("--pool", default=None,
-                          help='the pool: "default" (the --backend URLs, the default) or a route\'s prefix; '
-                               "with list: show only that pool")
+                          help='the pool: "default" (the catch-all: the --backend URLs or a route for /; the default) '
+                               "or a route's prefix; with list: show only that pool")
     backends.add_argument("--admin", default=os.environ.get("IWSPROXY_ADMIN_URL", "http://127.0.0.1:8080/admin"),
                           help="admin API base URL")
     backends.add_argument("--token", default=os.environ.get("IWSPROXY_ADMIN_TOKEN", ""), help="admin bearer token")
@@ -144,15 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tools.bench import main as bench_main
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        from gevent import monkey
-
-        monkey.patch_all()
-        from .io.server import tune_process
-
-        tune_process()
-    _configure_logging(args.log_level)
     try:
+        if args.command != "serve":  # (serve configures logging itself, once it knows its processes)
+            _configure_logging(args.log_level)
         return args.func(args)
     except ConfigError as exc:
         print(f"iwsproxy: invalid setting {exc}", file=sys.stderr)

@@ -265,6 +265,25 @@ class FrameParser:
         self._msg_utf8: bytes | None = None  # text only: its last bytes, a character not yet complete
         self._error: ProtocolError | None = None
 
+    def export_state(self) -> dict:
+        """What this parser holds between two ``feed`` calls (bytes of a frame not yet complete, the
+        fragmented message so far), as a dict of ints, bools and bytes, for :meth:`load_state` in
+        another process. Raises ValueError for a parser that has failed (it has nothing to carry)."""
+        if self._error is not None:
+            raise ValueError("the parser has failed")
+        return {"buf": bytes(self._buf), "need": self._need, "closed": self._closed, "opcode": self._msg_opcode,
+                "data": bytes(self._msg_data), "frames": self._msg_frames, "utf8": self._msg_utf8}
+
+    def load_state(self, state: dict) -> None:
+        """Continue where the parser that gave ``state`` (:meth:`export_state`) stopped. Raises
+        ValueError (or TypeError, KeyError) for a state that is not one."""
+        opcode, utf8 = state["opcode"], state["utf8"]
+        if opcode not in (0, 1, 2) or (utf8 is not None and (opcode != 1 or len(utf8) > 3)):
+            raise ValueError("not a parser state")
+        self._buf, self._msg_data = bytearray(state["buf"]), bytearray(state["data"])
+        self._need, self._msg_frames = int(state["need"]), int(state["frames"])
+        self._closed, self._msg_opcode, self._msg_utf8 = bool(state["closed"]), opcode, utf8
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
         """Take any chunk of bytes; return the events it completes, in order."""
         if self._error is not None:

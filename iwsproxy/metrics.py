@@ -23,13 +23,15 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 
-__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "CLOSE_REASONS",
+__all__ = ["Metrics", "PrometheusMetrics", "MULTIPROC_ENV", "STATES", "DIRECTIONS", "RESUME_EVENTS", "HANDOVER_EVENTS", "CLOSE_REASONS",
            "FAILOVER_BUCKETS_S", "close_reason_label", "close_code_label", "backend_label"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATES = ("connecting", "connected", "draining", "failing_over", "closed", "detached")
 DIRECTIONS = ("to_backend", "to_client")
 RESUME_EVENTS = ("detached", "resumed", "takeover", "expired", "overflow")
+#: a restart's handover: of the process (started, completed, failed) and of its pipes (moved out, moved in, refused)
+HANDOVER_EVENTS = ("started", "completed", "failed", "pipes_moved_out", "pipes_moved_in", "pipes_refused")
 # a failover takes from about a millisecond (next backend up, nothing to replay) to the reconnect deadline
 FAILOVER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -60,6 +62,13 @@ class Metrics:
 
     def resume_event(self, kind: str) -> None:
         """A client's connection came and went while its session lived on (see ``RESUME_EVENTS``)."""
+
+    def handover(self, event: str) -> None:
+        """A restart's handover event (see ``HANDOVER_EVENTS``)."""
+
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        """``n`` sessions were evacuated, resumed from Redis, moved between processes... (see
+        :data:`iwsproxy.io.evacuate.FLEET_EVENTS`)."""
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics."""
@@ -133,11 +142,13 @@ class PrometheusMetrics(Metrics):
     The hooks on the hot path (:meth:`messages`, :meth:`buffered_bytes`,
     :meth:`pipe_state`) use label children bound once, here.
 
-    ``call_later(delay_s, fn)`` (e.g. ``gevent.spawn_later``), if given, lets
-    :meth:`messages`, the hook called for every write batch, tally in plain
-    integers and publish to its counters (a lock and, in multiprocess mode, a
-    file write each) at most ``MESSAGES_PUBLISH_S`` later; a scrape of this
-    process and every closed pipe publish at once.
+    ``call_later(delay_s, fn)`` (e.g. :meth:`PipeManager.call_later
+    <iwsproxy.io.manager.PipeManager.call_later>`), if given (here or, before
+    the first message, as the ``call_later`` attribute), lets :meth:`messages`,
+    the hook called for every write batch, tally in plain integers and publish
+    to its counters (a lock and, in multiprocess mode, a file write each) at
+    most ``MESSAGES_PUBLISH_S`` later; a scrape of this process and every
+    closed pipe publish at once.
     """
 
     MESSAGES_PUBLISH_S = 1.0
@@ -178,10 +189,15 @@ class PrometheusMetrics(Metrics):
         resume = Counter("iwsproxy_client_resume_events", "Client connections lost, resumed, taken over, "
                          "or given up on while their session lived on.", ("event",), registry=r)
 
+        handover = Counter("iwsproxy_handover_events", "Restarts handing the listening socket and the pipes "
+                           "to a successor process, and the pipes they moved.", ("event",), registry=r)
+        self._handover = {event: handover.labels(event) for event in HANDOVER_EVENTS}
+        self._fleet = Counter("iwsproxy_fleet_events", "Sessions evacuated to Redis, resumed from it, moved "
+                              "between processes, or lost on the way.", ("event",), registry=r)
         self._by_state = {state: by_state.labels(state) for state in STATES}
         self._by_state_family = by_state
         self._by_direction = {d: (messages.labels(d).inc, nbytes.labels(d).inc) for d in DIRECTIONS}
-        self._call_later = call_later
+        self.call_later = call_later
         self._tally = {d: [0, 0] for d in DIRECTIONS}  # messages and bytes not yet published
         self._publish_due = False
         self._by_backend: dict[str, tuple] = {}
@@ -246,7 +262,7 @@ class PrometheusMetrics(Metrics):
         return children
 
     def messages(self, direction: str, count: int, nbytes: int) -> None:
-        if self._call_later is None:
+        if self.call_later is None:
             inc_messages, inc_bytes = self._by_direction[direction]
             inc_messages(count)
             inc_bytes(nbytes)
@@ -256,7 +272,7 @@ class PrometheusMetrics(Metrics):
         tally[1] += nbytes
         if not self._publish_due:
             self._publish_due = True
-            self._call_later(self.MESSAGES_PUBLISH_S, self._publish_due_messages)
+            self.call_later(self.MESSAGES_PUBLISH_S, self._publish_due_messages)
 
     def _publish_due_messages(self) -> None:
         self._publish_due = False
@@ -273,6 +289,12 @@ class PrometheusMetrics(Metrics):
     def resume_event(self, kind: str) -> None:
         resume = self._resume
         resume.get(kind, resume["other"]).inc()
+
+    def handover(self, event: str) -> None:
+        self._handover[event].inc()
+
+    def fleet_event(self, kind: str, n: int = 1) -> None:
+        self._fleet.labels(kind).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         self._publish_messages()

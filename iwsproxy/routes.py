@@ -3,9 +3,17 @@
 A route is ``(prefix, urls)``: a request whose path is the prefix or starts
 with the prefix followed by ``/`` goes to that route's pool (whole path
 segments: ``/chat`` matches ``/chat`` and ``/chat/x``, never ``/chatroom``).
-The longest matching prefix wins; ``/`` matches every path. A route's pool is
-named by its prefix; the pool of the ``--backend`` URLs is named
-:data:`DEFAULT_POOL`.
+The longest matching prefix wins; ``/`` matches every path.
+
+Pools. The *default* pool (named :data:`DEFAULT_POOL`) is the catch-all: it
+holds the ``--backend`` URLs and serves every path under no other route. A
+route whose prefix covers every proxied path (``/``, or the proxy prefix
+itself) is another way to write the catch-all: its URLs go to the default
+pool, so the pool is named ``default`` wherever it is shown or named (admin
+API, CLI, status page, Redis). Every other route's pool is named by its
+prefix. With no routes the default pool is the only one. With routes but
+neither ``--backend`` URLs nor a catch-all route, there is no default pool: a
+path under no route gets 404 and naming ``default`` is naming an unknown pool.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_POOL", "Route", "check_ws_url", "parse_routes", "prefix_matches", "match_route"]
+__all__ = ["DEFAULT_POOL", "Route", "check_ws_url", "parse_routes", "prefix_matches", "match_route", "is_catch_all",
+           "pool_seeds", "pool_for_path", "has_dot_segment"]
 
 DEFAULT_POOL = "default"
 
@@ -86,3 +95,39 @@ def match_route(routes: tuple[Route, ...], path: str) -> str | None:
     """The prefix of the longest route ``path`` lies under; None if none does."""
     matching = [prefix for prefix, _ in routes if prefix_matches(prefix, path)]
     return max(matching, key=len) if matching else None
+
+
+def is_catch_all(prefix: str, proxy_prefix: str = "") -> bool:
+    """Does a route with ``prefix`` cover every path the proxy serves (``/``, or the proxy prefix)?"""
+    return prefix == (proxy_prefix.rstrip("/") or "/")
+
+
+def pool_seeds(routes: tuple[Route, ...], backends: tuple[str, ...] = (),
+               proxy_prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """The pools of a proxy and the URLs each starts with: :data:`DEFAULT_POOL` first (the
+    ``backends`` and a catch-all route's URLs) unless routes are set and neither is given,
+    then each other route's pool, named by its prefix."""
+    seeds: dict[str, tuple[str, ...]] = {}
+    catch_all = tuple(url for prefix, urls in routes if is_catch_all(prefix, proxy_prefix) for url in urls)
+    if not routes or backends or catch_all:
+        seeds[DEFAULT_POOL] = tuple(dict.fromkeys((*backends, *catch_all)))
+    for prefix, urls in routes:
+        if not is_catch_all(prefix, proxy_prefix):
+            seeds[prefix] = urls
+    return seeds
+
+
+def pool_for_path(routes: tuple[Route, ...], path: str, *, has_default: bool, proxy_prefix: str = "") -> str | None:
+    """The name of the pool serving ``path``: the longest route it lies under, else the default
+    pool if there is one (``has_default``); None (404) if neither."""
+    prefix = match_route(routes, path)
+    if prefix is None or is_catch_all(prefix, proxy_prefix):
+        return DEFAULT_POOL if has_default else None
+    return prefix
+
+
+def has_dot_segment(path: str) -> bool:
+    """Does the (decoded) ``path`` have a ``.`` or ``..`` segment? Such a path names one route here
+    and, once a backend or another proxy normalises it, another (``/chat/../admin``): with
+    routes it is refused."""
+    return any(segment in (".", "..") for segment in path.split("/"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 from .clientid import parse_source
 from .exceptions import ConfigError
 from .frames import BYTES_PER_EXTRA_FRAGMENT
-from .routes import Route, parse_routes, prefix_matches
+from .routes import Route, is_catch_all, parse_routes, prefix_matches
 
-__all__ = ["Settings", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
+__all__ = ["Settings", "cpu_count", "parse_size", "describe", "check_drain_window", "MAX_DRAIN_WINDOW_S"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -110,6 +111,29 @@ def _parse_count(value: Any) -> int:
     return number
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
+def _parse_workers(value: Any) -> int:
+    """A count of worker processes >= 1, or ``auto``: one per CPU this process may use."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpu_count()
+    if isinstance(value, bool):
+        raise ValueError("expected a number of processes or auto")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of processes >= 1 or auto") from None
+    if number < 1:
+        raise ValueError("expected a number of processes >= 1 or auto")
+    return number
+
+
 def _parse_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         items = value.split(",")
@@ -162,9 +186,15 @@ class Settings:
     routes: tuple[Route, ...] = setting((), "IWSPROXY_ROUTES", parse_routes,
                                         "a pool of its own for paths under PREFIX: PREFIX=URL[,URL...] (the flag is "
                                         "repeatable, the variable separates routes with ;); the longest prefix wins, "
-                                        "by whole path segments; a path under no route gets 404; the pool is named "
-                                        "PREFIX. Not with --backend (use --route /=URL for a catch-all) nor with "
-                                        "--redis-url", "--route")
+                                        "by whole path segments; the pool is named PREFIX. A path under no route goes "
+                                        "to the default pool (the --backend URLs; --route /=URL is another way to give "
+                                        "them), or gets 404 if there is none", "--route")
+    workers: int = setting(1, "IWSPROXY_WORKERS", _parse_workers,
+                           "iwsproxy serve only: worker processes sharing the listening port (auto: one per CPU); "
+                           "with more than one, a master process restarts any that exits, passes SIGTERM and "
+                           "SIGHUP on to all, shares admin backend changes between them (or --redis-url does) "
+                           "and creates a private --handoff-dir if none is set, so that a client resuming on "
+                           "any worker gets its session back. Under gunicorn use -w instead", "--workers")
     admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,
                                       "bearer token for the admin routes; unset turns them off", "--admin-token")
     proxy_prefix: str = setting("", "IWSPROXY_PROXY_PREFIX", _parse_prefix,
@@ -224,6 +254,18 @@ class Settings:
                                       "gunicorn's workers): a client that reconnects to another process is "
                                       "handed to the one holding its session; unset: each process on its own",
                                       "--handoff-dir")
+    advertise_address: str | None = setting(None, "IWSPROXY_ADVERTISE_ADDRESS", _parse_optional_str,
+                                            "HOST:PORT at which the other processes of a fleet reach this one, "
+                                            "recorded with the sessions it holds in Redis (unset: --bind)",
+                                            "--advertise-address")
+    evacuate_max_bytes: int = setting(256 * 1024 * 1024, "IWSPROXY_EVACUATE_MAX_BYTES", parse_size,
+                                      "with --redis-url, a shutdown saves the sessions to Redis for a resume on "
+                                      "any process, writing at most this many bytes (the sessions past it, or "
+                                      "all while Redis fails, close with 1012 and are lost); 0: no evacuation",
+                                      "--evacuate-max-bytes")
+    shutdown_timeout_s: float = setting(5.0, "IWSPROXY_SHUTDOWN_TIMEOUT", _parse_positive_seconds,
+                                        "longest time a shutdown takes to close (or evacuate) every session",
+                                        "--shutdown-timeout")
     resume_secret: str | None = setting(None, "IWSPROXY_RESUME_SECRET", _parse_optional_str,
                                         "if set, a resume or takeover must present token=HMAC-SHA256(secret, id) "
                                         "(query parameter or X-Iwsproxy-Token header)", "--resume-secret")
@@ -332,12 +374,9 @@ class Settings:
                               "must be >= IWSPROXY_BACKOFF_INITIAL")
         if self.routes:
             shown = ";".join(f"{prefix}={','.join(urls)}" for prefix, urls in self.routes)
-            if self.backends:
+            if self.backends and any(is_catch_all(prefix, self.proxy_prefix) for prefix, _ in self.routes):
                 raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
-                                  "routes and IWSPROXY_BACKENDS exclude each other (a catch-all route is /=URL)")
-            if self.redis_url:
-                raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
-                                  "routes are not shared through the Redis registry yet: unset IWSPROXY_REDIS_URL")
+                                  "a catch-all route and IWSPROXY_BACKENDS both give the default pool: give one")
             for prefix, _ in self.routes:
                 if self.proxy_prefix and not prefix_matches(self.proxy_prefix, prefix):
                     raise ConfigError("IWSPROXY_ROUTES", shown, "settings",

@@ -131,5 +131,45 @@ def processes():
         assert not proc.alive
 
 
+class _Shared:
+    """Child processes started at the first request for them, by what they are started with, and
+    shared by the later requests for the same (see the ``shared`` fixture)."""
+
+    def __init__(self) -> None:
+        self.started: dict[tuple, ChildProcess] = {}
+
+    def echo(self, *args: str, name: str = "echo") -> EchoProcess:
+        return self.add(echo_process(*args, name=name))
+
+    def proxy(self, *args: str, env: dict | None = None, admin_token: str | None = ADMIN_TOKEN) -> Proxy:
+        return self.add(Proxy(*args, env=env, admin_token=admin_token))
+
+    def add(self, proc: ChildProcess) -> ChildProcess:
+        """``proc`` started, or the one started before with the same module, arguments, environment
+        and name (``proc`` is then dropped unstarted)."""
+        key = (proc.module, tuple(proc.args), tuple(sorted(proc.env.items())), proc.name)
+        started = self.started.get(key)
+        if started is None:
+            started = self.started[key] = proc.start()
+        assert started.alive, f"the shared {started.name} died (a test using it must not stop it)"
+        return started
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """Like ``processes``, but each process is started once for the test module, by the first test
+    asking for one started with the same arguments, and shared by the later ones. A test using it
+    leaves the processes as it found them (kills nothing, changes no pool or setting, closes its
+    clients) and asserts nothing that the module's other tests also change (the pipe list, the
+    counters, a backend's connection count): use ``processes`` for that. Killed after the module,
+    and checked dead."""
+    starter = _Shared()
+    yield starter
+    gc.collect()  # as in ``processes``: the clients' sockets close before the graceful stops
+    for proc in reversed(list(starter.started.values())):
+        proc.terminate(timeout=5)
+        assert not proc.alive
+
+
 def stats(backend: EchoProcess) -> dict:
     return backend.stats()

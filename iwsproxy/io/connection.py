@@ -54,7 +54,7 @@ class Parked(Exception):
 class Connection:
     __slots__ = ("sock", "_recv", "_prefix", "_parser", "_mask", "_lock", "_error", "close_sent", "closed",
                  "controls", "reads", "_plain", "_wait_first", "_idle_watcher", "_closed_event",
-                 "_resumed", "_repark", "sends", "stalled_at", "stall_timeout_s", "__weakref__")
+                 "_resumed", "_repark", "_pausing", "sends", "stalled_at", "stall_timeout_s", "clock", "__weakref__")
 
     def __init__(self, sock: socket.socket, *, server_side: bool, max_message_size: int,
                  max_fragments: int = 1024, prefix: bytes = b"", mask_source: MaskSource | None = None):
@@ -76,12 +76,14 @@ class Connection:
         self._wait_first = False
         self.reads = 0  # recv calls so far: a reader whose count stands still is idle
         self.sends = 0  # send calls that wrote something: a writer whose count stands still is stuck
-        self.stalled_at = -1.0  # when the last write that had to wait for the peer ended
+        self.stalled_at = -1.0  # when the last write that had to wait for the peer ended, on ``clock``
+        self.clock: Callable[[], float] = monotonic  # the owner's clock: a pipe gives its own
         self.stall_timeout_s = CLOSE_SEND_TIMEOUT_S  # a Close gives up after this long without progress
         self._idle_watcher = None  # set while parked
         self._closed_event: Event | None = None  # made by wait_closed
         self._resumed: Callable[[], None] | None = None  # set by resume() until the first frames arrive
         self._repark = False  # the next read raises Parked at once
+        self._pausing = False  # set by pause(): every read raises Parked at once, until unpause()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -99,7 +101,7 @@ class Connection:
         """
         if self._error is not None:
             raise self._error
-        if self._repark:
+        if self._repark or self._pausing:
             self._repark = False
             raise Parked()
         while True:
@@ -161,6 +163,57 @@ class Connection:
         """
         if not self.closed and self.can_park:
             get_hub().cancel_wait(self.sock._read_event, Parked())
+
+    # ---- moving to another process ----
+    def pause(self) -> None:
+        """Stop the reader at a point where nothing it read is unhandled (from any greenlet): one
+        waiting for data raises :class:`Parked` now, one busy with data raises it at its next read,
+        and so does every read until :meth:`unpause`. Bytes of a frame not yet complete stay in the
+        parser (:meth:`export_state`)."""
+        self._pausing = True
+        self.park()
+
+    def unpause(self) -> None:
+        self._pausing = False
+
+    @property
+    def paused(self) -> bool:
+        return self._pausing
+
+    @property
+    def movable(self) -> bool:
+        """Can this connection's descriptor and state go to another process? (Not TLS, whose
+        state Python cannot hand over; not a connection that failed or was dropped.)"""
+        return self._plain and not self.closed and self._error is None
+
+    def export_state(self) -> dict:
+        """What another process needs to continue this connection on the same descriptor: the
+        request's leftover bytes, the parser's state, whether our Close was sent. Raises
+        ValueError for a connection that is not :attr:`movable`."""
+        if not self.movable:
+            raise ValueError("this connection cannot be moved")
+        return {"prefix": self._prefix or b"", "parser": self._parser.export_state(), "close_sent": self.close_sent}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`export_state`'s ``state`` (before the first read). Raises
+        ValueError, TypeError or KeyError for a state that is not one."""
+        self._parser.load_state(state["parser"])
+        self._prefix = bytes(state["prefix"]) or None
+        self.close_sent = bool(state["close_sent"])
+
+    def let_go(self) -> None:
+        """Close our descriptor only, without ending the connection: another process holds its
+        own descriptor of the socket and carries on with it (no shutdown, no Close)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stop_watching()
+        if self._closed_event is not None:
+            self._closed_event.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def resume(self, on_data: Callable[[], None]) -> None:
         """A parked reader runs again (call before its first read): if the first frames it reads
@@ -229,13 +282,13 @@ class Connection:
         started = monotonic()
         sent = self.sock.send(data)
         if monotonic() - started > _STALL_S:
-            self.stalled_at = monotonic()
+            self.stalled_at = self.clock()
         return sent
 
     def _send_rest(self, view: memoryview) -> None:
         """Write the rest of a batch the peer is slow to take, counting each step (not sendall:
         its progress could not be seen, and it costs a getsockopt per call); ``stalled_at`` then
-        says when this wait for the peer ended."""
+        says when this wait for the peer ended, on ``clock``."""
         send = self.sock.send
         try:
             while view:
@@ -244,7 +297,7 @@ class Connection:
                     self.sends += 1
                     view = view[sent:]
         finally:
-            self.stalled_at = monotonic()
+            self.stalled_at = self.clock()
 
     def has_unread(self) -> bool:
         """Bytes from the peer wait in the socket (or in the TLS layer), not yet read by us."""

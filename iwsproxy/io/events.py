@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["BackendLost", "BackendClosed", "BackendPinged", "ClientGone", "ClientArrived", "DrainAsked",
-           "StopAsked", "PerformAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
+           "StopAsked", "PerformAsked", "MoveAsked", "EvacuateAsked", "Woken", "Rescheduled", "PipeEvent", "Mailbox"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +70,30 @@ class StopAsked:
 
 
 @dataclass(frozen=True, slots=True)
+class EvacuateAsked:
+    """Hand the session over to another process: close the client with ``code`` and the backend
+    with 1001, read until their Close replies (or ``deadline``, on the pipe's clock), then give
+    the snapshot to ``on_done(pipe, snapshot)`` and end (see :meth:`PersistentPipe.evacuate
+    <iwsproxy.io.pipe.PersistentPipe.evacuate>`)."""
+    code: int
+    reason: str
+    deadline: float
+    on_done: object
+
+
+@dataclass(frozen=True, slots=True)
 class PerformAsked:
     """Session actions a greenlet could not perform itself: it did not hold the write lock of
     their side (see :mod:`iwsproxy.io.locks`)."""
     actions: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class MoveAsked:
+    """Move the pipe to another process: ``send(state, fds) -> bool`` gives it away, and
+    ``result`` (an ``AsyncResult``) is set to the outcome (see ``Movable.move``)."""
+    send: object
+    result: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +107,7 @@ class Rescheduled:
 
 
 PipeEvent = Union[BackendLost, BackendClosed, BackendPinged, ClientGone, ClientArrived, DrainAsked, StopAsked,
-                  PerformAsked, Woken, Rescheduled]
+                  PerformAsked, MoveAsked, EvacuateAsked, Woken, Rescheduled]
 RESCHEDULED = Rescheduled()
 WOKEN = Woken()
 
@@ -107,6 +127,10 @@ class Mailbox:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    def pending(self) -> list[PipeEvent]:
+        """The events not yet taken, oldest first (a copy)."""
+        return list(self._items)
 
     def take_all(self) -> list[PipeEvent]:
         items, self._items = self._items, []

@@ -4,29 +4,37 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+import weakref
 from collections import Counter
+from typing import TYPE_CHECKING, Callable
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from ..exceptions import CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
+from ..exceptions import BufferOverflow, CapacityExceeded, ConfigError, DuplicateClient, ResumeRefused
 from ..buffer import Budget
 from ..frames import MaskSource
 from ..pool import Backend, BackendPool
-from ..routes import DEFAULT_POOL
+from ..routes import DEFAULT_POOL, pool_for_path, pool_seeds
 from ..metrics import Metrics
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
+from .carry import offer_from_json, restore_detached
 from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
-from .pipe import PersistentPipe, short_id
-from .pools import PoolLeases
+from .pipe import PersistentPipe, session_settings, short_id
+from .pools import OnePool, PoolLeases
 from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
+
+if TYPE_CHECKING:
+    from .evacuate import Fleet
+    from .fleet import SessionDirectory
 
 __all__ = ["PipeManager"]
 
@@ -36,20 +44,25 @@ log = logging.getLogger(__name__)
 class PipeManager:
     """Owns the live :class:`PersistentPipe` objects and the backend pools.
 
-    The pool of the ``backends`` (named ``"default"``, also ``self.pool``) and one
-    pool per route of ``settings.routes`` (named by its prefix), each a
-    :class:`PoolLeases` in ``self.leases``. Changes to the default pool go
-    through the registry; route pools are this process's own (settings refuse
-    routes with a shared registry). Methods taking ``pool`` raise KeyError for
-    a name that is not one of these. A session is one client id in one pool:
-    the same id on two routes is two sessions.
+    The pools are those of :func:`~iwsproxy.routes.pool_seeds`: the default one
+    (the catch-all: the ``backends`` given here and in settings, or a catch-all
+    route's URLs; also ``self.pool``) unless routes are set without a
+    catch-all, and one per other route of ``settings.routes``, named by its
+    prefix; each is a :class:`PoolLeases` in ``self.leases``. Each pool has its
+    own registry (``self.registries``): ``registry`` for the default pool and
+    ``pool_registry(name)`` for a route's (both :class:`LocalRegistry` if not
+    given); changes through the public methods go through it. Methods taking
+    ``pool`` raise KeyError for a name that is not one of these. A session is one
+    client id in one pool: the same id on two routes is two sessions.
 
     All methods are called from greenlets of one process and never yield while
     they change shared state, so no locks are needed.
     """
 
     def __init__(self, settings: Settings | None = None, *, backends: list[str] | tuple[str, ...] = (),
-                 registry: Registry | None = None, metrics: Metrics | None = None):
+                 registry: Registry | None = None, metrics: Metrics | None = None,
+                 pool_registry: Callable[[str], Registry] | None = None,
+                 directory: "SessionDirectory | None" = None):
         self.settings = s = settings or Settings()
         self.metrics = metrics or Metrics()
         self.budget = Budget(s.global_buffer_limit_bytes)  # bytes held for all pipes together
@@ -59,11 +72,13 @@ class PipeManager:
         self._per_ip: Counter = Counter()  # live pipes per client address
         self._tasks = Group()          # drain schedulers
         self._greenlets = Group()      # pipe supervisors and the requests handed in by peers
+        self._timers = Group()         # the calls of call_later, until they are made
         self._closing = Event()
         self._shutdown: gevent.Greenlet | None = None
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
         self._http_server = None         # the server that handed us requests (serves handed-in ones too)
         self.handoff: Handoff | None = None
+        self._refused_moves: weakref.WeakSet = weakref.WeakSet()  # pipes a successor refused: not asked again
         if s.handoff_dir:
             if not os.path.isdir(s.handoff_dir):
                 raise ConfigError("IWSPROXY_HANDOFF_DIR", s.handoff_dir, "settings",
@@ -71,35 +86,50 @@ class PipeManager:
             self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
                                    serve_request=self._serve_handed_in)
         self.telemetry = Telemetry(self.metrics)
+        seeds = pool_seeds(s.routes, tuple(check_backend_url(url) for url in (*s.backends, *backends)),
+                           s.proxy_prefix)
         self.leases: dict[str, PoolLeases] = {
             name: PoolLeases(name, BackendPool(policy=s.pool_policy, max_failures=s.max_failures,
                                                eject_base_s=max(s.eject_base_s, 0.001),
                                                eject_max_s=max(s.eject_max_s, 0.001)), self.telemetry)
-            for name in (DEFAULT_POOL, *(prefix for prefix, _ in s.routes))}
-        self._default = self.leases[DEFAULT_POOL]
-        self.pool = self._default.pool
+            for name in seeds}
+        self._default = self.leases.get(DEFAULT_POOL)
+        self.pool = self._default.pool if self._default is not None else None
         self.counters = self.telemetry.counters              # for the status page
         self.closed_by_code = self.telemetry.closed_by_code
         self._backend_options = BackendOptions(sslopt=self.backend_sslopt, mask_source=self.mask_source)
-        self.registry = registry or LocalRegistry()
-        # given to the registry rather than added through it: a shared one only seeds a new set with them
-        self.registry.start(self, tuple(check_backend_url(url) for url in (*s.backends, *backends)))
-        for prefix, urls in s.routes:
-            for url in urls:
-                self.apply_add(url, prefix)
+        self.registry = registry or LocalRegistry()  # the default pool's
+        make_registry = pool_registry or (lambda name: LocalRegistry())
+        self.registries: dict[str, Registry] = {
+            name: self.registry if name == DEFAULT_POOL else make_registry(name) for name in seeds}
+        # given to each registry rather than added through it: a shared one only seeds a new set with them
+        for name, urls in seeds.items():
+            target = self if name == DEFAULT_POOL else OnePool(self, name)
+            self.registries[name].start(target, urls)
+        # a fleet's session directory (see iwsproxy.io.evacuate): sessions resumed from any process
+        self.fleet: "Fleet | None" = None
+        if directory is not None:
+            from . import evacuate  # here: it imports redis, used only then
+            self.fleet = evacuate.Fleet(self, directory)
+            self.fleet.start()
 
-    # ---- backends: public calls go through the registry ----
+    # ---- backends: public calls go through the pool's registry ----
     def pool_names(self) -> list[str]:
         return list(self.leases)
+
+    def pool_for_path(self, path: str) -> str | None:
+        """The pool serving a request for ``path`` (see :func:`~iwsproxy.routes.pool_for_path`); None: 404."""
+        return pool_for_path(self.settings.routes, path, has_default=self._default is not None,
+                             proxy_prefix=self.settings.proxy_prefix)
 
     def add_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Register a backend URL (the original's ``AddConnectionToPool``); False if already there."""
         check_backend_url(url)
-        return self.registry.add(url) if pool == DEFAULT_POOL else self.apply_add(url, pool)
+        return self.registries[pool].add(url)
 
     def remove_backend(self, url: str, pool: str = DEFAULT_POOL) -> bool:
         """Unregister a backend; pipes on it keep their connection until it drops."""
-        return self.registry.remove(url) if pool == DEFAULT_POOL else self.apply_remove(url, pool)
+        return self.registries[pool].remove(url)
 
     def drain_backend(self, url: str, window_s: float | None = None, pool: str = DEFAULT_POOL) -> int | None:
         """Stop giving ``url`` new pipes and move its pipes off it, spread over ``window_s``.
@@ -112,7 +142,7 @@ class PipeManager:
         ValueError before anything changes.
         """
         window_s = check_drain_window(self.settings.drain_window_s if window_s is None else window_s)
-        return self.registry.drain(url, window_s) if pool == DEFAULT_POOL else self.apply_drain(url, window_s, pool)
+        return self.registries[pool].drain(url, window_s)
 
     # ---- backends: applying a change to this process (called by the registry) ----
     def apply_add(self, url: str, pool: str = DEFAULT_POOL) -> bool:
@@ -188,7 +218,9 @@ class PipeManager:
     # ---- pipes ----
     def pipes(self) -> list[dict]:
         """Each pipe's :meth:`PersistentPipe.info`, with the name of its ``pool``."""
-        return [{**pipe.info(), "pool": _pool_of(pipe)} for pipe in self._pipes.values()]
+        host = self.fleet.directory.address if self.fleet is not None else self.settings.advertise_address
+        return [{**pipe.info(), "pool": _pool_of(pipe), "host": host or self.settings.bind}
+                for pipe in self._pipes.values()]
 
     def __len__(self) -> int:
         return len(self._pipes)
@@ -221,6 +253,62 @@ class PipeManager:
         except BaseException:
             self.abandon_pipe(pipe)
             raise
+        return pipe
+
+    def adopt_session(self, snapshot: bytes) -> PersistentPipe | None:
+        """Serve a session exported by another process (:func:`~iwsproxy.io.carry.export_pipe`),
+        detached: registered under its key, with no client and no backend connection yet.
+
+        The pipe connects a backend as a failover does (the backend sees
+        ``X-Iwsproxy-Reconnects`` go up and first gets what the last one had not acknowledged,
+        then what was buffered for it); its client resumes it as any detached session (same id,
+        a token with ``--resume-secret``, the same subprotocol) and gets what it had not
+        acknowledged, then what was held for it, then live traffic; unresumed, it ends with the
+        resume grace, counted from when the client was detached (at the latest, the export).
+        This process's settings apply (buffer cap, grace, timeouts).
+
+        Returns the pipe, or None if the session has ended meanwhile (its grace ran out, or
+        resume is off here). Raises :class:`SnapshotError` for a snapshot that is not valid,
+        KeyError for a pool this process does not have, :class:`DuplicateClient` if a live
+        pipe holds the key, :class:`CapacityExceeded` if this process is shutting down, serves
+        its maximum of pipes, or its buffer budget cannot take the session's bytes.
+        """
+        if self._closing.is_set():
+            raise CapacityExceeded("this process is shutting down", 503)
+        if len(self._pipes) >= self.settings.max_pipes:
+            raise CapacityExceeded(f"this process serves its maximum of {self.settings.max_pipes} pipes", 503)
+        try:
+            session, carried = restore_detached(snapshot, settings=self.settings, budget=self.budget,
+                                                now=time.monotonic())
+        except BufferOverflow as exc:
+            raise CapacityExceeded(f"the proxy's buffer budget cannot take the session: {exc}", 503) from exc
+        if session.closed:
+            log.info("client %s: the session to adopt has ended: %s", short_id(carried.client_id),
+                     session.close_reason or session.end_cause)
+            return None
+        key = _session_key(carried.pool, carried.client_id)
+        try:
+            leases = self.leases[carried.pool]
+            existing = self._pipes.get(key)
+            if existing is not None and not existing.ending:
+                raise DuplicateClient(f"client {short_id(carried.client_id)} already has a live session")
+        except BaseException:
+            session.close(1011, "not adopted")  # its bytes go back to the budget
+            raise
+        if existing is not None:
+            self._forget(existing)
+        pipe = PersistentPipe(carried.client_id, carried.offer, settings=self.settings, leases=leases,
+                              telemetry=self.telemetry, budget=self.budget, backend_options=self._backend_options,
+                              on_ended=self.pipe_ended, supervisors=self._greenlets, session=session)
+        pipe.subprotocol = carried.subprotocol
+        pipe.opened_at -= carried.age_s + carried.rest_s
+        self._pipes[key] = pipe
+        if self.fleet is not None:
+            self.fleet.directory.hold(key)
+        self._per_ip[carried.offer.remote_addr] += 1
+        self.counters["sessions_adopted"] += 1
+        self.metrics.pipe_opened()
+        pipe.start_detached()
         return pipe
 
     def start_pipe(self, pipe: PersistentPipe, client: Connection) -> None:
@@ -262,9 +350,19 @@ class PipeManager:
             return
         if self.handoff is not None and self._start_handoff() and self._hand_to_holder(key, upgrade):
             return
+        if self.fleet is not None:
+            if self._closing.is_set():
+                raise CapacityExceeded("this process is shutting down", 503)
+            if self.fleet.resume_here(key, client_id, upgrade, token):
+                return
         offer = offer or ClientOffer(client_id=client_id, subprotocols=tuple(upgrade.subprotocols),
                                      remote_addr=upgrade.remote_addr)
-        pipe = self.open_pipe(client_id, offer, pool)
+        try:
+            pipe = self.open_pipe(client_id, offer, pool)
+        except BaseException:
+            if self.fleet is not None and key not in self._pipes:
+                self.fleet.directory.let_go(key)  # recorded as ours by resume_here
+            raise
         try:
             client = upgrade.accept(pipe.subprotocol, max_message_size=self.settings.max_message_size_bytes,
                                     max_fragments=self.settings.max_fragments)
@@ -313,6 +411,8 @@ class PipeManager:
     def _rejoin(self, pipe: PersistentPipe, upgrade: ClientUpgrade, token: str | None) -> None:
         """Hand a new connection to a live pipe."""
         settings = self.settings
+        if pipe._evacuation is not None:  # leaving this process: the client resumes it wherever it lands
+            raise CapacityExceeded("the session is moving to another proxy process", 503)
         if not pipe.running:  # its first connection waits for a backend: its outcome is not known yet
             raise DuplicateClient(f"client {short_id(pipe.client_id)} is still connecting")
         if pipe.client_attached and settings.on_duplicate == "refuse":
@@ -329,12 +429,132 @@ class PipeManager:
         key = _session_key(_pool_of(pipe), pipe.client_id)
         if self._pipes.get(key) is pipe:
             del self._pipes[key]
+            if self.fleet is not None:  # an evacuated session's record went with its snapshot
+                (self.fleet.directory.drop if pipe.evacuated else self.fleet.directory.let_go)(key)
             address = pipe.offer.remote_addr
             self._per_ip[address] -= 1
             if self._per_ip[address] <= 0:
                 del self._per_ip[address]
         for leases in self.leases.values():
             leases.stop_waiting(pipe)
+
+    # ---- delayed calls ----
+    def call_later(self, delay_s: float, fn) -> None:
+        """Call ``fn()`` in ``delay_s`` seconds, in a greenlet of this manager's (as
+        ``gevent.spawn_later`` would, but owned); a call not yet made when :meth:`close_all` ends
+        is dropped. Metrics publish their tallies through this."""
+        timer = gevent.Greenlet(fn)
+        timer.link_exception(lambda g: log.error("a delayed call failed", exc_info=g.exc_info))
+        self._timers.add(timer)
+        timer.start_later(delay_s)
+
+    # ---- restart: moving pipes to a successor process (see iwsproxy.io.handover) ----
+    def move_all(self, send, *, concurrency: int = 64, rounds: int = 5) -> dict:
+        """Move every pipe with ``send(state, fds) -> bool`` (see :meth:`PersistentPipe.move`),
+        ``concurrency`` at a time; pipes that were busy are asked again, up to ``rounds`` times.
+        Pipes whose session is ending stay (they end here). Returns counts by outcome
+        (``moved``, ``refused``, ``ending``, ``later``); stops early once ``send`` fails for
+        every pipe of a round (the successor is gone). A pipe refused once is not asked again."""
+        from gevent.pool import Pool
+
+        counts: Counter = Counter()
+        refused = self._refused_moves
+        for _ in range(rounds):
+            pipes = [p for p in self._pipes.values() if p not in refused and not p.ending]
+            if not pipes:
+                break
+            outcomes = Pool(concurrency).map(lambda p: (p, p.move(send).get()), pipes)
+            round_counts = Counter(outcome for _, outcome in outcomes)
+            refused.update(p for p, outcome in outcomes if outcome == "refused")
+            counts["moved"] += round_counts["moved"]
+            counts["refused"] = len(refused)
+            self.counters["pipes_moved_out"] += round_counts["moved"]
+            for _ in range(round_counts["moved"]):
+                self.metrics.handover("pipes_moved_out")
+            if not round_counts["later"] or not round_counts["moved"] and round_counts["refused"]:
+                break
+            self._closing.wait(0.05)  # ok-sleep: pacing before asking busy pipes again
+        counts["ending"] = sum(1 for p in self._pipes.values() if p.ending)
+        counts["later"] = len(self._pipes) - counts["ending"] - len(refused)
+        return dict(counts)
+
+    def pool_state(self) -> dict:
+        """Each pool's backends in order, ``[url, draining]``: what a successor needs to keep the
+        changes made through the admin API (see :meth:`adopt_pools`)."""
+        return {name: [[b["url"], b["state"] == "draining"] for b in leases.pool.snapshot(time.monotonic())]
+                for name, leases in self.leases.items()}
+
+    def adopt_pools(self, pools: dict) -> None:
+        """Take over a predecessor's backends (:meth:`pool_state`): those it had and this process's
+        configuration lacks (added through the admin API) are added, those it was draining are
+        drained. Pools this process does not have are skipped."""
+        for name, backends in pools.items():
+            if name not in self.leases:
+                log.warning("handover: the predecessor's pool %r is not configured here", name)
+                continue
+            for url, draining in backends:
+                self.apply_add(url, name)
+                if draining:
+                    self.leases[name].pool.drain(url)
+
+    def adopt_moved(self, state: dict, fds: list[int]) -> bool:
+        """Serve a pipe moved here by a predecessor (``state`` from ``Movable._export_for_move``,
+        ``fds`` its client's and backend's descriptors, in that order); False (logged) if it
+        cannot be read or does not fit, and then the descriptors are not taken."""
+        from .. import snapshot
+        from ..exceptions import BufferOverflow, SnapshotError
+        from .backend import BackendConnection
+
+        settings = self.settings
+        try:
+            session, extra = snapshot.restore(state["snapshot"], time.monotonic(), budget=self.budget,
+                                              **session_settings(settings))
+        except (SnapshotError, BufferOverflow, KeyError, TypeError) as exc:
+            log.warning("handover: refused a pipe: %s", exc)
+            self.counters["pipes_refused"] += 1
+            self.metrics.handover("pipes_refused")
+            return False
+        client = backend = None
+        try:
+            client_id, pool = extra["client_id"], extra.get("pool", DEFAULT_POOL)
+            leases = self.leases[pool]
+            offer = offer_from_json(extra["offer"])
+            fds = list(fds)
+            if state["client"] is not None:
+                client = Connection(socket.socket(fileno=fds[0]), server_side=True,
+                                    max_message_size=settings.max_message_size_bytes,
+                                    max_fragments=settings.max_fragments)
+                client.load_state(state["client"])
+            if state["backend"] is not None:
+                info = state["backend"]
+                backend = BackendConnection(info["url"], socket.socket(fileno=fds[-1]), info["subprotocol"],
+                                            max_message_size=settings.max_message_size_bytes,
+                                            max_fragments=settings.max_fragments, mask_source=self.mask_source)
+                backend.load_state(info)
+        except (KeyError, TypeError, ValueError, IndexError, SnapshotError) as exc:
+            log.warning("handover: refused a pipe with a state this version cannot use: %s", exc)
+            session.close(1012, "moved")  # gives its bytes back to the budget
+            self.counters["pipes_refused"] += 1
+            self.metrics.handover("pipes_refused")
+            for conn in (client, backend):
+                if conn is not None:
+                    conn.sock.detach()  # the caller closes the descriptors
+            return False
+        key = _session_key(pool, client_id)
+        pipe = PersistentPipe(client_id, offer, settings=settings, leases=leases, telemetry=self.telemetry,
+                              budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,
+                              supervisors=self._greenlets)
+        lease = leases.pool.get(backend.url) if backend is not None else None
+        if lease is not None:
+            lease.clients += 1
+        self._pipes[key] = pipe
+        self._per_ip[offer.remote_addr] += 1
+        self.metrics.pipe_opened()
+        self.counters["pipes_moved_in"] += 1
+        self.metrics.handover("pipes_moved_in")
+        pipe.start_moved(session, client, backend, lease, subprotocol=extra.get("subprotocol"),
+                         age_s=extra.get("age_s", 0.0))
+        return True
 
     # ---- shutdown ----
     def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
@@ -352,27 +572,47 @@ class PipeManager:
                 if pool.free_count() > 0:  # never block a signal handler on a full pool
                     pool.add(self._shutdown)
 
-    def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float = 5.0) -> bool:
-        """Close every client with ``code``; True if all pipes ended within ``timeout``.
+    @property
+    def draining(self) -> bool:
+        """Shutting down: /healthz answers 503 so that balancers stop sending clients here."""
+        return self._closing.is_set()
 
-        Then the greenlets the pipes and handed-in requests left are joined (briefly) and killed."""
+    def close_all(self, code: int = 1012, reason: str = "proxy restarting", timeout: float | None = None) -> bool:
+        """Close every client with ``code``; True if all pipes ended within ``timeout``
+        (default: the ``shutdown_timeout_s`` setting).
+
+        In a fleet (a session directory in Redis) the sessions are evacuated instead (see
+        :meth:`Fleet.evacuate <iwsproxy.io.evacuate.Fleet.evacuate>`): their clients get 1012 too,
+        and may resume on any process. Then the greenlets the pipes and handed-in requests left
+        are joined (briefly) and killed, and the delayed calls not yet made (:meth:`call_later`)
+        are dropped."""
+        timeout = self.settings.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         self._closing.set()
         if self.handoff is not None:
             self.handoff.stop()
         self._tasks.kill(timeout=1)
-        self.registry.stop()
+        for registry in self.registries.values():
+            registry.stop()
         pipes = list(self._pipes.values())
-        for pipe in pipes:
+        left = pipes
+        if self.fleet is not None and pipes:
+            keys = {pipe: _session_key(_pool_of(pipe), pipe.client_id) for pipe in pipes}
+            left = self.fleet.evacuate(pipes, keys, max(0.0, deadline - time.monotonic()) * 0.9)
+        for pipe in left:
             pipe.stop(code, reason)
         done = False
-        with gevent.Timeout(timeout, False):
+        with gevent.Timeout(max(0.0, deadline - time.monotonic()), False):
             for pipe in pipes:
                 pipe.wait_closed()
             done = True
+        if self.fleet is not None:
+            self.fleet.stop()
         current = gevent.getcurrent()
         others = [g for g in list(self._greenlets) if g is not current]
         gevent.joinall(others, timeout=1.0)
         gevent.killall([g for g in others if not g.dead], timeout=1.0)
+        self._timers.kill(timeout=1.0)
         return done
 
 

@@ -45,8 +45,10 @@ from ..session import (AbandonBackend, CloseBackend, CloseClient, ConnectBackend
 from .backend import OFFERED, BackendConnection, ClientOffer
 from .connect import connect_round
 from .connection import CLOSE_SEND_TIMEOUT_S, Connection, ConnectionLost
-from .events import RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, Mailbox, PerformAsked, StopAsked
+from .events import (RESCHEDULED, WOKEN, BackendLost, ClientArrived, ClientGone, DrainAsked, EvacuateAsked, Mailbox,
+                     PerformAsked, StopAsked)
 from .locks import WriteLocks
+from .moving import Movable
 from .ports import BackendLeases, BackendOptions, Telemetry
 from .readers import Reader
 from .relay import CLOSE_GRACE_S, Relay
@@ -56,23 +58,36 @@ if TYPE_CHECKING:
     from ..buffer import Budget
     from ..settings import Settings
 
-__all__ = ["PersistentPipe", "short_id", "CLOSE_TAKEN_OVER"]
+__all__ = ["PersistentPipe", "session_settings", "short_id", "CLOSE_TAKEN_OVER"]
 
 log = logging.getLogger(__name__)
 
 
-class PersistentPipe(Supervisor, Relay):
+def session_settings(settings: "Settings") -> dict:
+    """The keyword settings of a pipe's :class:`~iwsproxy.session.Session` under ``settings``
+    (for a new session, and for one restored from a snapshot in this process)."""
+    return dict(buffer_limit_bytes=settings.buffer_limit_bytes, replay=settings.delivery == "at-least-once",
+                reconnect_deadline_s=settings.reconnect_deadline_s, pong_timeout_s=settings.pong_timeout_s,
+                keepalive_s=settings.keepalive_s, resume_grace_s=settings.resume_grace_s,
+                idle_timeout_s=settings.idle_timeout_s, backoff_initial_s=settings.backoff_initial_s,
+                backoff_max_s=settings.backoff_max_s)
+
+
+class PersistentPipe(Supervisor, Relay, Movable):
     """One client's session across any number of backend connections."""
 
     def __init__(self, client_id: str, offer: ClientOffer, *, settings: "Settings", leases: BackendLeases,
                  telemetry: Telemetry, budget: "Budget | None" = None,
                  backend_options: BackendOptions = BackendOptions(), on_ended=None,
-                 supervisors: Group | None = None, clock=time.monotonic):
+                 supervisors: Group | None = None, clock=time.monotonic, session: Session | None = None):
         """A pipe for ``client_id``, whose backends see ``offer``; it leases backends from
         ``leases``, reports to ``telemetry``, charges its buffers to ``budget``, runs its
         supervisor in ``supervisors`` (the owner's group, which its shutdown joins) and calls
         ``on_ended(pipe)`` once it has torn down. Every time the session is given comes from
-        ``clock`` (``time.monotonic``; a test may pass a clock it controls, then wake the pipe)."""
+        ``clock`` (``time.monotonic``; a test may pass a clock it controls, then wake the pipe).
+        ``session``: a session restored from a snapshot, on ``clock``'s time, its bytes already
+        charged to ``budget`` (default: a new one made from ``settings``, see
+        :func:`session_settings`); such a pipe is started with :meth:`start_detached`."""
         self.clock = clock
         self.settings = settings
         self.leases = leases
@@ -82,13 +97,9 @@ class PersistentPipe(Supervisor, Relay):
         self.client_id = client_id
         self.offer = offer
         self.opened_at = self.clock()
-        self.session = Session(buffer_limit_bytes=settings.buffer_limit_bytes,
-                               replay=settings.delivery == "at-least-once", now=self.opened_at,
-                               reconnect_deadline_s=settings.reconnect_deadline_s,
-                               pong_timeout_s=settings.pong_timeout_s, keepalive_s=settings.keepalive_s,
-                               resume_grace_s=settings.resume_grace_s,
-                               idle_timeout_s=settings.idle_timeout_s, budget=budget,
-                               backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
+        if session is None:
+            session = Session(**session_settings(settings), now=self.opened_at, budget=budget)
+        self.session = session
         self.client: Connection | None = None   # None while detached
         self._client_readers: dict[Connection, Reader] = {}  # every client connection the pipe holds
         self._backend_reader: Reader | None = None
@@ -105,6 +116,7 @@ class PersistentPipe(Supervisor, Relay):
         self._room_for: str | None = None     # the peer whose acknowledgements a reader waits for
         self._room: Event | None = None       # set when they may have come (made by the first wait)
         self._closing = False                 # the client closed: a reconnect with its id is a new session
+        self._moved = False                   # handed to another process (see Movable): it ends here quietly
         self._events = Mailbox()
         self._supervisor: gevent.Greenlet | None = None
         self._timer = None                    # the supervisor's next deadline while it is not running
@@ -114,6 +126,8 @@ class PersistentPipe(Supervisor, Relay):
         self._armed = 0.0                     # the deadline the supervisor (or its timer) waits for; 0: awake
         self._seen_state: str | None = None    # last state and buffer size reported to metrics
         self._seen_buffered = 0
+        self._evacuation = None               # the EvacuateAsked under way
+        self.evacuated = False                # the session left this process as a snapshot
 
     # ---- information ----
     @property
@@ -173,6 +187,28 @@ class PersistentPipe(Supervisor, Relay):
         self._observe()
         self._post(RESCHEDULED)
 
+    def start_detached(self) -> None:
+        """Serve a session that has no connection on either side (one restored from a snapshot,
+        its client detached, its backend side needing a backend); returns at once.
+
+        The pipe connects a backend when its session asks (replaying what the last backend had not
+        acknowledged, then what was buffered for it), holds what the backend sends, and waits
+        for its client (:meth:`attach`) until the resume grace ends the session. When the pipe
+        ends it calls ``on_ended(pipe)``.
+        """
+        session = self.session
+        if session.closed or session.client_attached or session.has_backend:
+            raise ValueError(f"a detached start needs a detached session without a backend, not "
+                             f"{session.state.value}/{session.client_side.value}")
+        self._running = True
+        log.info("pipe %s open, detached: subprotocol=%s, %d bytes held for the backend, %d for the client",
+                 short_id(self.client_id), self.subprotocol, session.to_backend.buffer.total_bytes,
+                 session.to_client.buffer.total_bytes)
+        if self._park_after:
+            self._park_at = self.clock() + self._park_after
+        self._observe()
+        self._post(RESCHEDULED)
+
     def attach(self, client: Connection) -> None:
         """Give the pipe a new client connection (resume or takeover); the pipe owns it from here."""
         if self._stopped.is_set():
@@ -195,7 +231,7 @@ class PersistentPipe(Supervisor, Relay):
     @property
     def ending(self) -> bool:
         """The session is over; the pipe is tearing down or has."""
-        return self._closing or self.session.closed or self._stopped.is_set()
+        return self._closing or self._moved or self.session.closed or self._stopped.is_set()
 
     @property
     def client_attached(self) -> bool:
@@ -203,6 +239,7 @@ class PersistentPipe(Supervisor, Relay):
 
     def _use_client(self, client: Connection) -> None:
         client.stall_timeout_s = self._stall_timeout_s
+        client.clock = self.clock  # its stalls are compared with the session's times
         self.client = client
         self._client_readers[client] = Reader(self, client, self._read_client)
 
@@ -235,6 +272,19 @@ class PersistentPipe(Supervisor, Relay):
     def stop(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
         """Ask the pipe to close its client with ``code`` (from any greenlet)."""
         self._post(StopAsked(code, reason))
+
+    def evacuate(self, code: int, reason: str, timeout_s: float, on_done) -> None:
+        """Hand the session over to another process (from any greenlet; a pipe that has ended, or
+        evacuates already, ignores it).
+
+        The backend gets Close 1001 and the client Close ``code``; what either sends until its
+        Close reply is kept (the backend's reply proves it read everything, so nothing is
+        replayed to the next one; what the client had not acknowledged is delivered again when
+        it resumes). No backend is connected meanwhile. After both replies, or ``timeout_s``
+        (then a backend without a reply counts as lost, its unacknowledged messages replayed),
+        ``on_done(pipe, snapshot)`` gets the session detached as :func:`~iwsproxy.io.carry.export_pipe`
+        writes it, with ``evacuated`` set, and the pipe ends, its buffers given back."""
+        self._post(EvacuateAsked(code, reason, self.clock() + timeout_s, on_done))
 
     def drain(self, url: str) -> None:
         """Move this pipe off ``url`` without loss or duplicates (from any greenlet)."""
@@ -324,6 +374,7 @@ class PersistentPipe(Supervisor, Relay):
         if not self._running:  # the client is answered with this backend's choice
             self.subprotocol = conn.subprotocol
         conn.stall_timeout_s = self._stall_timeout_s
+        conn.clock = self.clock  # its stalls are compared with the session's times
         with self._holding(backend=True):
             self.backend, self._lease = conn, lease
             generation, actions = session.backend_connected(self.clock(), conn.url)

@@ -1,4 +1,4 @@
-"""PoolLeases: one named backend pool, as the :class:`~iwsproxy.io.ports.BackendLeases` its pipes use."""
+"""One named backend pool: :class:`PoolLeases` (as the pipes use it) and :class:`OnePool` (as its registry does)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from ..pool import Backend, BackendPool
 from .ports import Telemetry
 
-__all__ = ["PoolLeases"]
+__all__ = ["OnePool", "PoolLeases"]
 
 
 class PoolLeases:
@@ -56,3 +56,29 @@ class PoolLeases:
         """Wake every pipe waiting for a backend of this pool."""
         for pipe in list(self._waiting):
             pipe.wake()
+
+
+class OnePool:
+    """One pool of a :class:`~iwsproxy.io.manager.PipeManager`, as that pool's registry sees it.
+
+    A registry applies changes with ``apply_add(url)``, ``apply_remove(url)`` and
+    ``apply_drain(url, window_s)`` and reads ``pool``, the way it does on the
+    manager itself for the default pool; here each call goes to the pool ``name``.
+    """
+
+    def __init__(self, manager: Any, name: str) -> None:
+        self._manager = manager
+        self.name = name
+
+    @property
+    def pool(self) -> BackendPool:
+        return self._manager.leases[self.name].pool
+
+    def apply_add(self, url: str) -> bool:
+        return self._manager.apply_add(url, self.name)
+
+    def apply_remove(self, url: str) -> bool:
+        return self._manager.apply_remove(url, self.name)
+
+    def apply_drain(self, url: str, window_s: float) -> int | None:
+        return self._manager.apply_drain(url, window_s, self.name)

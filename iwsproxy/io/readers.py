@@ -50,7 +50,7 @@ class Reader:
                 self.finished = True
                 if self._done is not None:
                     self._done.set()
-        if parked:
+        if parked and not self.conn.paused:
             self._pipe.telemetry.count("readers_parked")
             self.conn.call_when_readable(self._unpark)
 
@@ -61,6 +61,18 @@ class Reader:
     def park(self) -> None:
         """Let go of the greenlet if it is waiting for data (else nothing happens)."""
         self.conn.park()
+
+    def pause(self) -> None:
+        """Stop reading at a safe point (see :meth:`Connection.pause`); :attr:`greenlet` is None
+        once it has stopped."""
+        self.conn.pause()
+        self.conn.stop_watching()  # parked and idle: stopped already
+
+    def unpause(self) -> None:
+        """Read again after :meth:`pause`."""
+        self.conn.unpause()
+        if self.greenlet is None and not self.finished:
+            self._spawn()
 
     def wake(self) -> None:
         """Run again now if parked."""

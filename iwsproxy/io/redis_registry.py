@@ -1,4 +1,5 @@
-"""A backend registry shared through Redis: every worker on every host sees the same pool.
+"""A backend registry shared through Redis: every worker on every host sees the same pool (with
+routes, one registry per pool: see :mod:`iwsproxy.io.redis_pools`).
 
 What is in Redis (``P`` is ``key_prefix``, ``N`` the database number of the URL)::
 
@@ -19,8 +20,7 @@ except a drain, which this process has already started and skips, unless an add
 read in between made the URL ready again: that add was published before the drain
 (this process's own, another's, or one queued while it resubscribed), so the drain
 is applied again. A remove's echo is always applied, so it too wins over an older
-add read after the removal. A drained URL
-leaves the sorted set when the drain is published; each process drops it from its
+add read after the removal. A drained URL leaves the sorted set when the drain is published; each process drops it from its
 pool when its last pipe has moved. Error counts and ejection stay per process (they
 live in each process's pool).
 

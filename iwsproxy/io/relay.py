@@ -101,7 +101,7 @@ class Relay:
             self._client_broke_protocol(client, exc)
             return
         echoed = client.send_close(code, reason)  # complete the close handshake (echo the code)
-        if client is self.client and not self.session.detaches(code):
+        if client is self.client and not self.session.detaches(code) and self._evacuation is None:
             self._closing = True  # the session ends when the supervisor gets to it: not to be rejoined
         self._post(ClientGone(client, code or 1005, reason))
         if echoed:  # the client closed first: its late frames (a Pong) must not reset our reply

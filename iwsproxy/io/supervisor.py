@@ -18,8 +18,8 @@ from gevent import get_hub
 
 from ..session import State
 from .connection import Connection, ConnectionLost
-from .events import (BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone, DrainAsked,
-                     PerformAsked, PipeEvent, RESCHEDULED, Rescheduled, StopAsked, Woken)
+from .events import (BackendClosed, BackendLost, BackendPinged, ClientArrived, ClientGone, DrainAsked, EvacuateAsked,
+                     MoveAsked, PerformAsked, PipeEvent, RESCHEDULED, Rescheduled, StopAsked, Woken)
 
 __all__ = ["Supervisor", "short_id", "CLOSE_TAKEN_OVER"]
 
@@ -53,7 +53,15 @@ class Supervisor:
             log.exception("pipe %s: supervisor crashed", short_id(self.client_id))
             self._end_after_crash()
         finally:
-            if ended:
+            if ended and self._moved:
+                try:
+                    self._release_moved()
+                    self._observe(final=True)
+                finally:
+                    self._stopped.set()
+                    if self._on_ended is not None:
+                        self._on_ended(self)
+            elif ended:
                 try:
                     self._teardown()
                     self._observe(final=True)
@@ -74,7 +82,12 @@ class Supervisor:
         busy_at = -_NEVER if self._park_after else self.clock()
         while not session.closed:
             now = self.clock()
-            round_ = session.connect_due(now)
+            if self._evacuation is not None:
+                if self._evacuation_done(now):
+                    return True
+                round_ = None  # no backend is connected for a session that leaves
+            else:
+                round_ = session.connect_due(now)
             if round_ is not None:
                 self._connect_round(round_)
             if self._park_at is not None and now >= self._park_at:
@@ -92,6 +105,8 @@ class Supervisor:
                 if type(event) is not Rescheduled:
                     busy_at = self.clock()
                 self._handle(event)
+                if self._moved:
+                    return True
             if not session.closed:
                 with self._holding(backend=True, client=True):  # poll may write either way
                     now = self.clock()
@@ -131,7 +146,8 @@ class Supervisor:
     def _next_deadline(self) -> float:
         """When the supervisor must look again: the session's next deadline, a retry, or a look
         for idle readers."""
-        deadlines = [d for d in (self.session.next_deadline(), self._park_at) if d is not None]
+        evacuation = self._evacuation.deadline if self._evacuation is not None else None
+        deadlines = [d for d in (self.session.next_deadline(), self._park_at, evacuation) if d is not None]
         return min(deadlines) if deadlines else _NEVER
 
     def _holding(self, *, backend: bool = False, client: bool = False):
@@ -208,10 +224,14 @@ class Supervisor:
             self._on_drain(event.url)
         elif kind is StopAsked:
             self._on_stop(event.code, event.reason)
+        elif kind is EvacuateAsked:
+            self._on_evacuate(event)
         elif kind is Woken:
             self.session.pool_changed(self.clock())
         elif kind is PerformAsked:
             self._perform_asked(event)
+        elif kind is MoveAsked:
+            self._on_move(event)
         # Rescheduled: nothing to do but recompute the next deadline (the loop does)
 
     def _perform_asked(self, event: PerformAsked) -> None:
@@ -240,6 +260,10 @@ class Supervisor:
         session = self.session
         if client is not self.client:
             return  # an earlier connection of this client (taken over): already let go
+        if self._evacuation is not None:  # its Close reply (or its end): it resumes elsewhere
+            self._let_go(client)
+            session.client_detached(self.clock())
+            return
         if session.detaches(code):
             self._let_go(client)
             with self._holding(client=True):
@@ -256,6 +280,9 @@ class Supervisor:
         session = self.session
         if session.closed:
             self._let_go(client, 1001, "session ended")
+            return
+        if self._evacuation is not None:
+            self._let_go(client, self._evacuation.code, self._evacuation.reason)
             return
         with self._holding(client=True):  # no write to the old connection is under way after this
             old = self.client
@@ -279,6 +306,49 @@ class Supervisor:
     def _on_stop(self, code: int, reason: str) -> None:
         with self._holding(backend=True, client=True):  # closes both
             self._perform(self.session.close(code, reason))
+
+    # ---- evacuation (see PersistentPipe.evacuate) ----
+    def _on_evacuate(self, event: EvacuateAsked) -> None:
+        session = self.session
+        if self._evacuation is not None or session.closed:
+            return
+        self._evacuation = event
+        log.info("pipe %s: evacuating (%s)", short_id(self.client_id), event.reason)
+        with self._holding(backend=True, client=True):
+            if session.state is State.CONNECTED:
+                self._perform(session.drain(self.clock()))  # Close 1001; its reply settles the backend
+            if self.client is not None and session.client_attached:
+                self.telemetry.client_closed(event.code, "takeover" if event.code == CLOSE_TAKEN_OVER else "proxy")
+                self.client.send_close(event.code, event.reason)  # its reply (or end) detaches it
+
+    def _evacuation_done(self, now: float) -> bool:
+        """Has the evacuation finished (both Close replies in, or its deadline passed)? If so the
+        session has been handed to ``on_done`` and closed here."""
+        event, session = self._evacuation, self.session
+        if now >= event.deadline:
+            if session.has_backend:  # no Close reply in time: what it did not acknowledge is replayed
+                with self._holding(backend=True):
+                    session.backend_lost(session.generation, now, "no close reply to the evacuation")
+                self._release_backend(failed=False)
+            if session.client_attached and self.client is not None:
+                self._let_go(self.client)
+                session.client_detached(now)
+        if session.has_backend or session.client_attached:
+            return False
+        from .carry import export_pipe  # late: carry imports the pipe module
+        snapshot = None
+        try:
+            snapshot = export_pipe(self, getattr(self.leases, "name", "default"))
+        except Exception:
+            log.exception("pipe %s: the session could not be exported", short_id(self.client_id))
+        self.evacuated = snapshot is not None
+        with self._holding(backend=True, client=True):
+            self._perform(session.close(event.code, event.reason))  # detached, no backend: gives back its bytes
+        try:
+            event.on_done(self, snapshot)
+        except Exception:
+            log.exception("pipe %s: handing over the evacuated session failed", short_id(self.client_id))
+        return True
 
     def _lose_backend(self, generation: int, cause: str) -> None:
         session = self.session

@@ -3,7 +3,8 @@
 ::
 
     python -m iwsproxy.tools.bench [--quick] [--duration S] [--rounds R] [--connections N] [--window W]
-                             [--idle-pipes M] [--no-nginx] [--gunicorn] [--no-pin] [--json PATH]
+                             [--idle-pipes M] [--proxy-workers P] [--no-nginx] [--gunicorn] [--no-pin]
+                             [--json PATH]
 
 Two echo backends (``python -m iwsproxy.tools.echo``) serve every path, and every path's
 server is started at the beginning and stopped at the end:
@@ -38,17 +39,25 @@ the ratios are also given per round (lowest-highest), which shows how noisy the 
 
 3. small messages: ``--connections`` connections, 100-byte binary messages, ``--window`` in
    flight per connection: echoes per second and RTT percentiles; the server's CPU time
-   (user+sys from /proc, its whole process tree) divided by the round trips it carried (one
-   round trip = one message);
+   (user+sys from /proc, its whole process tree; for ``direct``, the echo backends') divided by
+   the round trips it carried (one round trip = one message), its reciprocal, messages per
+   second per busy core, and the cores it kept busy; both CPU figures are compared with
+   nginx's in the same run. On a machine where the load generator competes with the server
+   for the cores, message rates and their ratios say more about the machine than about the
+   server; CPU per message does not depend on how many cores the server got;
 4. large messages: ``--large-connections`` connections, 1 MiB binary messages one at a time:
    echoed payload bytes per second (MB = 10**6 bytes).
+
+``--proxy-workers P`` runs every server with P processes (``iwsproxy serve --workers P``,
+``gunicorn -w P``, nginx ``worker_processes P``): run it with 1 and with 2 to see how the
+proxy scales where there are cores to spare for it.
 
 The load comes from :mod:`iwsproxy.tools.loadgen` worker processes (raw sockets, the
 project's codec, ``selectors``). After the table, the CPU use of the load
 generator, the echo backends and the server during each throughput phase is
 printed: a path limited by the generator shows a busiest worker near 100 %, a
-path limited by the server under test shows the server near 100 % (the proxy is
-one process: 100 % is all it can use).
+path limited by the server under test shows the server near 100 % per process (a
+server of one process, 100 % is all it can use).
 
 On a slow or emulated machine, ``IWSPROXY_BENCH_TIMEOUT_SCALE=N`` multiplies every timeout
 of the run (connecting, echoes, barriers, child start) by N.
@@ -65,55 +74,38 @@ import json
 import math
 import multiprocessing
 import multiprocessing.connection
-import os
-import platform
 import queue
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from threading import BrokenBarrierError
 
+from iwsproxy.tools.bench_report import (PathResult, format_cpu, format_ratios, format_table, ratios,
+                                         round_ratios)
+from iwsproxy.tools.bench_servers import (HOST, BenchError, NginxProcess, start_echo_backends, start_gunicorn,
+                                          start_proxy)
 from iwsproxy.tools.loadgen import (BARRIER_TIMEOUT_S, DRAIN_TIMEOUT_S, TIMEOUT_SCALE, Phase, PhaseResult,
                                     Target, worker_main)
 from iwsproxy.tools.process import ChildProcess
+from iwsproxy.tools.procfs import (cpu_seconds, machine_line, pinned, process_tree, raise_nofile_limit,  # noqa: F401
+                                   rss_kib)
 
-__all__ = ["Options", "PathResult", "LoadGenerator", "run", "main"]
+__all__ = ["Options", "PathResult", "BenchError", "LoadGenerator", "run", "main"]
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: wsgi.py and the iwsproxy package
 SMALL_BYTES = 100
 LARGE_BYTES = 1024 * 1024
 RTT_BYTES = 32
-HOST = "127.0.0.1"
 RESULT_TIMEOUT_S = 120.0 * TIMEOUT_SCALE  # beyond the phase's own length
 STOP_TIMEOUT_S = 5.0 * TIMEOUT_SCALE
-START_TIMEOUT_S = 15.0 * TIMEOUT_SCALE  # for a child process to listen
-NGINX_BACKLOG = 4096
-
-COLUMNS = (
-    ("small msg/s", "small_msgs_per_s", "{:.0f}"),
-    ("small p50 ms", "small_p50_ms", "{:.3f}"),
-    ("small p99 ms", "small_p99_ms", "{:.3f}"),
-    ("proxy CPU us/msg", "cpu_us_per_msg", "{:.1f}"),
-    ("1 MiB MB/s", "large_mb_per_s", "{:.1f}"),
-    ("idle RTT p50 ms", "idle_p50_ms", "{:.3f}"),
-    ("idle RTT p99 ms", "idle_p99_ms", "{:.3f}"),
-    ("RSS KiB/idle pipe", "rss_kib_per_pipe", "{:.1f}"),
-)
-
-
-class BenchError(Exception):
-    """The benchmark could not run (a server or a load generator worker failed)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +119,7 @@ class Options:
     idle_pipes: int = 1000
     idle_settle_s: float = 5.0
     workers: int = 2
+    proxy_workers: int = 1    # iwsproxy serve --workers, gunicorn -w and nginx worker_processes
     nginx: bool = True
     gunicorn: bool = False
     compare_with: str | None = None  # a source tree whose proxy runs as the path "proxy-base"
@@ -134,26 +127,6 @@ class Options:
     json_path: str | None = None
     quick: bool = False
 
-
-@dataclass
-class PathResult:
-    """One row of the table; None where a measurement does not apply."""
-
-    path: str
-    small_msgs_per_s: float | None = None
-    small_p50_ms: float | None = None
-    small_p99_ms: float | None = None
-    cpu_us_per_msg: float | None = None
-    large_mb_per_s: float | None = None
-    idle_p50_ms: float | None = None
-    idle_p99_ms: float | None = None
-    rss_kib_per_pipe: float | None = None
-    # phase -> who -> CPU use in % of one core: where the time went, so a bottleneck
-    # other than the server under test (the generator, the echo backends) shows
-    cpu_pct: dict = field(default_factory=dict)
-    # scenario -> its figure in each round (small: msg/s, large: MB/s), in round order
-    rounds: dict = field(default_factory=dict)
-    notes: dict = field(default_factory=dict)
 
 
 # ---- command line ----
@@ -175,6 +148,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--idle-settle", type=float,
                         help="seconds the idle pipes stay quiet before RSS is read (default 5, quick 3.5)")
     parser.add_argument("--workers", type=int, help="load generator processes (default 2)")
+    parser.add_argument("--proxy-workers", type=int,
+                        help="processes of each server: the proxy with --workers N, gunicorn with -w N, nginx with "
+                             "worker_processes N (default 1); proxy-base is always run with one")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is on PATH")
     parser.add_argument("--gunicorn", action="store_true", help="also run the proxy under gunicorn")
     parser.add_argument("--compare-with", metavar="DIR",
@@ -198,6 +174,7 @@ def parse_args(argv: list[str] | None) -> Options:
         idle_pipes=args.idle_pipes if args.idle_pipes is not None else (200 if quick else 1000),
         idle_settle_s=args.idle_settle if args.idle_settle is not None else (3.5 if quick else 5.0),
         workers=args.workers if args.workers is not None else 2,
+        proxy_workers=args.proxy_workers if args.proxy_workers is not None else 1,
         nginx=not args.no_nginx,
         gunicorn=args.gunicorn,
         compare_with=args.compare_with,
@@ -205,7 +182,7 @@ def parse_args(argv: list[str] | None) -> Options:
         json_path=args.json_path,
         quick=quick,
     )
-    for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers"):
+    for name in ("rounds", "connections", "window", "large_connections", "rtt_count", "workers", "proxy_workers"):
         if getattr(options, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if options.compare_with is not None and not (Path(options.compare_with) / "iwsproxy" / "__init__.py").is_file():
@@ -218,127 +195,6 @@ def parse_args(argv: list[str] | None) -> Options:
 
 def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# ---- /proc ----
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (nginx and gunicorn work in child processes)."""
-    children = _children_map()
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, ()))
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """user + sys CPU time of ``pids`` (fields 14 and 15 of /proc/<pid>/stat)."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3 (state)
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def pinned(*groups: list[int]) -> Iterator[bool]:
-    """Run ``groups[i]`` (lists of pids) on CPU number i of this process's allowed CPUs, and put
-    each process back on the CPUs it had afterwards. Yields whether it did: not with fewer
-    allowed CPUs than groups, no group, or a pid that may not be moved (then nothing is moved).
-    A process that exits meanwhile is skipped."""
-    cpus = sorted(os.sched_getaffinity(0))
-    saved: dict[int, set[int]] = {}
-    try:
-        is_pinned = bool(groups) and len(cpus) >= len(groups) and _pin(groups, cpus, saved)
-        if not is_pinned:
-            _unpin(saved)
-        yield is_pinned
-    finally:
-        _unpin(saved)
-
-
-def _pin(groups: tuple[list[int], ...], cpus: list[int], saved: dict[int, set[int]]) -> bool:
-    for cpu, pids in zip(cpus, groups):
-        for pid in pids:
-            try:
-                allowed = os.sched_getaffinity(pid)
-                os.sched_setaffinity(pid, {cpu})
-            except ProcessLookupError:
-                continue  # exited meanwhile
-            except OSError:
-                return False  # not ours to move, or a cpuset that forbids it
-            saved[pid] = allowed
-    return True
-
-
-def _unpin(saved: dict[int, set[int]]) -> None:
-    for pid, allowed in saved.items():
-        try:
-            os.sched_setaffinity(pid, allowed)
-        except OSError:
-            pass  # exited meanwhile
-    saved.clear()
-
-
-def rss_kib(pids: list[int]) -> int:
-    """Sum of VmRSS of ``pids``, in KiB."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-    return total
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"machine: nproc {os.cpu_count()}, {model}, Python {platform.python_version()} ({sys.platform})"
-
-
-def raise_nofile_limit(needed: int = 0) -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (the hard one too, where allowed, if ``needed`` is more).
-
-    Every child started later inherits it.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))  # root may raise the hard limit
-            return needed
-        except (ValueError, OSError):
-            pass
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
 
 
 # ---- statistics ----
@@ -599,15 +455,31 @@ def add_rounds(result: PathResult, scenario: str, rounds: list[_Round], options:
         per_round = [sum(r.echoes for r in rnd.results) / seconds for rnd in rounds]
         result.small_msgs_per_s = sum(per_round) / len(per_round)
         result.small_p50_ms, result.small_p99_ms = rtt_ms(results)
-        if not math.isnan(server_cpu):
-            carried = sum(r.total_echoes for r in results)  # every round trip the server carried, drained ones too
-            result.cpu_us_per_msg = server_cpu / carried * 1e6 if carried else None
-            result.notes["server_cpu_s"] = round(server_cpu, 3)
-            result.notes["messages_carried"] = carried
+        direct = math.isnan(server_cpu)  # the direct path's server is the echo backends
+
+        def cpu_of(rnd: _Round) -> float:
+            return rnd.meter.backends_cpu_s if direct else rnd.meter.server_cpu_s
+
+        cpu = sum(cpu_of(rnd) for rnd in rounds)
+        carried = sum(r.total_echoes for r in results)  # every round trip the server carried, drained ones too
+        if carried and cpu > 0:
+            result.cpu_us_per_msg = cpu / carried * 1e6
+            result.msgs_per_core_s = carried / cpu
+            result.server_cores = cpu / wall
+            result.rounds["small_cpu_us"] = [cpu_of(rnd) / n * 1e6 for rnd, n in _carried(rounds) if n]
+            result.rounds["small_per_core"] = [n / cpu_of(rnd) for rnd, n in _carried(rounds) if cpu_of(rnd) > 0]
+        result.notes["server_cpu_s"] = round(cpu, 3)
+        result.notes["server_cpu_of"] = "echo backends" if direct else "server process tree"
+        result.notes["messages_carried"] = carried
     else:
         per_round = [sum(r.echoed_bytes for r in rnd.results) / seconds / 1e6 for rnd in rounds]
         result.large_mb_per_s = sum(per_round) / len(per_round)
     result.rounds[scenario] = per_round
+
+
+def _carried(rounds: list[_Round]) -> list[tuple[_Round, int]]:
+    """Each round with the round trips carried in it."""
+    return [(rnd, sum(r.total_echoes for r in rnd.results)) for rnd in rounds]
 
 
 def in_turn(paths: list, round_number: int) -> list:
@@ -631,253 +503,6 @@ def run_paths(loadgen: LoadGenerator, paths: list[PathUnderTest], options: Optio
     return [results[path.name] for path in paths]
 
 
-# ---- servers ----
-def _child_env(extra: dict | None = None, root: Path = ROOT) -> dict:
-    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": pythonpath, **(extra or {})}
-
-
-def _start(child: ChildProcess, started: list, timeout: float = START_TIMEOUT_S) -> ChildProcess:
-    started.append(child)
-    try:
-        return child.start(timeout)
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
-
-
-def start_echo_backends(n: int, started: list) -> list[ChildProcess]:
-    backends = []
-    for i in range(n):
-        echo = ChildProcess("iwsproxy.tools.echo", "--port", "0", "--host", HOST, "--name", f"echo{i + 1}",
-                            env=_child_env(), name=f"echo{i + 1}")
-        backends.append(_start(echo, started))
-    return backends
-
-
-def start_proxy(backends: list[ChildProcess], started: list, *, root: Path = ROOT,
-                name: str = "proxy") -> ChildProcess:
-    """``iwsproxy serve`` from the source tree ``root`` (this one by default)."""
-    urls = [arg for b in backends for arg in ("--backend", b.url)]
-    # --log-level belongs to the top-level parser: `iwsproxy --log-level warning serve ...`
-    # one load generator address opens every pipe: lift the per-address and per-process caps
-    limits = ["--max-pipes", "100000", "--max-pipes-per-ip", "100000"]
-    proxy = ChildProcess("iwsproxy", "--log-level", "warning", "serve", "--bind", f"{HOST}:0", *limits, *urls,
-                         env=_child_env(root=root), name=name)
-    return _start(proxy, started)
-
-
-_GUNICORN_CONFIG = '''\
-# written by iwsproxy.tools.bench
-loglevel = "warning"
-graceful_timeout = 3
-
-
-def when_ready(server):
-    print("LISTENING %d" % server.LISTENERS[0].getsockname()[1], flush=True)
-'''
-
-
-def start_gunicorn(backends: list[ChildProcess], workdir: Path, started: list) -> ChildProcess:
-    config = workdir / "gunicorn.conf.py"
-    config.write_text(_GUNICORN_CONFIG)
-    proxy = ChildProcess("gunicorn", "-k", "iwsproxy.gunicorn.Worker", "-w", "1",
-                         "-b", f"{HOST}:0", "-c", str(config), "--chdir", str(ROOT), "wsgi:app",
-                         env=_child_env({"IWSPROXY_BACKENDS": ",".join(b.url for b in backends),
-                                         "IWSPROXY_MAX_PIPES": "100000", "IWSPROXY_MAX_PIPES_PER_IP": "100000"}),
-                         name="proxy-gunicorn")
-    return _start(proxy, started, timeout=2 * START_TIMEOUT_S)
-
-
-_NGINX_CONFIG = """\
-# written by iwsproxy.tools.bench
-daemon off;
-master_process on;
-worker_processes 1;
-worker_rlimit_nofile {nofile};
-pid {dir}/nginx.pid;
-error_log stderr warn;
-events {{
-    worker_connections {connections};
-}}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    upstream echo_backends {{
-{servers}
-    }}
-    server {{
-        listen {host}:{port} backlog={backlog};
-        location / {{
-            proxy_pass http://echo_backends;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_read_timeout 1h;
-            proxy_send_timeout 1h;
-        }}
-    }}
-}}
-"""
-
-
-class NginxProcess:
-    """nginx in the foreground, with a config written to ``workdir``.
-
-    The listening socket is bound here (port 0) and handed to nginx through the
-    ``NGINX`` environment variable, nginx's own mechanism for inheriting sockets:
-    the port is known before nginx starts and connections made before it is ready
-    wait in the backlog, so there is nothing to poll for.
-    """
-
-    def __init__(self, binary: str, backend_ports: list[int], workdir: Path, connections: int):
-        self.binary = binary
-        self.backend_ports = backend_ports
-        self.workdir = workdir
-        self.connections = connections
-        self.port: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self._stderr = tempfile.TemporaryFile()
-
-    def _write_config(self, port: int) -> Path:
-        servers = "\n".join(f"        server {HOST}:{p};" for p in self.backend_ports)
-        config = self.workdir / "nginx.conf"
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        config.write_text(_NGINX_CONFIG.format(dir=self.workdir, host=HOST, port=port, servers=servers,
-                                               backlog=NGINX_BACKLOG, connections=self.connections,
-                                               nofile=nofile if nofile != resource.RLIM_INFINITY else 65536))
-        return config
-
-    def start(self) -> "NginxProcess":
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((HOST, 0))
-            listener.listen(NGINX_BACKLOG)
-            self.port = listener.getsockname()[1]
-            config = self._write_config(self.port)
-            args = [self.binary, "-e", "stderr", "-p", str(self.workdir), "-c", str(config)]
-            check = subprocess.run([*args, "-t", "-q"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                   timeout=30)
-            if check.returncode != 0:
-                raise BenchError(f"nginx -t rejected the config:\n{check.stderr}")
-            fd = listener.fileno()
-            self.proc = subprocess.Popen(args, env={**os.environ, "NGINX": f"{fd};"}, pass_fds=(fd,),
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
-        finally:
-            listener.close()  # nginx has its copy
-        return self
-
-    def stderr_text(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def terminate(self, timeout: float = 10.0) -> None:
-        """SIGTERM (nginx's fast shutdown), then SIGKILL to the master and its workers."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            tree = process_tree(self.proc.pid)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                for pid in tree:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.proc.wait(timeout)
-        self._stderr.close()
-
-
-# ---- output ----
-def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
-
-
-def format_table(results: list[PathResult]) -> str:
-    header = "| path | " + " | ".join(title for title, _, _ in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {r.path} | " + " | ".join(_cell(getattr(r, key), fmt) for _, key, fmt in COLUMNS) + " |"
-            for r in results]
-    return "\n".join([header, rule, *rows])
-
-
-_RATIOS = (("msg/s", "small_msgs_per_s", "small"), ("MB/s", "large_mb_per_s", "large"))
-
-
-PROXY_PATHS = ("proxy", "proxy-base", "proxy-gunicorn")
-
-
-def ratios(results: list[PathResult]) -> dict[str, float | None]:
-    """Each proxy against direct and nginx: throughput ratios (of the means over the rounds) and
-    the idle RTT it adds."""
-    by = {r.path: r for r in results}
-
-    def get(path: str, key: str) -> float | None:
-        return getattr(by.get(path), key, None)
-
-    out: dict[str, float | None] = {}
-    for proxy in [p for p in PROXY_PATHS if p in by]:
-        for other in ("direct", "nginx"):
-            for unit, key, _ in _RATIOS:
-                x, y = get(proxy, key), get(other, key)
-                out[f"{proxy}/{other} {unit}"] = x / y if x is not None and y else None
-        x, y = get(proxy, "idle_p50_ms"), get("direct", "idle_p50_ms")
-        out[f"{proxy} idle p50 minus direct ms"] = x - y if x is not None and y is not None else None
-    return out
-
-
-def round_ratios(results: list[PathResult]) -> dict[str, list[float]]:
-    """The throughput ratios of :func:`ratios` round by round (the paths of a round ran minutes
-    apart at most, so these pairs saw the same machine)."""
-    by = {r.path: r for r in results}
-    out: dict[str, list[float]] = {}
-    for proxy in [p for p in PROXY_PATHS if p in by]:
-        for other in [p for p in ("direct", "nginx") if p in by]:
-            for unit, _, scenario in _RATIOS:
-                pairs = zip(by[proxy].rounds.get(scenario, ()), by[other].rounds.get(scenario, ()))
-                out[f"{proxy}/{other} {unit}"] = [x / y for x, y in pairs if y]
-    return out
-
-
-def format_cpu(results: list[PathResult]) -> list[str]:
-    """Where the CPU went during the throughput phases: a path limited by the load generator
-    (busiest worker near 100 %) or by the echo backends would show it here."""
-    lines = ["CPU use in % of one core (load generator busiest worker / all workers, echo backends, server):"]
-    for phase, title in (("small", "small messages"), ("large", "1 MiB messages")):
-        parts = []
-        for r in results:
-            c = r.cpu_pct.get(phase)
-            if c:
-                server = "-" if c["server"] is None else f"{c['server']:.0f}"
-                parts.append(f"{r.path} {c['loadgen_busiest']:.0f}/{c['loadgen_all']:.0f}, "
-                             f"{c['echo_backends']:.0f}, {server}")
-        lines.append(f"- {title}: " + "; ".join(parts))
-    return lines
-
-
-def format_ratios(values: dict[str, float | None], per_round: dict[str, list[float]]) -> str:
-    lines = []
-    for name, value in values.items():
-        if value is None:
-            text = "n/a"
-        elif name.endswith(" ms"):
-            text = f"{value:+.3f} ms"
-            name = name[:-3]
-        else:
-            text = f"{value:.3f}"
-            rounds = per_round.get(name, [])
-            if len(rounds) > 1:
-                text += f" (rounds {min(rounds):.3f}-{max(rounds):.3f})"
-        lines.append(f"- {name}: {text}")
-    return "\n".join(lines)
-
-
 # ---- the run ----
 def run(options: Options) -> tuple[list[PathResult], dict]:
     needed = 2 * options.idle_pipes + 4 * options.connections + 64
@@ -898,7 +523,7 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
             progress(f"echo backends on {', '.join(str(b.port) for b in backends)}; "
                      f"{options.workers} load generator processes")
             paths = [_direct_path(backends)]
-            proxy = start_proxy(backends, started)
+            proxy = start_proxy(backends, started, workers=options.proxy_workers)
             progress(f"proxy: pid {proxy.proc.pid}, port {proxy.port}")
             paths.append(_proxy_path("proxy", proxy, backends))
             if options.compare_with is not None:
@@ -908,14 +533,15 @@ def run(options: Options) -> tuple[list[PathResult], dict]:
             if options.gunicorn:
                 workdir = Path(tmp) / "gunicorn"
                 workdir.mkdir()
-                guni = start_gunicorn(backends, workdir, started)
+                guni = start_gunicorn(backends, workdir, started, workers=options.proxy_workers)
                 progress(f"proxy-gunicorn: master pid {guni.proc.pid}, port {guni.port}")
                 paths.append(_proxy_path("proxy-gunicorn", guni, backends))
             if nginx_binary is not None:
                 workdir = Path(tmp) / "nginx"
                 workdir.mkdir()
                 connections = 2 * max(options.idle_pipes, options.connections) + 256
-                nginx = NginxProcess(nginx_binary, [b.port for b in backends], workdir, connections).start()
+                nginx = NginxProcess(nginx_binary, [b.port for b in backends], workdir, connections,
+                                     workers=options.proxy_workers).start()
                 progress(f"nginx: master pid {nginx.proc.pid}, port {nginx.port}")
                 paths.append(_nginx_path(nginx, backends))
             try:
@@ -952,7 +578,8 @@ def report(results: list[PathResult], info: dict, options: Options) -> str:
         f"large {o.large_connections} conns x 1 MiB, window 1; {o.duration_s:g} s each per path, in "
         f"{o.rounds} round{'s' if o.rounds > 1 else ''} with the paths in turn; "
         f"idle RTT {o.rtt_count} x {RTT_BYTES} B{pinning}; {o.idle_pipes} idle pipes (RSS after {o.idle_settle_s:g} s quiet); "
-        f"{o.workers} load generator processes",
+        f"{o.workers} load generator processes; {o.proxy_workers} process{'es' if o.proxy_workers > 1 else ''} "
+        f"per server (proxy --workers, gunicorn -w, nginx worker_processes)",
         "",
         format_table(results),
         "",

@@ -48,12 +48,16 @@ class ChildProcess:
     def url_for(self, path: str = "/") -> str:
         return self.url + (path if path.startswith("/") else "/" + path)
 
+    def command(self) -> list[str]:
+        """The child's command line: ``python -m <module> <args>`` (a subclass may run another program)."""
+        return [sys.executable, "-m", self.module, *self.args]
+
     def start(self, timeout: float = 15.0) -> "ChildProcess":
         if self.proc is not None:
             raise RuntimeError(f"{self.name} already started")
         # stderr goes to a file: a pipe nobody reads would block a chatty child
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=self.env,
+        self.proc = subprocess.Popen(self.command(), env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr)
         try:
             line = self._first_line(timeout)

@@ -131,7 +131,7 @@ def generate() -> str:
                 continue
             env = f.metadata["env"]
             out.append(f"### {env}\n")
-            out.append(f.metadata["help"][0].upper() + f.metadata["help"][1:] + ".\n")
+            out.append(f.metadata["help"] + ".\n")
             out.append(f"- Flag: {_flag(f)}")
             out.append(f"- Environment variable and Flask config key: `{env}`")
             out.append(f"- Default: {_default(f)}")

@@ -13,9 +13,8 @@ test moves it (:meth:`Rig.tick`); a tick wakes the pipes so that their superviso
 time. Deadlines fire on ticks, never on real waits: real-time waits of the runtime (its
 supervisor's timer, computed as deadline minus clock, the write locks' stuck-write watchdog of
 ``pong_timeout_s``, a Close's wait for a silent peer) are either long or, where a test means them
-to run, short and named in that test. One time is not the rig's: a connection notes when its
-writes last had to wait for the peer (``Connection.stalled_at``) on ``time.monotonic``, so the
-excuse for an answer held up behind such a write is not tested on this clock.
+to run, short and named in that test. A connection a pipe holds notes when its writes last had to
+wait for the peer (``Connection.stalled_at``) on the pipe's clock too.
 
 This process is not monkey-patched; the proxy's processes are, so websocket-client opens their
 backend connections on gevent sockets. A rig gives websocket-client gevent's socket module while it
@@ -220,6 +219,7 @@ class Peer:
         self.close_code: int | None = None
         self.close_reason = ""
         self.ended = Event()
+        self._group = group
         self._reader = group.spawn(self._read, rest) if reading else None
 
     # ---- sending ----
@@ -299,15 +299,20 @@ class Peer:
 
     # ---- failing ----
     def freeze(self) -> None:
-        """Stop reading for good (the connection stays open): what the pipe writes piles up. The
-        receive buffer shrinks to its least, so that over TCP the pipe's write stops moving as
-        soon as it has begun (the kernel would otherwise take in bytes for a while)."""
+        """Stop reading until :meth:`thaw` (the connection stays open): what the pipe writes piles
+        up. The receive buffer shrinks to its least, so that over TCP the pipe's write stops moving
+        as soon as it has begun (the kernel would otherwise take in bytes for a while)."""
         if self._reader is not None:
             self._reader.kill()
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         except OSError:
             pass  # closed
+
+    def thaw(self) -> None:
+        """Read again after :meth:`freeze` (or from the start, if made with ``reading=False``)."""
+        self.ended.clear()
+        self._reader = self._group.spawn(self._read, b"")
 
     def kill(self) -> None:
         """Drop the connection at once, as a killed process's kernel does (the pipe reads EOF)."""

@@ -19,8 +19,8 @@ from iwsproxy.tools.loadgen import Phase, _Client, _close_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 60
-HEADER = ("| path | small msg/s | small p50 ms | small p99 ms | proxy CPU us/msg | 1 MiB MB/s "
-          "| idle RTT p50 ms | idle RTT p99 ms | RSS KiB/idle pipe |")
+HEADER = ("| path | small msg/s | small p50 ms | small p99 ms | server CPU us/msg | server cores busy "
+          "| msg/s per busy core | 1 MiB MB/s | idle RTT p50 ms | idle RTT p99 ms | RSS KiB/idle pipe |")
 
 
 def _cells(line: str) -> list[str]:
@@ -41,7 +41,7 @@ def test_quick_bench_prints_the_table(tmp_path):
     # quick, and shorter still: the table's shape is checked, not its figures
     shorter = ["--duration", "0.6", "--rtt-count", "100", "--idle-pipes", "50", "--idle-settle", "1"]
     run = subprocess.run([sys.executable, "-m", "iwsproxy.tools.bench", "--quick", *shorter, "--no-nginx", "--gunicorn",
-                          "--compare-with", ROOT, "--json", str(json_path)],
+                          "--compare-with", ROOT, "--proxy-workers", "2", "--json", str(json_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stdout.splitlines()
@@ -50,7 +50,9 @@ def test_quick_bench_prints_the_table(tmp_path):
     rows = {_cells(line)[0]: _cells(line)[1:] for line in lines if line.startswith("| ") and line != HEADER}
     assert set(rows) == {"direct", "proxy", "proxy-base", "proxy-gunicorn"}, run.stdout
     for path in ("proxy", "proxy-base", "proxy-gunicorn"):  # every cell measured, RSS per idle pipe included
-        assert len(rows[path]) == 8 and all(_is_number(cell) for cell in rows[path]), rows[path]
+        assert len(rows[path]) == 10 and all(_is_number(cell) for cell in rows[path]), rows[path]
+    assert all(_is_number(cell) for cell in rows["direct"][:6]), rows["direct"]  # the echo backends' CPU
+    assert any("2 processes per server" in line for line in lines), run.stdout
     # the throughput ratios come with their range over the rounds (quick: two)
     assert any(line.startswith("- proxy/direct msg/s: ") and "(rounds " in line for line in lines), run.stdout
     assert any(line.startswith("machine: nproc ") for line in lines), run.stdout
@@ -63,8 +65,28 @@ def test_quick_bench_prints_the_table(tmp_path):
         assert [len(r["rounds"][s]) for s in ("small", "large")] == [2, 2], r
         assert r["small_msgs_per_s"] == pytest.approx(sum(r["rounds"]["small"]) / 2)
         assert r["large_mb_per_s"] == pytest.approx(sum(r["rounds"]["large"]) / 2)
+        assert r["msgs_per_core_s"] == pytest.approx(1e6 / r["cpu_us_per_msg"])  # direct: the echo backends'
+        assert len(r["rounds"]["small_cpu_us"]) == 2
     assert len(data["round_ratios"]["proxy-gunicorn/direct msg/s"]) == 2
     assert len(data["round_ratios"]["proxy-base/direct msg/s"]) == 2
+
+
+def test_cpu_per_message_and_per_busy_core_are_compared_with_nginx_round_by_round():
+    from iwsproxy.tools.bench_report import PathResult, format_ratios, ratios, round_ratios
+
+    proxy = PathResult("proxy", small_msgs_per_s=40_000, cpu_us_per_msg=6.0, msgs_per_core_s=1e6 / 6.0,
+                       rounds={"small": [40_000], "small_cpu_us": [5.0, 7.0], "small_per_core": [2e5, 1e5]})
+    nginx = PathResult("nginx", small_msgs_per_s=80_000, cpu_us_per_msg=2.0, msgs_per_core_s=5e5,
+                       rounds={"small": [80_000], "small_cpu_us": [2.0, 2.0], "small_per_core": [5e5, 5e5]})
+    direct = PathResult("direct", small_msgs_per_s=100_000, cpu_us_per_msg=1.0, msgs_per_core_s=1e6)
+    values = ratios([direct, proxy, nginx])
+    assert values["proxy/nginx CPU us/msg"] == pytest.approx(3.0)
+    assert values["proxy/nginx msg/s per busy core"] == pytest.approx(1 / 3)
+    assert values["proxy/nginx msg/s"] == pytest.approx(0.5)
+    assert "proxy/direct CPU us/msg" not in values  # the echo backends' CPU is another job
+    per_round = round_ratios([direct, proxy, nginx])
+    assert per_round["proxy/nginx CPU us/msg"] == pytest.approx([2.5, 3.5])
+    assert "- proxy/nginx CPU us/msg: 3.000 (rounds 2.500-3.500)" in format_ratios(values, per_round).splitlines()
 
 
 def test_compare_with_needs_a_source_tree(tmp_path):

@@ -1,7 +1,8 @@
 """In front of an existing service, unchanged clients: python-websockets on both sides of the proxy.
 
 The backends are python-websockets' own server (``tests/websockets_backend.py``: it reports the
-request target it got, then echoes); the clients are python-websockets' sync client.
+request target it got, then echoes); the clients are python-websockets' sync client. One backend,
+and one proxy per configuration, serve the module (``shared``), but where a test counts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import threading
 import uuid
 
 import pytest
@@ -23,9 +25,10 @@ from iwsproxy.tools.process import ChildProcess
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def websockets_backend(processes, name: str = "websockets") -> ChildProcess:
+def websockets_backend(starter, name: str = "websockets") -> ChildProcess:
+    """A python-websockets backend, from ``starter`` (the ``processes`` or ``shared`` fixture)."""
     env = {"PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    return processes.add(ChildProcess("websockets_backend", name, env=env, name=name))
+    return starter.add(ChildProcess("websockets_backend", name, env=env, name=name))
 
 
 def hello(url: str, **kwargs) -> dict:
@@ -38,9 +41,9 @@ def hello(url: str, **kwargs) -> dict:
 
 
 @pytest.mark.timeout(60)
-def test_a_backend_url_without_a_path_gets_the_clients_path_and_query(processes):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url)  # ws://127.0.0.1:PORT: no path
+def test_a_backend_url_without_a_path_gets_the_clients_path_and_query(shared):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url)  # ws://127.0.0.1:PORT: no path
     client_id = str(uuid.uuid4())
     report = hello(proxy.url_for(f"/chat/{client_id}?room=7&name=%C3%A9+x"))
     # the id is the path's last segment; the rest of the path and the query arrive as sent
@@ -53,9 +56,9 @@ def test_a_backend_url_without_a_path_gets_the_clients_path_and_query(processes)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("suffix, expected", [("/ws?k=1", "/ws?k=1&room=7"), ("/", "/?room=7"),
                                               ("/socket", "/socket?room=7")])
-def test_a_backend_url_with_a_path_keeps_it(processes, suffix, expected):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url + suffix)
+def test_a_backend_url_with_a_path_keeps_it(shared, suffix, expected):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url + suffix)
     assert hello(proxy.url_for(f"/chat/{uuid.uuid4()}?room=7"))["path"] == expected
 
 
@@ -83,9 +86,9 @@ def handshake(proxy, target: str, *headers: str) -> tuple[int, dict[str, list[st
 
 
 @pytest.mark.timeout(60)
-def test_the_id_from_the_query_and_the_whole_path_and_query_pass_through(processes):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "query:sid")
+def test_the_id_from_the_query_and_the_whole_path_and_query_pass_through(shared):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url, "--client-id-from", "query:sid")
     client_id = str(uuid.uuid4())
     report = hello(proxy.url_for(f"/socket?room=7&sid={client_id}"))
     assert report["path"] == f"/socket?room=7&sid={client_id}"
@@ -93,9 +96,9 @@ def test_the_id_from_the_query_and_the_whole_path_and_query_pass_through(process
 
 
 @pytest.mark.timeout(60)
-def test_an_assigned_id_comes_back_in_a_cookie_and_a_header_and_resumes(processes):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
+def test_an_assigned_id_comes_back_in_a_cookie_and_a_header_and_resumes(shared):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
     with connect(proxy.url_for("/graphql?x=1"), open_timeout=10, close_timeout=5) as ws:
         report = json.loads(ws.recv(timeout=10))
         headers = ws.response.headers
@@ -111,13 +114,13 @@ def test_an_assigned_id_comes_back_in_a_cookie_and_a_header_and_resumes(processe
 
 
 @pytest.mark.timeout(60)
-def test_the_cookie_is_secure_over_tls_as_a_trusted_balancer_says(processes):
-    backend = websockets_backend(processes)
-    direct = processes.proxy("--backend", backend.url, "--assign-client-id")
+def test_the_cookie_is_secure_over_tls_as_a_trusted_balancer_says(shared):
+    backend = websockets_backend(shared)
+    direct = shared.proxy("--backend", backend.url, "--assign-client-id")
     status, headers = handshake(direct, "/", "X-Forwarded-Proto: https")  # not trusted: not believed
     assert status == 101 and not headers["set-cookie"][0].endswith("Secure")
     assert headers["set-cookie"][0].startswith("iwsproxy_id=")  # the documented default name
-    behind = processes.proxy("--backend", backend.url, "--assign-client-id", "--trusted-proxy-hops", "1")
+    behind = shared.proxy("--backend", backend.url, "--assign-client-id", "--trusted-proxy-hops", "1")
     status, headers = handshake(behind, "/", "X-Forwarded-Proto: https", "X-Forwarded-For: 203.0.113.9")
     assert status == 101 and headers["set-cookie"][0].endswith("; Secure")
     status, headers = handshake(behind, "/", "X-Forwarded-Proto: http", "X-Forwarded-For: 203.0.113.9")
@@ -125,9 +128,9 @@ def test_the_cookie_is_secure_over_tls_as_a_trusted_balancer_says(processes):
 
 
 @pytest.mark.timeout(60)
-def test_a_set_cookie_never_carries_another_clients_id(processes):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
+def test_a_set_cookie_never_carries_another_clients_id(shared):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
     with contextlib.ExitStack() as stack:
         clients = [stack.enter_context(connect(proxy.url_for("/"), open_timeout=10, close_timeout=5))
                    for _ in range(20)]
@@ -140,9 +143,36 @@ def test_a_set_cookie_never_carries_another_clients_id(processes):
             ids.append(client_id)
         assert len(set(ids)) == len(ids)
     # a refusal carries no id: no backend, 503, no cookie
-    empty = processes.proxy("--client-id-from", "cookie:sid", "--assign-client-id")
+    empty = shared.proxy("--client-id-from", "cookie:sid", "--assign-client-id")
     status, headers = handshake(empty, "/")
     assert status == 503 and "set-cookie" not in headers and "x-iwsproxy-client-id" not in headers
+
+
+@pytest.mark.timeout(60)
+def test_clients_upgrading_at_once_each_get_their_own_id_only(processes):
+    """20 upgrades in flight together, half of them bringing their own id back: each answer's
+    Set-Cookie and header name the id of that request's session, and no other."""
+    backend = websockets_backend(processes)
+    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "cookie:sid", "--assign-client-id")
+    known = [str(uuid.uuid4()) for _ in range(10)]
+    barrier = threading.Barrier(20, timeout=20)
+
+    def one(own_id: str | None) -> tuple[str | None, list[str], str | None]:
+        headers = {"Cookie": f"sid={own_id}"} if own_id else None
+        barrier.wait()
+        with connect(proxy.url_for("/"), additional_headers=headers, open_timeout=20, close_timeout=5) as ws:
+            report = json.loads(ws.recv(timeout=20))
+            return (ws.response.headers.get("X-Iwsproxy-Client-Id"), ws.response.headers.get_all("Set-Cookie"),
+                    report["client_id"])
+
+    with concurrent.futures.ThreadPoolExecutor(20) as executor:
+        results = list(executor.map(one, known + [None] * 10, timeout=50))
+    for own_id, (header_id, cookies, session_id) in zip(known, results[:10]):
+        assert (header_id, cookies, session_id) == (None, [], own_id)  # its own id: nothing set
+    assigned = [header_id for header_id, _, _ in results[10:]]
+    assert len(set(assigned) | set(known)) == 20  # each assigned id is new and unique
+    for header_id, cookies, session_id in results[10:]:
+        assert cookies == [f"sid={header_id}; Path=/; HttpOnly; SameSite=Strict"] and session_id == header_id
 
 
 @pytest.mark.timeout(60)
@@ -155,9 +185,9 @@ def test_a_set_cookie_never_carries_another_clients_id(processes):
     ("/", ["Cookie: sid=" + "a" * 300], "oversized"),
     ("/", ["Cookie: sid=not-a-uuid"], "UUID"),
 ])
-def test_bad_ids_get_400_before_the_upgrade(processes, target, headers, reason):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "cookie:sid",
+def test_bad_ids_get_400_before_the_upgrade(shared, target, headers, reason):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url, "--client-id-from", "cookie:sid",
                             "--client-id-from", "query:sid", "--assign-client-id")
     a, b = uuid.uuid4(), uuid.uuid4()
     status, answer = handshake(proxy, target.format(a=a, b=b), *(h.format(a=a, b=b) for h in headers))
@@ -167,19 +197,19 @@ def test_bad_ids_get_400_before_the_upgrade(processes, target, headers, reason):
 
 
 @pytest.mark.timeout(60)
-def test_no_id_and_none_assigned_is_400(processes):
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "query:sid")
+def test_no_id_and_none_assigned_is_400(shared):
+    backend = websockets_backend(shared)
+    proxy = shared.proxy("--backend", backend.url, "--client-id-from", "query:sid")
     assert handshake(proxy, "/socket")[0] == 400
 
 
 @pytest.mark.timeout(60)
-def test_the_reconnecting_client_resumes_by_its_query_id_after_a_cut(processes):
+def test_the_reconnecting_client_resumes_by_its_query_id_after_a_cut(processes, shared):
     """python-websockets' ``async for ws in connect(...)`` reconnects after its connection is cut
     without a Close; with the id in its URL it gets its session back: the same backend connection,
     and the echoes it had not read yet."""
-    backend = websockets_backend(processes)
-    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "query:sid")
+    backend = websockets_backend(shared)
+    proxy = processes.proxy("--backend", backend.url, "--client-id-from", "query:sid")  # its own: counted
     client_id = str(uuid.uuid4())
 
     async def run() -> tuple[int, list[str]]:

@@ -411,11 +411,11 @@ def test_backend_breaking_the_protocol_is_failed_over(processes):
 def test_backend_that_never_answers_pings_is_failed_and_its_window_replayed(processes):
     deaf = DeafBackend()
     try:
+        good = processes.echo(name="good")  # started first: it is added well within the pong timeout
         proxy = processes.proxy("--backend", deaf.url, "--pong-timeout", "1")
         ws = proxy.connect()
         for i in range(5):
             ws.send(f"m{i}")                          # written to the deaf backend, never acknowledged
-        good = processes.echo(name="good")
         proxy.admin("POST", {"url": good.url})
         assert [ws.recv() for _ in range(5)] == [f"m{i}" for i in range(5)]  # replayed after the pong timeout
         pipe = proxy.pipes()[0]

@@ -1,4 +1,5 @@
-"""GET /metrics end to end: real backends killed with SIGKILL, a real proxy, real clients, and gunicorn -w 2."""
+"""GET /metrics end to end: real backends killed with SIGKILL, a real proxy, real clients, and gunicorn -w 2;
+and, in this process, who owns the greenlet that publishes message counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recv_close, wait_for
+from iwsproxy.app import IWSProxy, create_app
+from iwsproxy.settings import Settings
 from test_gunicorn import Gunicorn
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -234,3 +237,22 @@ def test_gunicorn_workers_report_the_sum(processes, tmp_path):
         ws.close()
     wait_for(lambda: every_scrape(server, 4, lambda r: get(r, "iwsproxy_pipes_active") == 0),
              what="no active pipes")
+
+
+def test_the_message_publisher_is_a_greenlet_of_the_manager_which_its_shutdown_stops():
+    manager = IWSProxy.manager(create_app(Settings()))
+    metrics = manager.metrics
+
+    def published():
+        return metrics.registry.get_sample_value("iwsproxy_messages_total", {"direction": "to_backend"})
+
+    metrics.MESSAGES_PUBLISH_S = 0.01
+    metrics.messages("to_backend", 2, 20)
+    [publisher] = manager._timers
+    publisher.join(5)
+    assert publisher.dead and published() == 2  # it ran, and published
+    metrics.MESSAGES_PUBLISH_S = 60
+    metrics.messages("to_backend", 3, 30)
+    [publisher] = manager._timers
+    assert manager.close_all(timeout=1)
+    assert publisher.dead and not manager._timers  # not left running past the shutdown

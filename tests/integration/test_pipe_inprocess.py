@@ -278,3 +278,36 @@ def test_a_keepalive_and_its_pong_timeout_fall_exactly_when_the_clock_reaches_th
     again = a.next_connection()
     assert reconnects(again) == 1
     assert pipe.telemetry.wait_for("failover")[3] == "no pong within 4 s"
+
+
+def test_a_backends_pong_held_up_behind_a_write_to_a_slow_client_is_excused_on_the_pipes_clock(rig):
+    # far past this machine's monotonic time: a stall noted on that clock would be older than
+    # the wait for the Pong, and excuse nothing
+    rig.clock.now = 1e7
+    a = rig.backend(echo=False, answer_pings=False)
+    pipe, client = rig.open_pipe(pong_timeout_s=4, max_message_size_bytes=64 << 20,
+                                 buffer_limit_bytes=64 << 20)
+    backend = a.next_connection()
+    client.send("m1")
+    assert backend.next_messages(1) == ["m1"]
+    fence = backend.wait_ping(1)
+    fenced_at = rig.clock()  # the backend's Pong is due 4 s from now
+    client.freeze()
+    rig.clock.advance(1)
+    first, second = bytes(4 << 20), b"\x01" * (2 << 20)
+    sender = rig.group.spawn(backend.send, first, second)
+    gsocket.wait_read(client.sock.fileno(), timeout=WAIT_S)  # the pipe's write of the first has begun
+    rig.quiesce()  # and waits for the client, which reads nothing; the second waits unread
+    assert pipe.client.writing and pipe.backend.has_unread()
+    rig.tick_to(fenced_at + 4)  # the Pong is late; the supervisor waits for the client's write lock
+    client.thaw()  # the write ends now, on the pipe's clock after the Pong was asked for
+    assert pipe.telemetry.wait_for("count", "backend_answers_excused")
+    backend.pong(fence)  # behind the second message: read once the client has taken the first
+    assert client.next_messages(2) == [first, second]
+    sender.get(timeout=WAIT_S)
+    rig.quiesce()  # the client's Pongs have been read too
+    rig.tick_to(fenced_at + 8)  # when the excuse would have run out
+    rig.settle(pipe)
+    assert not backend.ended.is_set() and a.connections.empty()
+    assert not [e for e in pipe.telemetry.events if e[0] == "failover"]
+    assert not pipe.session.closed

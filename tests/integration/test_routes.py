@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 import uuid
 
 import pytest
@@ -45,7 +47,7 @@ def test_each_route_sends_its_clients_to_its_own_pool(processes):
     assert stats(news)["last_path"] == "/news/today"  # the path passes through (no path in the URL)
     assert pipe_of(proxy, chat_client)["pool"] == "/chat" and pipe_of(proxy, news_client)["pool"] == "/news"
     status, body = proxy.admin("GET")
-    assert status == 200 and body["pools"] == ["default", "/chat", "/news"]
+    assert status == 200 and body["pools"] == ["/chat", "/news"]  # no catch-all: no default pool
     assert {(b["pool"], b["url"], b["pipes"]) for b in body["backends"]} == {("/chat", chat.url, 1),
                                                                             ("/news", news.url, 1)}
     chat_client.close()
@@ -59,7 +61,7 @@ def test_a_prefix_matches_whole_segments_and_the_longest_wins(processes):
                             "--route", f"/={rest.url}")
     clients = [connect(proxy, path) for path in ("/chatroom", "/chat/room", "/chat", "/chat/roomy")]
     assert all(echoes(ws, "hi") for ws in clients)
-    assert [pipe_of(proxy, ws)["pool"] for ws in clients] == ["/", "/chat/room", "/chat", "/chat"]
+    assert [pipe_of(proxy, ws)["pool"] for ws in clients] == ["default", "/chat/room", "/chat", "/chat"]
     assert [stats(b)["connections_total"] for b in (chat, room, rest)] == [2, 1, 1]
     assert stats(rest)["last_path"] == "/chatroom"
     for ws in clients:
@@ -156,3 +158,89 @@ def test_one_client_id_on_two_routes_is_two_sessions(processes):
     assert (stats(chat)["connections_total"], stats(news)["connections_total"]) == (1, 1)
     again.close()
     on_news.close()
+
+
+def status_page_pools(proxy) -> list[str]:
+    """The Pool column of the status page's backend table, row by row."""
+    req = urllib.request.Request(proxy.http_url + "/admin/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        html = resp.read().decode()
+    return re.findall(r'data-field="pool">([^<]*)<', html.split("<h2", 2)[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("catch_all", ["--backend", "--route /"])
+def test_the_catch_all_is_the_default_pool_everywhere(processes, capsys, catch_all):
+    chat, rest, extra = processes.echo(name="chat"), processes.echo(name="rest"), processes.echo(name="extra")
+    given = ["--backend", rest.url] if catch_all == "--backend" else ["--route", f"/={rest.url}"]
+    proxy = processes.proxy("--route", f"/chat={chat.url}", *given)
+    chat_client, other = connect(proxy, "/chat"), connect(proxy, "/chatroom/7")
+    assert echoes(chat_client, "c") and echoes(other, "o")
+    assert pipe_of(proxy, chat_client)["pool"] == "/chat" and pipe_of(proxy, other)["pool"] == "default"
+    assert stats(rest)["last_path"] == "/chatroom/7"
+    # the admin API, the CLI and the status page call it "default", and it is the one changed without --pool
+    status, body = proxy.admin("GET")
+    assert body["pools"] == ["default", "/chat"]
+    assert proxy.admin("POST", {"url": extra.url}) == (201, {"url": extra.url, "pool": "default", "added": True})
+    admin = ["--admin", proxy.http_url + "/admin", "--token", ADMIN_TOKEN]
+    assert cli.main(["backends", "list", "--pool", "default", *admin]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted([rest.url, extra.url])
+    assert sorted(status_page_pools(proxy)) == ["/chat", "default", "default"]
+    other.close()
+    chat_client.close()
+
+
+@pytest.mark.timeout(60)
+def test_without_a_catch_all_there_is_no_default_pool_to_name(processes, capsys):
+    chat, extra = processes.echo(name="chat"), processes.echo(name="extra")
+    proxy = processes.proxy("--route", f"/chat={chat.url}")
+    status, body = proxy.admin("POST", {"url": extra.url})  # no pool given: the default one, which is not there
+    assert status == 404 and body["pools"] == ["/chat"] and "catch-all" in body["error"]
+    admin = ["--admin", proxy.http_url + "/admin", "--token", ADMIN_TOKEN]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["backends", "add", extra.url, *admin])
+    assert "404" in str(caught.value) and "catch-all" in str(caught.value)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["backends", "list", "--pool", "default", *admin])
+    assert "no pool 'default'" in str(caught.value) and "/chat" in str(caught.value)
+    assert status_page_pools(proxy) == ["/chat"]
+    assert refused_with(proxy, "/elsewhere") == 404
+    assert stats(extra)["connections_total"] == 0
+
+
+def raw_status(proxy, target: str, *headers: str) -> tuple[int, str]:
+    """The status line's code and the head of the answer to a raw upgrade request for ``target``
+    (as sent: no client library normalises it)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{proxy.port}", "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+                 *headers]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    return int(head.split()[1]), head
+
+
+@pytest.mark.timeout(60)
+def test_dot_segments_are_refused_and_refusals_assign_no_id(processes):
+    chat = processes.echo(name="chat")
+    proxy = processes.proxy("--route", f"/chat={chat.url}", "--client-id-from", "cookie:sid", "--assign-client-id")
+    # each would be under /chat here and under another path once normalised (as nginx does before routing)
+    for target in ("/chat/../admin", "/chat/%2e%2e/admin", "/chat%2F..%2Fadmin", "/chat/./x", "/chat/.."):
+        status, head = raw_status(proxy, target)
+        assert status == 400 and "set-cookie" not in head.lower(), (target, head)
+    status, head = raw_status(proxy, "/chatroom")  # under no route: 404, before any id is made up
+    assert status == 404 and "set-cookie" not in head.lower() and "x-iwsproxy-client-id" not in head.lower()
+    status, head = raw_status(proxy, "/chat/x", "Cookie: other=" + "b" * 20000)  # a header too large
+    assert status == 431 and "set-cookie" not in head.lower()
+    assert stats(chat)["connections_total"] == 0 and proxy.pipes() == []
+    status, head = raw_status(proxy, "/chat/...")  # a segment of three dots is a name like any other
+    assert status == 101 and "set-cookie: sid=" in head.lower()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from iwsproxy.exceptions import ConfigError
-from iwsproxy.settings import Settings, describe, parse_size
+from iwsproxy.settings import Settings, cpu_count, describe, parse_size
 
 
 @pytest.mark.parametrize("text, size", [
@@ -122,3 +122,14 @@ def test_buffers_that_hold_nothing_for_a_live_peer_may_be_small():
     assert (settings.buffer_limit_bytes, settings.global_buffer_limit_bytes) == (0, 1024)
     assert Settings.load(env={"IWSPROXY_GLOBAL_BUFFER_LIMIT": "64KiB", "IWSPROXY_MAX_MESSAGE_SIZE": "64KiB",
                               "IWSPROXY_BUFFER_LIMIT": "2"})
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("auto", cpu_count())])
+def test_workers_setting(value, expected):
+    assert Settings.load(cli={"workers": value}).workers == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", True])
+def test_workers_setting_refuses(value):
+    with pytest.raises(ConfigError, match="IWSPROXY_WORKERS"):
+        Settings.load(cli={"workers": value})
