@@ -102,3 +102,10 @@ def test_the_readme_links_only_to_files_that_exist():
     assert targets
     missing = [t for t in targets if not (ROOT / t).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_the_metrics_reference_lists_every_metric():
+    page = (DOCS / "reference" / "metrics.md").read_text(encoding="utf-8")
+    for family in PrometheusMetrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in page, f"docs/reference/metrics.md does not list {name}"
