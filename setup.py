@@ -12,7 +12,9 @@ setup(
     python_requires=">=3.11",
     install_requires=[line.strip() for line in open("requirements.txt", encoding="utf-8")
                       if line.strip() and not line.startswith("#")],
-    # playwright drives the system's chromium (apt-get install chromium) in tests/browser
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "playwright>=1.40"]},
+    # playwright drives the system's chromium (apt-get install chromium) in tests/browser;
+    # mkdocs builds the documentation site, which a test builds in strict mode
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "playwright>=1.40", "mkdocs>=1.6"],
+                    "docs": ["mkdocs>=1.6"]},
     entry_points={"console_scripts": ["iwsproxy = iwsproxy.cli:main"]},
 )
