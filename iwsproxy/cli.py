@@ -17,6 +17,8 @@ from .settings import Settings, describe
 
 __all__ = ["main"]
 
+HANDOVER_ENV = "IWSPROXY_HANDOVER_FD"  # = iwsproxy.io.handover.ENV_CHANNEL (not imported: it imports gevent)
+
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
@@ -57,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if settings.workers > 1:
         _configure_logging(args.log_level, with_pid=True)
+        if os.environ.get(HANDOVER_ENV):  # started by a SIGHUP restart: the predecessor serves on
+            logging.getLogger(__name__).error("a restart cannot turn one process into a master of %d workers: "
+                                              "stop it and start it again", settings.workers)
+            return 1
         return _serve_workers(settings)
     from gevent import monkey
 

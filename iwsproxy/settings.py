@@ -192,8 +192,9 @@ class Settings:
                                         "--route")
     workers: int = setting(1, "IWSPROXY_WORKERS", _parse_workers,
                            "iwsproxy serve only: worker processes sharing the listening port (auto: one per CPU); "
-                           "with more than one, a master process restarts any that exits, passes SIGTERM and "
-                           "SIGHUP on to all, shares admin backend changes between them (or --redis-url does) "
+                           "with more than one, a master process restarts any that exits, passes SIGTERM on to all "
+                           "(SIGHUP too, which workers ignore: no restart without a disconnect under a master), "
+                           "shares admin backend changes between them (or --redis-url does) "
                            "and creates a private --handoff-dir if none is set, so that a client resuming on "
                            "any worker gets its session back. Under gunicorn use -w instead", "--workers")
     admin_token: str | None = setting(None, "IWSPROXY_ADMIN_TOKEN", _parse_optional_str,

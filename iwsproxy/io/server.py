@@ -45,7 +45,8 @@ def make_server(app, bind, *, spawn="default") -> WSGIServer:
                       spawn=spawn)
 
 
-def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float | None = None) -> None:
+def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float | None = None,
+                  restart_on_hup: bool = True) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, close clients with 1012 and exit, within
     ``shutdown_timeout_s`` (default: the setting). In a fleet the sessions are evacuated
     while the server still answers (/healthz: 503 "draining", new clients: 503), then it stops.
@@ -56,6 +57,9 @@ def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float | None = N
     listening socket and every pipe, and this process exits once it holds nothing; if the
     successor fails, this process serves on. A process started as a successor takes its
     listening socket and its pipes from its predecessor instead of binding ``bind``.
+
+    With ``restart_on_hup`` false (a worker of ``serve --workers``, whose successor would not be
+    its master's), SIGHUP is logged and ignored.
 
     ``ready(port)`` is called once the socket listens (the demo and tests use it).
     """
@@ -72,7 +76,11 @@ def serve_forever(app, bind, *, ready=None, shutdown_timeout_s: float | None = N
     restarts = Group()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stopping.set)
-    gevent.signal_handler(signal.SIGHUP, _restart_once, restarts, server, requests, manager, stopping)
+    if restart_on_hup:
+        gevent.signal_handler(signal.SIGHUP, _restart_once, restarts, server, requests, manager, stopping)
+    else:
+        gevent.signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: a worker of serve --workers does not "
+                                                         "restart on its own (restart the master instead)")
     log.info("iwsproxy listening on %s:%d (pid %d)", *server.address[:2], os.getpid())
     if manager.fleet is not None and not manager.settings.advertise_address:
         manager.fleet.directory.address = "%s:%d" % server.address[:2]  # the port bound (for :0)

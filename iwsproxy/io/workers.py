@@ -25,7 +25,10 @@ set the master creates a private temporary one and removes it when it exits.
 
 Signals. SIGTERM or SIGINT: the master passes SIGTERM to every worker (each
 stops accepting and closes its clients with 1012), waits for them (SIGKILL
-after ``stop_timeout_s``), and exits. SIGHUP is passed on to every worker. A
+after ``stop_timeout_s``), and exits. SIGHUP is passed on to every worker, which
+logs and ignores it: a worker's restart without a disconnect (:mod:`iwsproxy.io.handover`)
+would start its successor from the master's command line, as a second master; to load
+new code, restart the master (its clients get 1012 and reconnect). A
 worker that exits while the master is not stopping is replaced, after a delay
 that grows while replacements keep exiting within ``QUICK_EXIT_S`` of their
 start; a worker that exits before the first ``ready`` of all of them makes the
@@ -191,7 +194,7 @@ class Master:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop()
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP: passed on to every worker")
+                log.info("SIGHUP: passed on to every worker (workers do not restart on it)")
                 for slot in self.slots:
                     if slot.pid:
                         _signal(slot.pid, signal.SIGHUP)
@@ -371,7 +374,8 @@ def serve_worker(settings, listener: socket.socket, channel: socket.socket, slot
     app = create_app(settings, registry=registry)
     if registry is None:
         link.follow(lambda line: None)  # only to notice the master going away
-    serve_forever(app, listening, ready=lambda port: link.send({"op": "ready", "pid": os.getpid()}))
+    serve_forever(app, listening, ready=lambda port: link.send({"op": "ready", "pid": os.getpid()}),
+                  restart_on_hup=False)
     return 0
 
 

@@ -13,7 +13,9 @@ import re
 import signal
 import time
 
-from conftest import ADMIN_TOKEN, recv_close, stats, wait_for
+import pytest
+
+from conftest import ADMIN_TOKEN, Proxy, recv_close, stats, wait_for
 from test_resume import drop, first_deliveries, numbers
 
 ATTEMPTS = 200  # connections opened to find every worker: the chance of missing one is 2**-200
@@ -152,18 +154,29 @@ def test_sigterm_closes_every_client_of_every_worker_with_1012_and_all_processes
     assert not os.path.exists(handoff_dir)  # the private directory it made is gone
 
 
-def test_sighup_is_passed_to_every_worker_and_the_master_keeps_two_serving(processes):
+def test_sighup_is_passed_to_every_worker_which_ignores_it_and_nothing_is_dropped(processes):
     backend = processes.echo()
     proxy = processes.proxy("--workers", "2", "--backend", backend.url)
-    worker_pids(proxy)
-    proxy.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: passed on to every worker" in proxy.stderr_text(), what="the master's log line")
-    wait_for(lambda: len(worker_pids(proxy)) == 2, what="two workers serving after SIGHUP")
-    assert proxy.running
+    pids = worker_pids(proxy)
     ws = proxy.connect()
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.stderr_text().count("SIGHUP ignored") == 2, what="both workers to log the SIGHUP")
+    assert "SIGHUP: passed on to every worker" in proxy.stderr_text()
+    assert worker_pids(proxy) == pids and proxy.running  # no successor, no second master
     ws.send("after")
     assert ws.recv() == "after"
     ws.close()
+
+
+def test_a_sighup_restart_of_one_process_into_a_master_is_refused(processes):
+    from iwsproxy.cli import HANDOVER_ENV
+    from iwsproxy.io.handover import ENV_CHANNEL
+
+    assert HANDOVER_ENV == ENV_CHANNEL
+    proxy = Proxy("--workers", "2", env={HANDOVER_ENV: "99"})
+    with pytest.raises(RuntimeError, match="exited .code 1. before listening") as refused:
+        proxy.start()
+    assert "a restart cannot turn one process into a master" in str(refused.value)  # (its stderr)
 
 
 def test_with_redis_the_workers_share_the_redis_registry(processes):
