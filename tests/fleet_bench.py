@@ -37,6 +37,32 @@ def main(sessions: int) -> None:
     masks = MaskSource()
     selector = selectors.DefaultSelector()
     closes: dict[int, int] = {}
+
+    def answer(sock, events) -> bool:
+        """Answer pings and a Close; True if the connection is done."""
+        for op, payload in events:
+            if op == OP_PING:
+                sock.send(encode_frame(OP_PONG, payload, mask_source=masks))
+            elif op == OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1006
+                closes[code] = closes.get(code, 0) + 1
+                if code != 1006:
+                    sock.send(encode_frame(OP_CLOSE, payload[:2], mask_source=masks))
+                return True
+        return False
+
+    def serve(timeout: float) -> None:
+        for key, _ in selector.select(timeout=timeout):
+            sock, parser = key.fileobj, key.data
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if answer(sock, parser.feed(data) if data else [(OP_CLOSE, b"")]):
+                selector.unregister(sock)
+                sock.close()
     try:
         base_memory = redis.info("memory")["used_memory"]
         started = time.monotonic()
@@ -44,39 +70,22 @@ def main(sessions: int) -> None:
             sock, rest = open_websocket(Target("127.0.0.1", proxy.port, f"/{uuid.uuid4()}"))
             sock.sendall(encode_frame(OP_TEXT, b"hello", mask_source=masks))
             parser = FrameParser(expect_masked=False, max_message_size=1 << 20)
-            events, data = parser.feed(rest), b""
+            events = parser.feed(rest)
             while not any(op == OP_TEXT for op, _ in events):
                 events += parser.feed(sock.recv(65536))
+            answer(sock, events)
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ, parser)
+            serve(0)  # the others' pings (an unanswered one would end its session)
         opened = time.monotonic() - started
         redis.info("memory")
         print(f"{sessions} idle sessions open in {opened:.1f} s", flush=True)
+        if closes:
+            print(f"closed before the shutdown: {closes}", flush=True)
         sigterm_at = time.monotonic()
         proxy.proc.send_signal(signal.SIGTERM)
-        open_count = sessions
-        while open_count:
-            for key, _ in selector.select(timeout=60):
-                sock, parser = key.fileobj, key.data
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                events = parser.feed(data) if data else [(OP_CLOSE, b"")]
-                for op, payload in events:
-                    if op == OP_PING:
-                        sock.send(encode_frame(OP_PONG, payload, mask_source=masks))
-                    elif op == OP_CLOSE:
-                        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1006
-                        closes[code] = closes.get(code, 0) + 1
-                        if data:
-                            sock.send(encode_frame(OP_CLOSE, payload[:2], mask_source=masks))
-                        selector.unregister(sock)
-                        sock.close()
-                        open_count -= 1
-                        break
+        while len(selector.get_map()):
+            serve(60)
         clients_closed = time.monotonic() - sigterm_at
         code = proxy.proc.wait(120)
         exited = time.monotonic() - sigterm_at
@@ -85,7 +94,11 @@ def main(sessions: int) -> None:
         print(f"evacuated {sessions} idle sessions: clients closed {dict(closes)} within {clients_closed:.2f} s, "
               f"process exited ({code}) {exited:.2f} s after SIGTERM; {saved} sessions at rest in Redis, "
               f"{memory / 1024 / 1024:.1f} MiB of Redis memory ({memory / max(saved, 1):.0f} bytes per session)")
-        print(proxy.stderr_text()[-600:])
+        log = proxy.stderr_text()
+        print("\n".join(line for line in log.splitlines() if "iwsproxy.io.evacuate" in line or "ERROR" in line))
+        if os.environ.get("FLEET_BENCH_LOG"):
+            with open(os.environ["FLEET_BENCH_LOG"], "w") as out:
+                out.write(log)
     finally:
         proxy.kill()
         backend.kill()

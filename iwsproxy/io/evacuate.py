@@ -55,6 +55,7 @@ MOVE_WAIT_S = 5.0              # how long a process waits for another to hand a 
 MOVE_CLOSE_S = 1.0             # how long a process handing a session over waits for the Close replies
 SAVE_BATCH_BYTES = 1 << 20     # snapshots saved per round trip, at most (or SAVE_BATCH items)
 SAVE_BATCH = 200
+SAVE_PAUSE_S = 0.005           # a batch is written when no session came for this long
 FLEET_EVENTS = ("evacuated", "evacuation_failed", "resumed_from_rest", "moved_in", "moved_out", "move_failed",
                 "directory_errors")
 
@@ -176,7 +177,6 @@ class Fleet:
             log.error("pipe %s: the session could not be handed over (Redis: %s); it is lost",
                       short_id(pipe.client_id), exc)
             self.count("move_failed")
-            self.directory.let_go(key)
 
     # ---- evacuation ----
     def evacuate(self, pipes: list[PersistentPipe], keys: dict, timeout_s: float) -> list[PersistentPipe]:
@@ -201,7 +201,7 @@ class Fleet:
                 asked.append(pipe)
             else:
                 left.append(pipe)
-        saved = failed = written = 0
+        saved = failed = written = over_cap = unexported = 0
         redis_failed = False
         waiting = len(asked)
         batch: list[tuple[str, bytes]] = []
@@ -227,28 +227,34 @@ class Fleet:
             batch, batch_bytes = [], 0
 
         while waiting:
+            # while a batch waits, a pause in the arrivals writes it; otherwise wait for the deadline
+            pause = SAVE_PAUSE_S if batch else deadline - time.monotonic()
             try:
-                pipe, snapshot = done.get(timeout=max(0.0, deadline - time.monotonic()))
+                pipe, snapshot = done.get(timeout=max(0.0, min(pause, deadline - time.monotonic())))
             except Empty:
+                if batch and time.monotonic() < deadline:
+                    flush()
+                    continue
                 break
             waiting -= 1
             if snapshot is None:
-                failed += 1
+                unexported += 1
                 continue
             if written + batch_bytes + len(snapshot) > cap:
-                failed += 1
+                over_cap += 1
                 continue
             batch.append((keys[pipe], snapshot))
             batch_bytes += len(snapshot)
-            if len(batch) >= SAVE_BATCH or batch_bytes >= SAVE_BATCH_BYTES or done.empty():
+            if len(batch) >= SAVE_BATCH or batch_bytes >= SAVE_BATCH_BYTES:
                 flush()
         flush()
-        failed += waiting  # not even closed in time
+        lost = failed + over_cap + unexported + waiting  # waiting: not even closed in time
         self.count("evacuated", saved)
-        if failed:
-            self.count("evacuation_failed", failed)
-            log.error("evacuation: %d sessions could not be saved (Redis failing, %d-byte cap, or time up): "
-                      "they are lost", failed, cap)
-        log.info("evacuation: %d sessions saved to Redis (%d bytes), %d lost, in %.2f s", saved, written, failed,
+        if lost:
+            self.count("evacuation_failed", lost)
+            log.error("evacuation: %d sessions could not be saved, they are lost: %d refused by Redis or not "
+                      "written in time, %d past the %d-byte cap, %d not exported, %d not closed in time",
+                      lost, failed, over_cap, cap, unexported, waiting)
+        log.info("evacuation: %d sessions saved to Redis (%d bytes), %d lost, in %.2f s", saved, written, lost,
                  timeout_s - max(0.0, deadline - time.monotonic()))
         return left

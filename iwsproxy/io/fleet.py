@@ -217,21 +217,27 @@ class SessionDirectory:
         holder records (ours) go in the same script. Returns the keys Redis refused (out of
         memory...); raises :class:`RedisError` if Redis cannot be reached."""
         grace_ms = max(1, int(grace_s * 1000))
-        with self._redis.pipeline(transaction=False) as pipe:
-            keys = []
-            for key, snapshot in items:
-                keys.append(key)
-                self._save(keys=[self._k("snap", key), self._k("holder", key), self._k("ready", key)],
-                           args=[self.id, snapshot, grace_ms], client=pipe)
-            results = pipe.execute(raise_on_error=False)
+        keys = []
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for key, snapshot in items:
+                    keys.append(key)
+                    self.drop(key)  # not refreshed meanwhile: the script hands the record on
+                    self._save(keys=[self._k("snap", key), self._k("holder", key), self._k("ready", key)],
+                               args=[self.id, snapshot, grace_ms], client=pipe)
+                results = pipe.execute(raise_on_error=False)
+        except RedisError:
+            self._gone.update(keys)  # their records are deleted when Redis answers again (if still ours)
+            raise
         refused = []
         for key, result in zip(keys, results):
             if isinstance(result, Exception):
                 if not isinstance(result, redis.ResponseError):
+                    self._gone.update(keys)
                     raise result
                 refused.append(key)
+                self._gone.add(key)
                 log.warning("session directory: Redis refused the session %s: %s", key[:8], result)
-            self.drop(key)
         return refused
 
     def ping(self) -> bool:
