@@ -7,7 +7,10 @@
 :class:`~iwsproxy.io.client.ProxyHandler` (refusals are HTTP statuses, sent
 before any upgrade) and stopping gracefully: on SIGTERM it stops accepting and
 closes every client with 1012 (Service Restart), and exits once the pipes are
-gone instead of waiting out gunicorn's ``graceful_timeout``.
+gone instead of waiting out gunicorn's ``graceful_timeout``. With a handoff directory
+(``IWSPROXY_HANDOFF_DIR``) it first hands its pipes to a live worker (gunicorn's HUP starts the
+new workers before it stops the old ones), connections and sessions as they are; only what
+cannot move is closed with 1012.
 
 The stock worker knows nothing of the proxy, so the app gives it the same two
 things when it is loaded in the worker: :func:`support_stock_worker`, called by
@@ -49,15 +52,28 @@ class Worker(GeventWebSocketWorker):
 
         try:
             self.manager = IWSProxy.manager(self.wsgi)
+            self.manager.listen_for_peers()  # a stopping worker may hand us its pipes
         except (AttributeError, KeyError):
             log.warning("the app %r has no IWSProxy extension: on SIGTERM its connections are kept until "
                         "gunicorn's graceful timeout", self.wsgi)
 
-    def handle_exit(self, sig, frame) -> None:
-        """SIGTERM: gunicorn stops accepting and waits for its pools; the pipes close with 1012."""
-        super().handle_exit(sig, frame)
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @alive.setter
+    def alive(self, value: bool) -> None:
+        """gunicorn ends a worker by setting this False: on SIGTERM (``handle_exit``) and when it
+        is recycled (``--max-requests``); either way the pipes move or close (:meth:`_stopping`)."""
+        self._alive = value
+        if not value:
+            self._stopping()
+
+    def _stopping(self) -> None:
+        """gunicorn stops accepting and waits for its pools; the pipes move to a live worker
+        (with a handoff directory), and those left close with 1012."""
         if self.manager is not None:
-            self.manager.begin_shutdown(SHUTDOWN_CODE, SHUTDOWN_REASON)
+            self.manager.begin_shutdown(SHUTDOWN_CODE, SHUTDOWN_REASON, hand_over=True)
 
 
 def support_stock_worker(manager) -> bool:

@@ -14,7 +14,9 @@ Wire format on the Unix socket, one exchange per connection: a 4-byte length,
 a JSON header, then (for a handoff) the request bytes; the descriptor rides on
 the first message. ``{"op": "has", "id": ...}`` is answered with one byte,
 ``1`` or ``0``; ``{"op": "take", "address": [host, port], "size": n}`` is not
-answered (the socket is the receiver's from then on).
+answered (the socket is the receiver's from then on). ``{"op": "takeover"}`` from a worker
+that stops turns the connection into a channel that moves its pipes here (see
+:mod:`iwsproxy.io.handover`; refused, by closing, by a process that is stopping itself).
 
 A process publishes its socket under that name only once it listens, so a
 name whose connection is refused was left by a process that died without
@@ -75,9 +77,12 @@ class Handoff:
     """This process's end of the handoff directory: a listener, and the questions and handoffs
     it sends to the other processes."""
 
-    def __init__(self, directory: str, holds, serve_request):
+    def __init__(self, directory: str, holds, serve_request, take_over=None):
         """``holds(client_id) -> bool`` answers peers; ``serve_request(sock, address, request)``
-        serves a handed-in connection (in its own greenlet)."""
+        serves a handed-in connection (in its own greenlet); ``take_over(sock)``, if given, takes
+        the pipes of a peer that stops (``{"op": "takeover"}``: the socket becomes a channel of
+        :mod:`iwsproxy.io.handover`, and ``take_over`` owns it)."""
+        self._take_over = take_over
         self.directory = directory
         self.path: str | None = None  # ours, named when we start listening (after any fork)
         self._holds = holds
@@ -116,7 +121,10 @@ class Handoff:
             conn.settimeout(ASK_TIMEOUT_S)
             data, fds, _flags, _addr = socket.recv_fds(conn, MAX_HEADER_BYTES + _LENGTH.size, 1)
             header, rest = _split_header(data)
-            if header.get("op") == "has":
+            if header.get("op") == "takeover" and self._take_over is not None and not rest:
+                conn.settimeout(None)
+                self._take_over(conn)
+            elif header.get("op") == "has":
                 conn.sendall(b"1" if self._holds(str(header.get("id", ""))) else b"0")
             elif header.get("op") == "take" and len(fds) == 1:
                 size = int(header["size"])

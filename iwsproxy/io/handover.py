@@ -41,7 +41,7 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
 
-__all__ = ["PROTOCOL", "ENV_CHANNEL", "ENV_LISTENER", "Channel", "Successor", "Predecessor", "peer_credentials",
+__all__ = ["PROTOCOL", "ENV_CHANNEL", "ENV_LISTENER", "Channel", "Recipient", "Successor", "Predecessor", "peer_credentials",
            "inherited_listener", "HandoverError"]
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,91 @@ class Channel:
         self.sock.close()
 
 
-class Successor:
-    """The predecessor's view of the successor process it started."""
+class Recipient:
+    """The giving end of a channel: the process (a successor, or a live gunicorn worker) that
+    takes this one's pipes, as seen from here."""
+
+    def __init__(self, sock: socket.socket, name: str):
+        self.channel = Channel(sock)
+        self.name = name
+        self._answers: deque[AsyncResult] = deque()
+        self._reader: gevent.Greenlet | None = None
+        self.alive = True
+        self.error = ""
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait for the recipient to say ready; False (``error`` says why) if it does not in time."""
+        try:
+            check_peer(self.channel.sock, self._expected_pid())
+            with gevent.Timeout(timeout, HandoverError(f"not ready within {timeout:g} s")):
+                header, fds = self.channel.receive()
+            for fd in fds:
+                os.close(fd)
+            if header.get("op") != "ready" or header.get("protocol") != PROTOCOL:
+                raise HandoverError(f"unexpected greeting {header!r:.100}")
+        except (HandoverError, OSError, ValueError) as exc:
+            self._failed(str(exc) or type(exc).__name__)
+            return False
+        self._reader = gevent.spawn(self._read_answers)
+        return True
+
+    def _expected_pid(self) -> int | None:
+        return None
+
+    def _failed(self, why: str) -> None:
+        self.alive = False
+        self.error = why
+
+    def _read_answers(self) -> None:
+        try:
+            while True:
+                byte = self.channel.receive_byte()
+                if not self._answers:
+                    raise HandoverError("an answer nobody asked for")
+                self._answers.popleft().set(byte == b"1")
+        except (HandoverError, OSError) as exc:
+            self._failed(f"{self.name} went away: {exc}")
+            while self._answers:
+                self._answers.popleft().set(None)
+
+    def send_pools(self, pools: dict) -> bool:
+        """Give the backends of every pool (before the pipes, which lease them)."""
+        try:
+            self.channel.send({"op": "pools", "pools": pools})
+            return True
+        except OSError as exc:
+            self._failed(f"cannot reach {self.name}: {exc}")
+            return False
+
+    def send_pipe(self, state: dict, fds: list[int]) -> bool:
+        """Give one pipe's state and descriptors; True once the recipient has taken them."""
+        if not self.alive:
+            return False
+        answer = AsyncResult()
+        try:
+            self._answers.append(answer)
+            self.channel.send({"op": "pipe", "protocol": PROTOCOL, "state": state}, fds)
+        except OSError as exc:
+            self._failed(f"cannot reach {self.name}: {exc}")
+            return False
+        return answer.get() is True
+
+    def finish(self) -> None:
+        """Tell the recipient that nothing more comes, and close the channel."""
+        try:
+            self.channel.send({"op": "done"})
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.kill(block=False)
+        self.channel.close()
+
+
+class Successor(Recipient):
+    """A successor process started by this one."""
 
     def __init__(self, listener: socket.socket):
         """Start the successor (the same command line and environment), giving it ``listener``.
@@ -190,85 +273,21 @@ class Successor:
         finally:
             theirs.close()
         self.pid = self.process.pid
-        self.channel = Channel(ours)
-        self._answers: deque[AsyncResult] = deque()
-        self._reader: gevent.Greenlet | None = None
-        self.alive = True
-        self.error = ""
+        super().__init__(ours, "the successor")
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
-        """Wait for the successor to listen; False (``error`` says why) if it does not in time."""
-        try:
-            check_peer(self.channel.sock, os.getpid())  # a socket pair carries its creator's credentials
-            with gevent.Timeout(timeout, HandoverError(f"not ready within {timeout:g} s")):
-                header, fds = self.channel.receive()
-            for fd in fds:
-                os.close(fd)
-            if header.get("op") != "ready" or header.get("protocol") != PROTOCOL:
-                raise HandoverError(f"unexpected greeting {header!r:.100}")
-        except (HandoverError, OSError, ValueError) as exc:
-            self._failed(str(exc) or type(exc).__name__)
-            return False
-        self._reader = gevent.spawn(self._read_answers)
-        return True
+    def _expected_pid(self) -> int:
+        return os.getpid()  # a socket pair carries its creator's credentials
 
     def _failed(self, why: str) -> None:
-        self.alive = False
         try:
             code = self.process.wait(timeout=EXIT_WAIT_S)  # a closed channel: it is probably exiting
         except subprocess.TimeoutExpired:
             code = None
-        self.error = why if code is None else f"{why} (it exited with status {code})"
-
-    def _read_answers(self) -> None:
-        try:
-            while True:
-                byte = self.channel.receive_byte()
-                if not self._answers:
-                    raise HandoverError("an answer nobody asked for")
-                self._answers.popleft().set(byte == b"1")
-        except (HandoverError, OSError) as exc:
-            self._failed(f"the successor went away: {exc}")
-            while self._answers:
-                self._answers.popleft().set(None)
-
-    def send_pools(self, pools: dict) -> bool:
-        """Give the backends of every pool (before the pipes, which lease them)."""
-        try:
-            self.channel.send({"op": "pools", "pools": pools})
-            return True
-        except OSError as exc:
-            self._failed(f"cannot reach the successor: {exc}")
-            return False
-
-    def send_pipe(self, state: dict, fds: list[int]) -> bool:
-        """Give one pipe's state and descriptors; True once the successor has taken them."""
-        if not self.alive:
-            return False
-        answer = AsyncResult()
-        try:
-            self._answers.append(answer)
-            self.channel.send({"op": "pipe", "protocol": PROTOCOL, "state": state}, fds)
-        except OSError as exc:
-            self._failed(f"cannot reach the successor: {exc}")
-            return False
-        return answer.get() is True
-
-    def finish(self) -> None:
-        """Tell the successor that nothing more comes, and close the channel."""
-        try:
-            self.channel.send({"op": "done"})
-        except OSError:
-            pass
-        if self._reader is not None:
-            self._reader.kill(block=False)
-        self.channel.close()
+        super()._failed(why if code is None else f"{why} (it exited with status {code})")
 
     def abandon(self) -> None:
         """Stop a successor that failed: kill it (if it still runs) and reap it."""
-        if self._reader is not None:
-            self._reader.kill(block=False)
-        self.channel.close()
+        self.close()
         if self.process.poll() is None:
             self.process.kill()
         try:
@@ -287,8 +306,11 @@ def inherited_listener() -> socket.socket | None:
 class Predecessor:
     """The successor's view of the process that started it: the pipes it hands over."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, parent: bool = True):
+        """``parent``: the peer must be this process's parent (a successor's check), else any
+        process of this user (a gunicorn worker's peer)."""
         self.channel = Channel(sock)
+        self._parent = parent
 
     @classmethod
     def inherited(cls) -> "Predecessor | None":
@@ -304,7 +326,7 @@ class Predecessor:
         taken = 0
         channel = self.channel
         try:
-            check_peer(channel.sock, os.getppid())
+            check_peer(channel.sock, os.getppid() if self._parent else None)
             channel.send({"op": "ready", "protocol": PROTOCOL, "pid": os.getpid()})
             while True:
                 header, fds = channel.receive()

@@ -77,13 +77,14 @@ class PipeManager:
         self._server_pools: set = set()  # the pools of the servers whose requests opened pipes
         self._http_server = None         # the server that handed us requests (serves handed-in ones too)
         self.handoff: Handoff | None = None
+        self._stopping = False  # begin_shutdown was called: peers' pipes are refused
         self._refused_moves: weakref.WeakSet = weakref.WeakSet()  # pipes a successor refused: not asked again
         if s.handoff_dir:
             if not os.path.isdir(s.handoff_dir):
                 raise ConfigError("IWSPROXY_HANDOFF_DIR", s.handoff_dir, "settings",
                                   "not a directory (it must exist, private to the proxy's user)")
             self.handoff = Handoff(s.handoff_dir, holds=self._pipes.__contains__,
-                                   serve_request=self._serve_handed_in)
+                                   serve_request=self._serve_handed_in, take_over=self._take_over_from_peer)
         self.telemetry = Telemetry(self.metrics)
         seeds = pool_seeds(s.routes, tuple(check_backend_url(url) for url in (*s.backends, *backends)),
                            s.proxy_prefix)
@@ -490,20 +491,48 @@ class PipeManager:
         return True
 
     # ---- shutdown ----
-    def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting") -> None:
+    def begin_shutdown(self, code: int = 1012, reason: str = "proxy restarting", *, hand_over: bool = False) -> None:
         """Start :meth:`close_all` in its own greenlet (safe from a signal handler); once only.
+        With ``hand_over`` and a handoff directory, the pipes are first moved to a live peer
+        process (a gunicorn worker that goes on: see :func:`~iwsproxy.io.takeover.hand_over_to_peer`);
+        those that could not move are closed.
 
         The greenlet is also put in the pool of each server that opened pipes:
         gunicorn's worker waits for its pool to empty before it exits, and pipes
         (which outlive their requests) are not in it.
         """
         if self._shutdown is None:
-            log.info("shutting down: closing %d clients with %d", len(self._pipes), code)
-            self._shutdown = gevent.spawn(self.close_all, code, reason)
+            self._stopping = True  # peers are refused from now on
+            if hand_over and self.handoff is not None:
+                log.info("stopping: handing %d pipes to a live peer", len(self._pipes))
+                self._shutdown = gevent.spawn(self._hand_over_then_close, code, reason)
+            else:
+                log.info("shutting down: closing %d clients with %d", len(self._pipes), code)
+                self._shutdown = gevent.spawn(self.close_all, code, reason)
             self._shutdown.link_exception(lambda g: log.error("shutdown failed", exc_info=g.exc_info))
             for pool in self._server_pools:
                 if pool.free_count() > 0:  # never block a signal handler on a full pool
                     pool.add(self._shutdown)
+
+    def _hand_over_then_close(self, code: int, reason: str) -> None:
+        from .takeover import hand_over_to_peer
+        hand_over_to_peer(self)
+        self.close_all(code, reason)
+
+    def _take_over_from_peer(self, sock) -> None:
+        """A peer that stops hands us its pipes (see :mod:`iwsproxy.io.handover`), unless we stop too."""
+        if self._stopping or self._closing.is_set():
+            sock.close()
+            return
+        from .handover import Predecessor
+        taken = Predecessor(sock, parent=False).serve(self.adopt_moved, self.adopt_pools)
+        log.info("handover: took %d pipes from a peer that stopped", taken)
+
+    def listen_for_peers(self) -> None:
+        """With a handoff directory, listen there now (a gunicorn worker, so that a stopping
+        worker can hand it its pipes before it has any of its own)."""
+        if self.handoff is not None:
+            self._start_handoff()
 
     @property
     def draining(self) -> bool:

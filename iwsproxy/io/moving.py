@@ -68,6 +68,9 @@ class Movable:
         if self.ending:
             event.result.set("ending")
             return
+        if self.client is not None and not self.client.movable:
+            event.result.set("refused")  # a TLS client: it is closed with 1012 here and reconnects
+            return
         if len(self._client_readers) > (self.client is not None):
             event.result.set("later")  # an earlier connection is still closing (a takeover)
             return

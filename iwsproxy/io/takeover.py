@@ -32,13 +32,16 @@ if TYPE_CHECKING:
     from ..frames import MaskSource
     from ..settings import Settings
 
-__all__ = ["move_all", "pool_state", "adopt_pools", "restore_moved", "Moved", "MoveRefused"]
+__all__ = ["move_all", "hand_over_to_peer", "pool_state", "adopt_pools", "restore_moved", "Moved", "MoveRefused"]
 
 log = logging.getLogger(__name__)
 
 MOVE_CONCURRENCY = 64  # pipes being moved at once (each waits for the successor's answer)
 MOVE_ROUNDS = 5        # pipes that were busy (a reader with data in hand) are asked again this often
 RETRY_PAUSE_S = 0.05
+PEER_WAIT_S = 10.0      # how long a stopping worker looks for a live peer (a new worker may still be booting)
+PEER_READY_TIMEOUT_S = 2.0
+PEER_LOOK_S = 0.2
 
 
 class MoveRefused(Exception):
@@ -73,6 +76,47 @@ def move_all(manager, pipes: list, send, refused) -> dict:
     counts["later"] = len(left) - counts["refused"]
     counts["ending"] = len(pipes) - len(left) - counts["moved"]
     return dict(counts)
+
+
+def hand_over_to_peer(manager, wait_s: float = PEER_WAIT_S) -> dict:
+    """Move every pipe of ``manager`` to live peers of its handoff directory (gunicorn workers
+    that go on), trying each peer in turn and looking again for up to ``wait_s`` while pipes
+    are left (a worker started to replace this one may still be booting). Returns the counts of
+    :func:`move_all` over all peers; what is left is the caller's to close."""
+    from .handover import Channel, Recipient
+
+    handoff = manager.handoff
+    deadline = time.monotonic() + wait_s
+    counts: Counter = Counter()
+    while True:
+        for path in handoff._peers():
+            if not _movable(manager):
+                return dict(counts)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(PEER_READY_TIMEOUT_S)
+                sock.connect(path)
+                sock.settimeout(None)
+                Channel(sock).send({"op": "takeover"})
+            except OSError:
+                sock.close()
+                continue
+            recipient = Recipient(sock, f"the worker at {path}")
+            if not recipient.wait_ready(PEER_READY_TIMEOUT_S):
+                recipient.close()
+                continue
+            recipient.send_pools(pool_state(manager))
+            moved = move_all(manager, list(manager._pipes.values()), recipient.send_pipe, set())
+            recipient.finish()
+            counts.update(moved)
+            log.info("handover: %d pipes moved to the worker at %s", moved.get("moved", 0), path)
+        if not _movable(manager) or time.monotonic() >= deadline:
+            return dict(counts)
+        manager._closing.wait(PEER_LOOK_S)  # ok-sleep: pacing between looks for a live peer
+
+
+def _movable(manager) -> bool:
+    return any(not pipe.ending for pipe in manager._pipes.values())
 
 
 def pool_state(manager) -> dict:

@@ -111,3 +111,43 @@ def _sigterm_closes_every_client_with_1012_and_exits_promptly(server, clients) -
     assert server.proc.wait(15) == 0
     # well before gunicorn's graceful timeout (10 s), which is how long it would otherwise hang on
     assert time.monotonic() - started < 6
+
+
+def _workers(master: int) -> set[int]:
+    with open(f"/proc/{master}/task/{master}/children") as f:
+        return {int(pid) for pid in f.read().split()}
+
+
+def test_hup_with_a_handoff_dir_moves_every_pipe_to_the_new_workers(processes, tmp_path):
+    """gunicorn's HUP starts new workers, then stops the old ones: each hands its pipes to a new
+    one through the handoff directory (connections and sessions as they are): the streaming
+    clients lose nothing, get nothing twice, and the backend sees no new connection."""
+    from test_handover import BothWays
+
+    backend = processes.echo()
+    handoff = tmp_path / "handoff"
+    handoff.mkdir(mode=0o700)
+    server = Gunicorn(backend.url, workers=2)
+    server.env["IWSPROXY_HANDOFF_DIR"] = str(handoff)
+    processes.add(server)
+    master = server.proc.pid
+    old = wait_for(lambda: len(w := _workers(master)) == 2 and w, 20, "two workers")
+    stop = __import__("threading").Event()
+    clients = [BothWays(server.url_for(str(uuid.uuid4())), 0.02, stop) for _ in range(10)]
+    try:
+        wait_for(lambda: all(c.sent >= 5 for c in clients), 20, "every client streaming")
+        accepted = stats(backend)["connections_total"]
+        os.kill(master, signal.SIGHUP)
+        wait_for(lambda: not (_workers(master) & old) and len(_workers(master)) == 2, 60, "the old workers gone")
+        before = min(len(c.received) for c in clients)
+        wait_for(lambda: min(len(c.received) for c in clients) > before + 3, 20, "echoes after the move")
+        stop.set()
+        for c in clients:
+            assert c.done.wait(30)
+        for c in clients:
+            c.check()
+        assert stats(backend)["connections_total"] == accepted == 10
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()
