@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="iwsproxy",
@@ -9,6 +9,9 @@ setup(
     packages=find_packages(include=["iwsproxy", "iwsproxy.*"]),
     # the status page's template and script (MANIFEST.in puts them in the sdist too)
     package_data={"iwsproxy": ["templates/iwsproxy/*.html", "static/iwsproxy/*.js"]},
+    # the codec's per-frame loops in C (iwsproxy/accel.py); optional: without a compiler the
+    # build goes on without it and the pure-Python code runs instead
+    ext_modules=[Extension("iwsproxy._speedups", ["iwsproxy/_speedups.c"], optional=True)],
     python_requires=">=3.11",
     install_requires=[line.strip() for line in open("requirements.txt", encoding="utf-8")
                       if line.strip() and not line.startswith("#")],

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .accel import speedups
 from .exceptions import BufferOverflow
 
 Message = tuple[int, bytes]  # (opcode, payload)
@@ -38,9 +39,13 @@ Message = tuple[int, bytes]  # (opcode, payload)
 __all__ = ["Message", "MessageBuffer", "Budget", "Ledger", "payload_bytes"]
 
 
-def payload_bytes(messages: list[Message]) -> int:
+def python_payload_bytes(messages: list[Message]) -> int:
     """The payload bytes of ``messages`` (a write batch's size, counted once per batch)."""
     return sum([len(m[1]) for m in messages])
+
+
+#: :func:`python_payload_bytes`, in C when :mod:`iwsproxy.accel` has it
+payload_bytes = speedups.payload_bytes if speedups else python_payload_bytes
 
 
 class Budget:
@@ -247,11 +252,15 @@ class Ledger:
         fences = self.fences
         if number is None or not fences or not fences[0][0] <= number <= fences[-1][0]:
             return False  # not one of ours
-        settled = 0
-        while settled < len(fences) and fences[settled][0] <= number:
-            settled += 1
-        covered = fences[settled - 1][1]
-        del fences[:settled]
+        if number == fences[-1][0]:  # the usual: the newest fence, which settles them all
+            covered = fences[-1][1]
+            fences.clear()
+        else:
+            settled = 0
+            while fences[settled][0] <= number:
+                settled += 1
+            covered = fences[settled - 1][1]
+            del fences[:settled]
         if self.keep:
             self.buffer.ack(covered - self.acked_total)
             self.acked_total = covered

@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import struct
 
+from iwsproxy.accel import speedups
 from iwsproxy.exceptions import MessageTooBig, ProtocolError
 from iwsproxy.masking import MaskSource, _c_apply_mask, apply_mask, python_apply_mask  # noqa: F401 (re-exported)
 
@@ -59,6 +60,9 @@ _HEAD_10 = struct.Struct("!BBQ")
 BYTES_PER_EXTRA_FRAGMENT = 32
 
 _utf8_decode = codecs.utf_8_decode
+# the C loops (iwsproxy.accel), or None: the pure-Python code below does the same
+_scan_frames = speedups.scan_frames if speedups else None
+_encode_data_frames = speedups.encode_data_frames if speedups else None
 
 
 def _small_headers(mask_bit: int) -> tuple:
@@ -108,11 +112,21 @@ def encode_messages(messages: list[tuple[int, bytes]], mask_source: MaskSource |
                     ping: bytes | None = None) -> bytes:
     """A write batch: whole TEXT/BINARY messages, one frame each, then an optional Ping.
 
-    The same bytes as joining :func:`encode_frame` of each, built with one join
-    (no per-frame header + payload copy), headers of small frames from a table
-    and the batch's mask keys taken at once: this is the proxy's hot path in
-    both directions.
+    The same bytes as joining :func:`encode_frame` of each, the batch's mask keys taken
+    at once: this is the proxy's hot path in both directions. Raises ``ValueError`` for
+    a control or continuation opcode, or a ping over 125 bytes.
     """
+    if _encode_data_frames is None or type(messages) is not list:
+        return python_encode_messages(messages, mask_source, ping)
+    if mask_source is None:
+        return _encode_data_frames(messages, 0, b"", ping)
+    return _encode_data_frames(messages, 0x80, mask_source.keys(len(messages) + (ping is not None)), ping)
+
+
+def python_encode_messages(messages: list[tuple[int, bytes]], mask_source: MaskSource | None = None,
+                           ping: bytes | None = None) -> bytes:
+    """:func:`encode_messages` in pure Python: one join (no per-frame header + payload
+    copy), headers of small frames from a table."""
     parts: list = []
     append = parts.append
     mask_bit = 0x80 if mask_source is not None else 0
@@ -231,6 +245,7 @@ class FrameParser:
         "_mask_bit",
         "_max_message_size",
         "_max_fragments",
+        "_c_max_size",
         "_buf",
         "_need",
         "_msg_opcode",
@@ -257,6 +272,7 @@ class FrameParser:
         self._mask_bit = 0x80 if expect_masked else 0
         self._max_message_size = max_message_size
         self._max_fragments = max_fragments
+        self._c_max_size = min(max_message_size, 0xFFFF)  # C takes 7- and 16-bit lengths only
         self._buf = bytearray()  # bytes received but not yet consumed
         self._need = 0  # len(_buf) needed before parsing is worth another try
         self._msg_opcode = 0  # opcode of the open fragmented message, 0 if none
@@ -295,9 +311,19 @@ class FrameParser:
         buf = self._buf
         if not buf:
             if type(data) is bytes:
-                events = self._fast_path(data)
-                if events is not None:
-                    return events
+                if _scan_frames is None:
+                    events = self._fast_path(data)
+                    if events is not None:
+                        return events
+                elif not self._msg_opcode:  # the usual chunk: whole frames, all of them for C
+                    events = []
+                    controls = [] if self._split else None
+                    pos = _scan_frames(data, 0, self._mask_bit, self._c_max_size, events, controls)
+                    if pos == len(data):
+                        if controls:
+                            self.controls = controls
+                        return events
+                    return self._parse(data, pos, events, controls)
                 return self._parse(data)
             buf += data
             return self._parse(buf)
@@ -336,12 +362,15 @@ class FrameParser:
                 raise
         return [(b0 & 0x0F, payload)]
 
-    def _parse(self, src: bytes | bytearray) -> list[tuple[int, bytes]]:
-        """Consume every complete frame of ``src`` (``self._buf`` or a fresh bytes chunk)."""
-        events: list[tuple[int, bytes]] = []
+    def _parse(self, src: bytes | bytearray, pos: int = 0, events: list | None = None,
+               controls: list | None = None) -> list[tuple[int, bytes]]:
+        """Consume every complete frame of ``src`` (``self._buf`` or a fresh bytes chunk) from
+        ``pos`` on; ``events`` and ``controls``, if given, hold what came before ``pos``."""
+        if events is None:
+            events = []
+            controls = [] if self._split else None  # split mode: the control frames, in order
         append = events.append
         end = len(src)
-        pos = 0
         need = 0
         mask_bit = self._mask_bit
         # a whole small data frame (second header byte in [lo, hi]) needs none of the checks below;
@@ -353,8 +382,14 @@ class FrameParser:
         # slices of a bytes chunk are taken from it; those of the buffer (a bytearray) through a
         # memoryview, released before the buffer is trimmed
         view = src if type(src) is bytes else memoryview(src)
+        scan = _scan_frames
+        max_size = self._c_max_size
         try:
             while end - pos >= 2:
+                if scan is not None and hi >= 0:  # in C: whole data, ping and pong frames, up to any other
+                    pos = scan(src, pos, mask_bit, max_size, events, controls)
+                    if end - pos < 2:
+                        break
                 b0 = src[pos]
                 b1 = src[pos + 1]
                 if 0x81 <= b0 <= 0x82 and lo <= b1 <= hi:
@@ -413,9 +448,7 @@ class FrameParser:
                     if not self._split:
                         append((opcode, payload))
                         continue
-                    if not self.controls:
-                        self.controls = []
-                    self.controls.append((opcode, payload))
+                    controls.append((opcode, payload))
                     if opcode == OP_CLOSE:
                         self._closed = True
                         pos = end  # what follows a CLOSE is not for us
@@ -453,6 +486,8 @@ class FrameParser:
         finally:
             if view is not src:
                 view.release()
+            if controls:
+                self.controls = controls
         buf = self._buf
         if src is buf:
             if pos:
