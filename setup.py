@@ -13,6 +13,7 @@ setup(
     install_requires=[line.strip() for line in open("requirements.txt", encoding="utf-8")
                       if line.strip() and not line.startswith("#")],
     # playwright drives the system's chromium (apt-get install chromium) in tests/browser
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "playwright>=1.40"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
+                             "playwright>=1.40"]},
     entry_points={"console_scripts": ["iwsproxy = iwsproxy.cli:main"]},
 )
