@@ -17,7 +17,8 @@ setup(
                       if line.strip() and not line.startswith("#")],
     # playwright drives the system's chromium (apt-get install chromium) in tests/browser;
     # mkdocs builds the documentation site, which a test builds in strict mode
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "playwright>=1.40", "mkdocs>=1.6"],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
+                             "playwright>=1.40", "mkdocs>=1.6"],
                     "docs": ["mkdocs>=1.6"]},
     entry_points={"console_scripts": ["iwsproxy = iwsproxy.cli:main"]},
 )

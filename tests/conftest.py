@@ -1,4 +1,11 @@
-"""Shared fixtures: echo backends and proxies in child processes, real clients, 127.0.0.1 only."""
+"""Shared fixtures: echo backends and proxies in child processes, real clients, 127.0.0.1 only.
+
+The suite runs its files in parallel (pytest-xdist; pytest.ini's ``-n 2 --dist loadfile``): each
+file whole in one worker process, its tests in order. A test may share state with the tests of
+its own file (module fixtures, ``shared``), and with nothing else: ports are 0 (a port found free
+is taken by someone else as soon as it is let go), files go under ``tmp_path``, and nothing changes
+``os.environ``, the working directory or another module. ``-n 0`` runs everything in one process.
+"""
 
 from __future__ import annotations
 
