@@ -188,7 +188,8 @@ class Settings:
                                         "repeatable, the variable separates routes with ;); the longest prefix wins, "
                                         "by whole path segments; the pool is named PREFIX. A path under no route goes "
                                         "to the default pool (the --backend URLs; --route /=URL is another way to give "
-                                        "them), or gets 404 if there is none", "--route")
+                                        "them), or gets 404 if there is none. With --workers N, needs --redis-url",
+                                        "--route")
     workers: int = setting(1, "IWSPROXY_WORKERS", _parse_workers,
                            "iwsproxy serve only: worker processes sharing the listening port (auto: one per CPU); "
                            "with more than one, a master process restarts any that exits, passes SIGTERM and "
@@ -377,6 +378,10 @@ class Settings:
             if self.backends and any(is_catch_all(prefix, self.proxy_prefix) for prefix, _ in self.routes):
                 raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
                                   "a catch-all route and IWSPROXY_BACKENDS both give the default pool: give one")
+            if self.workers > 1 and not self.redis_url:
+                raise ConfigError("IWSPROXY_ROUTES", shown, "settings",
+                                  "routes with more than one worker (IWSPROXY_WORKERS) need IWSPROXY_REDIS_URL: "
+                                  "the workers' master shares the default pool only")
             for prefix, _ in self.routes:
                 if self.proxy_prefix and not prefix_matches(self.proxy_prefix, prefix):
                     raise ConfigError("IWSPROXY_ROUTES", shown, "settings",

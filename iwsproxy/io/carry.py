@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
     from .pipe import PersistentPipe
 
-__all__ = ["Carried", "export_pipe", "restore_detached", "offer_to_json", "offer_from_json"]
+__all__ = ["Carried", "export_pipe", "restore_detached", "restore_live", "offer_to_json", "offer_from_json"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,22 @@ def restore_detached(data, *, settings: "Settings", budget: "Budget | None", now
     if session.client_attached:
         session.client_detached(now)  # with the resume grace off this ends the session
     session.poll(now)  # a grace or timeout that ran out while at rest ends it now (no connection to act on)
+    return session, carried
+
+
+def restore_live(data, *, settings: "Settings", budget: "Budget | None", now: float) -> tuple[Session, Carried]:
+    """The session of a snapshot of :func:`export_pipe` whose connections come with it (a pipe
+    moved to a successor process on the same host: see :mod:`iwsproxy.io.moving`), as it was:
+    no time at rest, nothing lost or detached. Under this process's ``settings``, its bytes
+    charged to ``budget``. Raises as :func:`restore_detached` does."""
+    session, extra = Session.restore(data, now, budget=budget, **session_settings(settings))
+    try:
+        carried = _carried(extra, 0.0)
+        if session.closed:
+            raise SnapshotError("the snapshot holds a session that has ended")
+    except SnapshotError:
+        session.close(1011, "snapshot refused")
+        raise
     return session, carried
 
 

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 EVACUATION_CODE = 1012
 EVACUATION_REASON = "proxy shutting down: reconnect to resume"
 MOVE_WAIT_S = 5.0              # how long a process waits for another to hand a session over
+MOVE_CLOSE_S = 1.0             # how long a process handing a session over waits for the Close replies
 SAVE_BATCH_BYTES = 1 << 20     # snapshots saved per round trip, at most (or SAVE_BATCH items)
 SAVE_BATCH = 200
 FLEET_EVENTS = ("evacuated", "evacuation_failed", "resumed_from_rest", "moved_in", "moved_out", "move_failed",
@@ -133,10 +134,15 @@ class Fleet:
                 return None
             return self._not_handed(key)
         directory.ask_release(holder, key)
-        if directory.wait_saved(key, MOVE_WAIT_S):
+        deadline = time.monotonic() + MOVE_WAIT_S
+        while directory.wait_saved(key, max(0.0, deadline - time.monotonic())):
             kind, value = directory.take(key)
             if kind == "snapshot":
                 return value
+            if kind == "new":
+                return None  # its holder let it go without saving it: recorded as ours, a new session
+            if value != holder or time.monotonic() >= deadline:
+                break  # another process took it first
         return self._not_handed(key)
 
     def _not_handed(self, key: str):
@@ -153,15 +159,18 @@ class Fleet:
             log.info("pipe %s: not handed over: attached, and duplicates are refused", short_id(pipe.client_id))
             return
         log.info("pipe %s: handing the session over to another process", short_id(pipe.client_id))
-        pipe.evacuate(CLOSE_TAKEN_OVER, "session taken over by a connection to another proxy",
-                      max(self.settings.pong_timeout_s, 1.0), lambda p, snapshot: self._save_moved(key, p, snapshot))
+        # the old connection is being replaced: as in a takeover it is not waited for long (what it
+        # had not acknowledged goes to the new one)
+        pipe.evacuate(CLOSE_TAKEN_OVER, "session taken over by a connection to another proxy", MOVE_CLOSE_S,
+                      lambda p, snapshot: self._save_moved(key, p, snapshot))
 
     def _save_moved(self, key: str, pipe: PersistentPipe, snapshot: bytes | None) -> None:
         if snapshot is None:
             self.count("move_failed")
             return
         try:
-            self.directory.save([(key, snapshot)], self.settings.resume_grace_s)
+            if self.directory.save([(key, snapshot)], self.settings.resume_grace_s):
+                raise RedisError("refused by Redis")
             self.count("moved_out")
         except RedisError as exc:
             log.error("pipe %s: the session could not be handed over (Redis: %s); it is lost",
@@ -207,8 +216,9 @@ class Fleet:
             else:
                 try:
                     with gevent.Timeout(max(0.0, deadline - time.monotonic()), RedisError("shutdown time up")):
-                        self.directory.save(batch, settings.resume_grace_s)
-                    saved += len(batch)
+                        refused = self.directory.save(batch, settings.resume_grace_s)
+                    saved += len(batch) - len(refused)
+                    failed += len(refused)
                     written += batch_bytes
                 except RedisError as exc:
                     log.error("evacuation: saving %d sessions failed: %s", len(batch), exc)

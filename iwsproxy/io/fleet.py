@@ -51,11 +51,12 @@ log = logging.getLogger(__name__)
 
 READY_TTL_MS = 10_000
 
-# KEYS: snap, holder. ARGV: me, ttl ms. -> {1, snapshot} taken; {2, holder} held elsewhere (or by me);
-# {0, ""} nothing known: recorded as mine (a new session)
+# KEYS: snap, holder, ready. ARGV: me, ttl ms. -> {1, snapshot} taken; {2, holder} held elsewhere (or
+# by me); {0, ""} nothing known: recorded as mine (a new session)
 _TAKE = """
 local snap = redis.call('LPOP', KEYS[1])
 if snap then
+  redis.call('DEL', KEYS[3])
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   return {1, snap}
 end
@@ -64,10 +65,11 @@ if holder then return {2, holder} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {0, ''}
 """
-# KEYS: snap, holder, ready. ARGV: me, snapshot, grace ms.
+# KEYS: snap, holder, ready. ARGV: me, snapshot, grace ms. The first write is the RPUSH: a script's
+# first write is where Redis refuses it when out of memory (later ones are let through).
 _SAVE = """
-redis.call('DEL', KEYS[1])
 redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -1, -1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 redis.call('DEL', KEYS[3])
@@ -167,7 +169,7 @@ class SessionDirectory:
         """Take session ``key``: ("snapshot", bytes) popped from rest, now recorded as ours;
         ("held", holder id) held by a process (perhaps this one); or ("new", None): nothing was
         known, it is recorded as ours."""
-        found, value = self._take(keys=[self._k("snap", key), self._k("holder", key)],
+        found, value = self._take(keys=[self._k("snap", key), self._k("holder", key), self._k("ready", key)],
                                   args=[self.id, int(self.ttl_s * 1000)])
         if found == 1:
             self._held.add(key)
@@ -199,18 +201,21 @@ class SessionDirectory:
         return self._redis.publish(f"{self._prefix}:release:{holder}", key)
 
     def wait_saved(self, key: str, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` (whole seconds, at least 1) for a snapshot of ``key`` to be saved."""
+        """Wait up to ``timeout_s`` for a snapshot of ``key`` to be saved (False: none was)."""
+        if timeout_s <= 0:
+            return False
         waiter = redis.Redis.from_url(self._url, socket_connect_timeout=self.timeout_s,
                                       socket_timeout=timeout_s + self.timeout_s, retry=Retry(NoBackoff(), 0),
                                       protocol=2)
         try:
-            return waiter.blpop([self._k("ready", key)], timeout=max(1, int(round(timeout_s)))) is not None
+            return waiter.blpop([self._k("ready", key)], timeout=max(0.01, round(timeout_s, 2))) is not None
         finally:
             waiter.close()
 
-    def save(self, items: Iterable[tuple[str, bytes]], grace_s: float) -> None:
+    def save(self, items: Iterable[tuple[str, bytes]], grace_s: float) -> list[str]:
         """Put sessions at rest for ``grace_s``: each (key, snapshot), in one round trip. Their
-        holder records (ours) go in the same script."""
+        holder records (ours) go in the same script. Returns the keys Redis refused (out of
+        memory...); raises :class:`RedisError` if Redis cannot be reached."""
         grace_ms = max(1, int(grace_s * 1000))
         with self._redis.pipeline(transaction=False) as pipe:
             keys = []
@@ -218,9 +223,16 @@ class SessionDirectory:
                 keys.append(key)
                 self._save(keys=[self._k("snap", key), self._k("holder", key), self._k("ready", key)],
                            args=[self.id, snapshot, grace_ms], client=pipe)
-            pipe.execute()
-        for key in keys:
+            results = pipe.execute(raise_on_error=False)
+        refused = []
+        for key, result in zip(keys, results):
+            if isinstance(result, Exception):
+                if not isinstance(result, redis.ResponseError):
+                    raise result
+                refused.append(key)
+                log.warning("session directory: Redis refused the session %s: %s", key[:8], result)
             self.drop(key)
+        return refused
 
     def ping(self) -> bool:
         try:

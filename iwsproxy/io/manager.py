@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import weakref
 from collections import Counter
@@ -23,11 +22,11 @@ from ..metrics import Metrics
 from ..settings import Settings, check_drain_window
 from ..tokens import verify
 from .backend import ClientOffer, check_backend_url, tls_options
-from .carry import offer_from_json, restore_detached
+from .carry import restore_detached
 from .client import ClientUpgrade, ProxyHandler
 from .connection import Connection
 from .handoff import Handoff, prefixed_reader
-from .pipe import PersistentPipe, session_settings, short_id
+from .pipe import PersistentPipe, short_id
 from .pools import OnePool, PoolLeases
 from .ports import BackendOptions, Telemetry
 from .registry import LocalRegistry, Registry
@@ -449,111 +448,45 @@ class PipeManager:
         timer.start_later(delay_s)
 
     # ---- restart: moving pipes to a successor process (see iwsproxy.io.handover) ----
-    def move_all(self, send, *, concurrency: int = 64, rounds: int = 5) -> dict:
-        """Move every pipe with ``send(state, fds) -> bool`` (see :meth:`PersistentPipe.move`),
-        ``concurrency`` at a time; pipes that were busy are asked again, up to ``rounds`` times.
-        Pipes whose session is ending stay (they end here). Returns counts by outcome
-        (``moved``, ``refused``, ``ending``, ``later``); stops early once ``send`` fails for
-        every pipe of a round (the successor is gone). A pipe refused once is not asked again."""
-        from gevent.pool import Pool
-
-        counts: Counter = Counter()
-        refused = self._refused_moves
-        for _ in range(rounds):
-            pipes = [p for p in self._pipes.values() if p not in refused and not p.ending]
-            if not pipes:
-                break
-            outcomes = Pool(concurrency).map(lambda p: (p, p.move(send).get()), pipes)
-            round_counts = Counter(outcome for _, outcome in outcomes)
-            refused.update(p for p, outcome in outcomes if outcome == "refused")
-            counts["moved"] += round_counts["moved"]
-            counts["refused"] = len(refused)
-            self.counters["pipes_moved_out"] += round_counts["moved"]
-            for _ in range(round_counts["moved"]):
-                self.metrics.handover("pipes_moved_out")
-            if not round_counts["later"] or not round_counts["moved"] and round_counts["refused"]:
-                break
-            self._closing.wait(0.05)  # ok-sleep: pacing before asking busy pipes again
-        counts["ending"] = sum(1 for p in self._pipes.values() if p.ending)
-        counts["later"] = len(self._pipes) - counts["ending"] - len(refused)
-        return dict(counts)
+    def move_all(self, send) -> dict:
+        """Move every pipe to a successor with ``send`` (see :func:`iwsproxy.io.takeover.move_all`)."""
+        from .takeover import move_all
+        return move_all(self, list(self._pipes.values()), send, self._refused_moves)
 
     def pool_state(self) -> dict:
-        """Each pool's backends in order, ``[url, draining]``: what a successor needs to keep the
-        changes made through the admin API (see :meth:`adopt_pools`)."""
-        return {name: [[b["url"], b["state"] == "draining"] for b in leases.pool.snapshot(time.monotonic())]
-                for name, leases in self.leases.items()}
+        from .takeover import pool_state
+        return pool_state(self)
 
     def adopt_pools(self, pools: dict) -> None:
-        """Take over a predecessor's backends (:meth:`pool_state`): those it had and this process's
-        configuration lacks (added through the admin API) are added, those it was draining are
-        drained. Pools this process does not have are skipped."""
-        for name, backends in pools.items():
-            if name not in self.leases:
-                log.warning("handover: the predecessor's pool %r is not configured here", name)
-                continue
-            for url, draining in backends:
-                self.apply_add(url, name)
-                if draining:
-                    self.leases[name].pool.drain(url)
+        from .takeover import adopt_pools
+        adopt_pools(self, pools)
 
     def adopt_moved(self, state: dict, fds: list[int]) -> bool:
-        """Serve a pipe moved here by a predecessor (``state`` from ``Movable._export_for_move``,
-        ``fds`` its client's and backend's descriptors, in that order); False (logged) if it
-        cannot be read or does not fit, and then the descriptors are not taken."""
-        from .. import snapshot
-        from ..exceptions import BufferOverflow, SnapshotError
-        from .backend import BackendConnection
+        """Serve a pipe moved here by a predecessor, its connections live (see
+        :func:`iwsproxy.io.takeover.restore_moved`); False (logged, counted) if it cannot be
+        read or does not fit here, and then the descriptors are not taken."""
+        from .takeover import MoveRefused, restore_moved
 
-        settings = self.settings
         try:
-            session, extra = snapshot.restore(state["snapshot"], time.monotonic(), budget=self.budget,
-                                              **session_settings(settings))
-        except (SnapshotError, BufferOverflow, KeyError, TypeError) as exc:
+            moved = restore_moved(state, fds, settings=self.settings, budget=self.budget,
+                                  mask_source=self.mask_source, pools=self.leases)
+        except MoveRefused as exc:
             log.warning("handover: refused a pipe: %s", exc)
             self.counters["pipes_refused"] += 1
             self.metrics.handover("pipes_refused")
             return False
-        client = backend = None
-        try:
-            client_id, pool = extra["client_id"], extra.get("pool", DEFAULT_POOL)
-            leases = self.leases[pool]
-            offer = offer_from_json(extra["offer"])
-            fds = list(fds)
-            if state["client"] is not None:
-                client = Connection(socket.socket(fileno=fds[0]), server_side=True,
-                                    max_message_size=settings.max_message_size_bytes,
-                                    max_fragments=settings.max_fragments)
-                client.load_state(state["client"])
-            if state["backend"] is not None:
-                info = state["backend"]
-                backend = BackendConnection(info["url"], socket.socket(fileno=fds[-1]), info["subprotocol"],
-                                            max_message_size=settings.max_message_size_bytes,
-                                            max_fragments=settings.max_fragments, mask_source=self.mask_source)
-                backend.load_state(info)
-        except (KeyError, TypeError, ValueError, IndexError, SnapshotError) as exc:
-            log.warning("handover: refused a pipe with a state this version cannot use: %s", exc)
-            session.close(1012, "moved")  # gives its bytes back to the budget
-            self.counters["pipes_refused"] += 1
-            self.metrics.handover("pipes_refused")
-            for conn in (client, backend):
-                if conn is not None:
-                    conn.sock.detach()  # the caller closes the descriptors
-            return False
-        key = _session_key(pool, client_id)
-        pipe = PersistentPipe(client_id, offer, settings=settings, leases=leases, telemetry=self.telemetry,
-                              budget=self.budget, backend_options=self._backend_options, on_ended=self.pipe_ended,
-                              supervisors=self._greenlets)
-        lease = leases.pool.get(backend.url) if backend is not None else None
-        if lease is not None:
-            lease.clients += 1
-        self._pipes[key] = pipe
-        self._per_ip[offer.remote_addr] += 1
+        carried, leases = moved.carried, self.leases[moved.carried.pool]
+        pipe = PersistentPipe(carried.client_id, carried.offer, settings=self.settings, leases=leases,
+                              telemetry=self.telemetry, budget=self.budget, backend_options=self._backend_options,
+                              on_ended=self.pipe_ended, supervisors=self._greenlets, session=moved.session)
+        pipe.subprotocol = carried.subprotocol
+        pipe.opened_at -= carried.age_s
+        self._pipes[_session_key(carried.pool, carried.client_id)] = pipe
+        self._per_ip[carried.offer.remote_addr] += 1
         self.metrics.pipe_opened()
         self.counters["pipes_moved_in"] += 1
         self.metrics.handover("pipes_moved_in")
-        pipe.start_moved(session, client, backend, lease, subprotocol=extra.get("subprotocol"),
-                         age_s=extra.get("age_s", 0.0))
+        pipe.start_moved(moved.client, moved.backend, moved.lease)
         return True
 
     # ---- shutdown ----

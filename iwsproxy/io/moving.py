@@ -23,14 +23,11 @@ without it, and the receiving process reconnects a backend as after a loss, with
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Callable
 
 import gevent
 
-from .. import snapshot
 from ..pool import Backend
-from ..session import Session
 from .backend import BackendConnection
 from .connection import Connection
 from .events import RESCHEDULED, WOKEN, BackendLost, MoveAsked
@@ -107,10 +104,12 @@ class Movable:
         return "moved"
 
     def _export_for_move(self) -> tuple[dict, list[int]]:
-        now = self.clock()
-        offer = asdict(self.offer)
-        extra = {"client_id": self.client_id, "subprotocol": self.subprotocol, "age_s": max(0.0, now - self.opened_at),
-                 "offer": offer, "pool": getattr(self.leases, "name", "default")}
+        """The pipe's state for a move: ``snapshot`` (:func:`~iwsproxy.io.carry.export_pipe`),
+        ``client`` and ``backend`` (each connection's :meth:`~Connection.export_state`, the
+        backend's with its URL and subprotocol; None without one, or for a backend over TLS),
+        and the descriptors of those given, client first."""
+        from .carry import export_pipe  # late: carry imports the pipe module
+
         fds = []
         client = backend = None
         if self.client is not None:
@@ -120,8 +119,8 @@ class Movable:
             backend = {**self.backend.export_state(), "url": self.backend.url,
                        "subprotocol": self.backend.subprotocol}
             fds.append(self.backend.sock.fileno())
-        state = {"snapshot": snapshot.export(self.session, now, extra), "client": client, "backend": backend}
-        return state, fds
+        snapshot = export_pipe(self, getattr(self.leases, "name", "default"))
+        return {"snapshot": snapshot, "client": client, "backend": backend}, fds
 
     def _release_moved(self) -> None:
         """After a move: let go of the descriptors (the connections live on elsewhere), the
@@ -146,15 +145,13 @@ class Movable:
         self._group.kill(block=False)
         log.info("pipe %s moved to another process", short_id(self.client_id))
 
-    def start_moved(self, session: Session, client: Connection | None, backend: BackendConnection | None,
-                    lease: Backend | None, *, subprotocol: str | None, age_s: float) -> None:
-        """Serve a pipe moved from another process: ``session`` restored from its snapshot,
+    def start_moved(self, client: Connection | None, backend: BackendConnection | None,
+                    lease: Backend | None) -> None:
+        """Serve a pipe moved from another process, its session given to the constructor:
         ``client`` (None if detached) and ``backend`` (None if it had none, or one that could not
         move) on the descriptors it sent, their state loaded; ``lease`` is this process's count
         of ``backend`` in the pool (None if the pool does not know it). Returns at once."""
-        self.session = session
-        self.subprotocol = subprotocol
-        self.opened_at = self.clock() - age_s
+        session = self.session
         self._running = True
         if client is not None:
             self._use_client(client)

@@ -143,7 +143,10 @@ class FakeBackend:
         """Answer the proxy's upgrade with 101; return its request as received."""
         data = b""
         while b"\r\n\r\n" not in data:
-            data += conn.recv(4096)
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise ConnectionError("the proxy left during the handshake")
+            data += chunk
         key = next(line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key"))
         accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
@@ -152,7 +155,14 @@ class FakeBackend:
         return data
 
     def close(self):
+        """Stop listening and drop the connections accepted: the proxy reads EOF at once (it
+        would otherwise wait out its close grace for Close replies that never come)."""
         self.sock.close()
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
 
 
 class RecordingBackend(FakeBackend):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -14,6 +17,7 @@ import websocket
 from gevent import socket as gsocket
 
 from conftest import needs, stats, wait_for
+from rawws import DeafBackend
 from inprocess import WAIT_S, Peer, Rig, reconnects
 from redis_server import RedisServer, redis_server_missing
 from iwsproxy.app import IWSProxy, create_app
@@ -399,7 +403,7 @@ def test_a_client_cut_off_resumes_on_another_process_while_its_session_lives(pro
     wait_for(lambda: client.reconnects >= 1, what="a resume")
     resumed_at = client.sent
     wait_for(lambda: len(client.received) >= resumed_at + 50, what="the stream to go on")
-    assert first.pipes() == [] and len(second.pipes()) == 1
+    assert first.pipes() == [] and [p["host"] for p in second.pipes()] == [f"127.0.0.1:{second.port}"]
     stop.set()
     client.finish()
     sent, duplicates = check_streams([client])
@@ -408,3 +412,258 @@ def test_a_client_cut_off_resumes_on_another_process_while_its_session_lives(pro
     assert first.admin("GET", path="/admin/status")[1]["counters"]["moved_out"] == 1
     assert stats(backend)["connections_total"] == 2
     print(f"\nmove: {sent} sent, 0 lost, {duplicates} duplicates")
+
+
+# ---- bad cases ----
+
+def raw_redis(redis_server):
+    import redis
+    return redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5)
+
+
+def snapshot_key(client_id: str) -> str:
+    return f"iwsproxy:snap:{client_id}"
+
+
+def evacuated(proxy, timeout: float = 15.0) -> float:
+    """SIGTERM ``proxy`` and wait for it to exit 0; how long it took."""
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(timeout) == 0
+    return time.monotonic() - started
+
+
+class CloseWatcher:
+    """Reads ``ws`` in a thread until its Close (answered, as a client does) or its end: ``code``."""
+
+    def __init__(self, ws: websocket.WebSocket):
+        self.code: int | None = None
+        self._thread = threading.Thread(target=self._read, args=(ws,), daemon=True)
+        self._thread.start()
+
+    def _read(self, ws: websocket.WebSocket) -> None:
+        ws.settimeout(30)
+        try:
+            while True:
+                opcode, data = ws.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    self.code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
+                    return
+        except (OSError, websocket.WebSocketException):
+            return
+
+    def wait(self, timeout: float = 10.0) -> int | None:
+        self._thread.join(timeout)
+        return self.code
+
+
+def echoed(ws: websocket.WebSocket, text: str) -> bool:
+    """Send ``text`` and read until its echo (a resumed session may first deliver again what its
+    client had not acknowledged); False if something else ends the reading."""
+    ws.send(text)
+    for _ in range(10):
+        if ws.recv() == text:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "full"])
+def test_redis_failing_during_evacuation_falls_back_to_1012_within_the_bound(processes, redis_server, tmp_path,
+                                                                               failure):
+    backend = processes.echo()
+    proxy = fleet_proxy(processes, redis_server, tmp_path, backend, "--shutdown-timeout", "3")
+    clients = [proxy.connect() for _ in range(3)]
+    for ws in clients:
+        assert echoed(ws, "hello")
+    watchers = [CloseWatcher(ws) for ws in clients]
+    if failure == "unreachable":
+        redis_server.kill()
+    else:
+        raw_redis(redis_server).config_set("maxmemory-policy", "noeviction")
+        raw_redis(redis_server).config_set("maxmemory", "1")  # every write refused: OOM
+    took = evacuated(proxy)
+    assert [watcher.wait() for watcher in watchers] == [1012] * 3
+    assert took < 3 + 1.5, f"the shutdown took {took:.1f} s"
+    log = proxy.stderr_text()
+    if failure == "unreachable":
+        assert "Redis is unreachable: 3 sessions close with 1012 and are lost" in log
+    else:
+        assert "evacuation: 3 sessions could not be saved" in log
+        assert raw_redis(redis_server).keys("iwsproxy:snap:*") == []
+    print(f"\nRedis {failure}: 3 sessions lost with 1012, shutdown in {took:.2f} s")
+
+
+def test_the_evacuation_byte_cap_bounds_what_is_written_to_redis(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    proxy = fleet_proxy(processes, redis_server, tmp_path, backend, "--evacuate-max-bytes", "3000")
+    clients = [proxy.connect() for _ in range(3)]
+    for ws in clients:
+        assert echoed(ws, "x" * 500)
+    evacuated(proxy)
+    saved = raw_redis(redis_server).keys("iwsproxy:snap:*")
+    assert 1 <= len(saved) < 3, "the cap lets some in, not all"
+    total = sum(len(raw_redis(redis_server).lindex(key, 0)) for key in saved)
+    assert total <= 3000
+    assert f"evacuation: {3 - len(saved)} sessions could not be saved" in proxy.stderr_text()
+
+
+def test_saved_state_is_bounded_by_the_per_client_caps(processes, redis_server, tmp_path):
+    deaf = DeafBackend()
+    limit, largest = 64 * 1024, 16 * 1024
+    proxy = fleet_proxy(processes, redis_server, tmp_path, deaf, "--buffer-limit", str(limit),
+                        "--max-message-size", str(largest), "--shutdown-timeout", "3")
+    modest, greedy = proxy.connect(), proxy.connect()
+    for _ in range(3):  # 48 KiB at a backend that reads nothing: held, unacknowledged
+        modest.send_binary(b"m" * largest)
+    greedy.settimeout(0.5)
+    try:
+        for _ in range(200):  # 3.2 MiB: the proxy holds the client back, the rest waits in the sockets
+            greedy.send_binary(b"g" * largest)
+    except (OSError, websocket.WebSocketException):
+        pass
+    wait_for(lambda: sum(p["buffered_bytes"] for p in proxy.pipes()) >= 3 * largest + limit // 2,
+             what="both clients' messages held")
+    watchers = [CloseWatcher(ws) for ws in (modest, greedy)]
+    evacuated(proxy)
+    assert [watcher.wait() for watcher in watchers] == [1012, 1012]
+    bound = 2 * (limit + largest) + 8 * 1024  # each way: under half the cap takes one more message
+    snapshot = raw_redis(redis_server).lindex(snapshot_key(modest.client_id), 0)
+    assert 3 * largest < len(snapshot) <= bound, f"{len(snapshot)} bytes"
+    # what the greedy client sent after the Close passes its cap: the session ends (1013), or is saved whole
+    saved = raw_redis(redis_server).lindex(snapshot_key(greedy.client_id), 0) or b""
+    assert len(saved) <= bound
+    print(f"\ncapped: {len(snapshot)} bytes in Redis for 48 KiB held, {len(saved)} for a client that pushed "
+          f"3.2 MiB (--buffer-limit {limit})")
+    deaf.close()
+
+
+def test_a_session_evacuated_twice_resumes_on_the_third_process(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    proxies = [fleet_proxy(processes, redis_server, tmp_path, backend) for _ in range(3)]
+    stop = threading.Event()
+    client = FleetClient(proxies, 0.005, stop).start()
+    for step in (1, 2):
+        wait_for(lambda: len(client.received) >= 40 * step, what="the stream to run")
+        proxies[step - 1].proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: client.reconnects >= step, what=f"resume number {step}")
+    resumed_at = client.sent
+    wait_for(lambda: len(client.received) >= resumed_at + 30, what="the stream to go on")
+    assert len(proxies[2].pipes()) == 1
+    stop.set()
+    client.finish()
+    check_streams([client])
+    assert client.closes == [1012, 1012]
+
+
+def test_a_session_resumed_on_two_processes_at_once_lives_on_exactly_one(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    proxies = [fleet_proxy(processes, redis_server, tmp_path, backend) for _ in range(3)]
+    ws = proxies[0].connect()
+    assert echoed(ws, "before")
+    watcher = CloseWatcher(ws)
+    evacuated(proxies[0])
+    assert watcher.wait() == 1012
+    outcomes: dict[int, object] = {}
+    go = threading.Barrier(2)
+
+    def resume(n: int) -> None:
+        go.wait()
+        try:
+            outcomes[n] = proxies[n].connect(ws.client_id)
+        except websocket.WebSocketBadStatusException as exc:
+            outcomes[n] = exc.status_code
+
+    threads = [threading.Thread(target=resume, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    wait_for(lambda: sum(len(proxy.pipes()) for proxy in proxies[1:]) == 1, what="one session in the fleet")
+    live = []
+    for n, outcome in outcomes.items():
+        if isinstance(outcome, int):
+            assert outcome in (409, 503)
+            continue
+        outcome.settimeout(10)
+        try:
+            if echoed(outcome, f"on {n}"):
+                live.append(n)
+        except (OSError, websocket.WebSocketException):
+            pass  # taken over (4409) by the other connection
+    assert len(live) == 1, f"exactly one live connection, not {outcomes}"
+    assert len(proxies[live[0]].pipes()) == 1
+
+
+def test_an_evacuated_session_nobody_resumes_expires_with_the_grace(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    first = fleet_proxy(processes, redis_server, tmp_path, backend, "--resume-grace", "1")
+    second = fleet_proxy(processes, redis_server, tmp_path, backend, "--resume-grace", "1")
+    ws = first.connect()
+    assert echoed(ws, "hello")
+    evacuated(first)
+    key = snapshot_key(ws.client_id)
+    assert 0 < raw_redis(redis_server).pttl(key) <= 1000
+    wait_for(lambda: not raw_redis(redis_server).exists(key), timeout=5, what="the snapshot to expire")
+    again = second.connect(ws.client_id)
+    assert echoed(again, "a new session")
+    counters = second.admin("GET", path="/admin/status")[1]["counters"]
+    assert not counters.get("resumed_from_rest") and not counters.get("moved_in")
+
+
+def test_a_forged_resume_on_another_process_is_refused(processes, redis_server, tmp_path):
+    backend = processes.echo()
+    secret = ("--resume-secret", "s3cret")
+    first = fleet_proxy(processes, redis_server, tmp_path, backend, *secret)
+    second = fleet_proxy(processes, redis_server, tmp_path, backend, *secret)
+    ws, other = first.connect(), first.connect()
+    assert echoed(ws, "hello")
+
+    def status_of(client_id: str, token: str | None) -> int:
+        try:
+            second.connect(f"{client_id}?token={token}" if token else client_id).close()
+            return 101
+        except websocket.WebSocketBadStatusException as exc:
+            return exc.status_code
+
+    # held live by the first process: a forged resume neither moves nor ends it
+    for token in (None, "forged", sign("s3cret", other.client_id)):
+        assert status_of(ws.client_id, token) == 403
+    assert echoed(ws, "still here") and len(first.pipes()) == 2
+    evacuated(first)
+    # at rest: refused the same way, and the snapshot stays
+    for token in (None, "forged", sign("s3cret", other.client_id), sign("other secret", ws.client_id)):
+        assert status_of(ws.client_id, token) == 403
+    assert raw_redis(redis_server).llen(snapshot_key(ws.client_id)) == 1
+    again = second.connect(f"{ws.client_id}?token={sign('s3cret', ws.client_id)}")
+    assert echoed(again, "resumed")
+    assert second.admin("GET", path="/admin/status")[1]["counters"]["resumed_from_rest"] == 1
+
+
+def test_a_draining_process_answers_healthz_503_and_shows_where_sessions_are_held(processes, redis_server,
+                                                                                  tmp_path):
+    deaf = DeafBackend()  # no Close reply: the evacuation waits for it, so the draining can be seen
+    proxy = fleet_proxy(processes, redis_server, tmp_path, deaf, "--advertise-address", "proxy-a.internal:8080",
+                        "--shutdown-timeout", "4")
+    ws = proxy.connect()
+    wait_for(lambda: proxy.pipes(), what="the pipe")
+    assert proxy.pipes()[0]["host"] == "proxy-a.internal:8080"
+    assert proxy.get_json("/healthz")["status"] == "ok"
+    watcher = CloseWatcher(ws)
+    proxy.proc.send_signal(signal.SIGTERM)
+
+    def health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(proxy.http_url + "/healthz", timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = wait_for(lambda: (answer := health())[0] == 503 and answer, what="/healthz to say draining")
+    assert body["status"] == "draining"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        proxy.connect()
+    assert refused.value.status_code == 503
+    assert watcher.wait() == 1012
+    assert proxy.proc.wait(10) == 0
+    assert raw_redis(redis_server).exists(snapshot_key(ws.client_id))
+    deaf.close()

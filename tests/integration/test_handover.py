@@ -7,9 +7,12 @@ successor is a grandchild of the test, found by the pid in /healthz and killed a
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -490,3 +493,38 @@ def test_peer_check_names_the_process_and_user():
     finally:
         left.close()
         right.close()
+
+
+def test_wss_backend_is_reconnected_by_the_successor_like_a_failover(processes, generations, tmp_path):
+    """A TLS backend connection cannot move: the successor connects the backend again, replays
+    what it had not acknowledged, and the streaming client loses nothing, doubles nothing."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    backend = processes.echo("--certfile", str(cert), "--keyfile", str(key))
+    proxy = processes.proxy("--backend", backend.url.replace("ws://", "wss://"), "--backend-ca-bundle", str(cert),
+                            "--delivery", "at-least-once")
+    gens = generations(proxy)
+    stop = threading.Event()
+    clients = [BothWays(proxy.url_for(str(uuid.uuid4())), 0.02, stop) for _ in range(5)]
+    try:
+        wait_for(lambda: all(c.sent >= 5 for c in clients), 20, "every client streaming")
+        before = min(len(c.received) for c in clients)
+        gens.restart()
+        wait_for(lambda: min(len(c.received) for c in clients) > before + 3, 20, "echoes after the move")
+        stop.set()
+        for c in clients:
+            assert c.done.wait(30)
+        for c in clients:
+            c.check()
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"https://127.0.0.1:{backend.port}/stats", context=context, timeout=5) as r:
+            assert json.loads(r.read())["connections_total"] == 10  # each reconnected once, by the successor
+        assert "could not move to this process (TLS)" in proxy.stderr_text()
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()

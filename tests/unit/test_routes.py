@@ -66,11 +66,18 @@ def test_a_bad_route_is_a_config_error_naming_the_setting(value, message):
     ("/chat=ws://a;/=ws://b", {"IWSPROXY_BACKENDS": "ws://x"}, "both give the default pool"),
     ("/ws/chat=ws://a;/ws=ws://b", {"IWSPROXY_BACKENDS": "ws://x", "IWSPROXY_PROXY_PREFIX": "/ws"},
      "both give the default pool"),
+    ("/chat=ws://a", {"IWSPROXY_WORKERS": "2"}, "need IWSPROXY_REDIS_URL"),
 ])
 def test_routes_refuse_what_they_cannot_go_with(routes, extra, message):
     with pytest.raises(ConfigError) as caught:
         Settings.load(env={"IWSPROXY_ROUTES": routes, **extra})
     assert message in str(caught.value)
+
+
+def test_routes_go_with_workers_sharing_redis():
+    settings = Settings.load(env={"IWSPROXY_ROUTES": "/chat=ws://a", "IWSPROXY_WORKERS": "2",
+                                  "IWSPROXY_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert settings.workers == 2 and settings.routes == (("/chat", ("ws://a",)),)
 
 
 def test_routes_go_with_backends_and_redis():

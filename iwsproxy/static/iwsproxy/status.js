@@ -35,6 +35,7 @@
     ["state", (p) => p.state, ""],
     ["backend", (p) => dash(p.backend), "mono"],
     ["pool", (p) => dash(p.pool), "mono"],
+    ["host", (p) => dash(p.host), "mono"],
     ["buffered_bytes", (p) => String(p.buffered_bytes), "num"],
     ["failovers", (p) => String(p.failovers), "num"],
     ["last_move_ms", (p) => oneDecimal(p.last_move_ms), "num"],
