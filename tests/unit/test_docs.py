@@ -109,3 +109,10 @@ def test_the_metrics_reference_lists_every_metric():
     for family in PrometheusMetrics().registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{name}`" in page, f"docs/reference/metrics.md does not list {name}"
+
+
+def test_the_python_examples_in_the_docs_compile():
+    for page in sorted(DOCS.rglob("*.md")):
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            if not block.startswith(">>>"):  # sessions are run by test_readme_tour where they matter
+                compile(block, f"{page.relative_to(ROOT)}", "exec")
