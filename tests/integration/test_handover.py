@@ -14,7 +14,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 import urllib.request
 import uuid
 

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from iwsproxy.metrics import PrometheusMetrics
 from iwsproxy.settings import Settings
