@@ -84,9 +84,8 @@ from redis.retry import Retry
 
 from ..backoff import backoff
 from ..exceptions import ConfigError
-from ..pool import Admin
 from ..settings import MAX_DRAIN_WINDOW_S
-from .backend import check_backend_url
+from .registry import drain_undone, url_from_peer
 
 if TYPE_CHECKING:
     from .manager import PipeManager
@@ -476,25 +475,8 @@ class RedisRegistry:
             log.warning("registry: ignoring a message with unknown op %.200r", data)
 
     def _undone_here(self, url: str) -> bool:
-        """Was this process's own drain of ``url``, whose echo is here, undone meanwhile?
-
-        The drain was applied here before it was published, so an add read since
-        (ours, another process's, or one queued while we resubscribed) was published
-        before it and is older: the drain wins and is applied again. A drain still
-        in progress here (DRAINING) or already finished (gone) is left alone, and so is
-        a URL this process added back itself after draining it (that add is newer).
-        """
-        if url not in self._own_drains:
-            return False
-        self._own_drains.discard(url)
-        backend = self._manager.pool.get(url)
-        return backend is not None and backend.admin is Admin.READY
+        return drain_undone(self._own_drains, self._manager, url)
 
     @staticmethod
     def _valid(url: object) -> bool:
-        try:
-            check_backend_url(url)
-        except ValueError as exc:
-            log.warning("registry: ignoring backend %.200r from Redis: %s", url, exc)
-            return False
-        return True
+        return url_from_peer(url, "Redis")

@@ -11,12 +11,18 @@ stay per worker.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Protocol
+
+from ..pool import Admin
+from .backend import check_backend_url
 
 if TYPE_CHECKING:
     from .manager import PipeManager
 
-__all__ = ["Registry", "LocalRegistry"]
+__all__ = ["Registry", "LocalRegistry", "drain_undone", "url_from_peer"]
+
+log = logging.getLogger(__name__)
 
 
 class Registry(Protocol):
@@ -63,3 +69,25 @@ class LocalRegistry:
 
     def stop(self) -> None:
         self._manager = None
+
+
+def drain_undone(own_drains: set[str], manager: "PipeManager", url: str) -> bool:
+    """For a shared registry reading the echo of a drain it published itself (``url`` in
+    ``own_drains``, which loses it): was that drain undone here meanwhile by an add published
+    before it (and therefore older)? Then the drain wins and is applied again."""
+    if url not in own_drains:
+        return False
+    own_drains.discard(url)
+    backend = manager.pool.get(url)
+    return backend is not None and backend.admin is Admin.READY
+
+
+def url_from_peer(url: object, peer: str) -> bool:
+    """True if ``url``, read from ``peer`` (Redis, the master...), is a backend URL this process
+    accepts; otherwise False, with a warning."""
+    try:
+        check_backend_url(url)
+    except ValueError as exc:
+        log.warning("registry: ignoring backend %.200r from %s: %s", url, peer, exc)
+        return False
+    return True

@@ -35,8 +35,8 @@ import gevent
 from gevent.lock import Semaphore
 from gevent.pool import Group
 
-from ..pool import Admin
 from .backend import check_backend_url
+from .registry import drain_undone, url_from_peer
 
 if TYPE_CHECKING:
     from .manager import PipeManager
@@ -182,19 +182,8 @@ class WorkerRegistry:
             log.warning("registry: ignoring a message with unknown op %.200r", line)
 
     def _undone_here(self, url: str) -> bool:
-        """Was this worker's own drain of ``url``, whose echo is here, undone meanwhile by an add
-        that the master passed on before it (and that is therefore older)?"""
-        if url not in self._own_drains:
-            return False
-        self._own_drains.discard(url)
-        backend = self._manager.pool.get(url)
-        return backend is not None and backend.admin is Admin.READY
+        return drain_undone(self._own_drains, self._manager, url)
 
     @staticmethod
     def _valid(url: object) -> bool:
-        try:
-            check_backend_url(url)
-        except ValueError as exc:
-            log.warning("registry: ignoring backend %.200r from the master: %s", url, exc)
-            return False
-        return True
+        return url_from_peer(url, "the master")
